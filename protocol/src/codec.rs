@@ -152,6 +152,25 @@ pub fn encode_frame<M: Message>(msg: &M) -> Bytes {
     buf.freeze()
 }
 
+/// Field number of `ServerFrame.message`.
+const SERVER_FRAME_MESSAGE_FIELD: u32 = 20;
+
+/// Builds the length-prefixed push frame `ServerFrame { message }` around an already encoded
+/// `Message`, without decoding or re-encoding it. The broker encodes each message once, stores
+/// those bytes, and wraps them here for delivery.
+#[must_use]
+pub fn encode_message_push(encoded_message: &[u8]) -> Bytes {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let len = encoded_message.len();
+    let body = key_len(SERVER_FRAME_MESSAGE_FIELD) + encoded_len_varint(len as u64) + len;
+    let mut buf = BytesMut::with_capacity(HEADER_LEN + body);
+    put_len(&mut buf, body);
+    encode_key(SERVER_FRAME_MESSAGE_FIELD, WireType::LengthDelimited, &mut buf);
+    encode_varint(len as u64, &mut buf);
+    buf.put_slice(encoded_message);
+    buf.freeze()
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
@@ -267,6 +286,21 @@ mod tests {
             codec.encode(&frame, &mut dst),
             Err(FrameError::TooLarge { max: 16, .. })
         ));
+    }
+
+    #[test]
+    fn given_encoded_message_when_wrapped_as_push_should_equal_encoding_the_frame() {
+        let msg = crate::Message {
+            conversation_id: "dm:a:b".into(),
+            seq: 9,
+            sender: "a".into(),
+            timestamp_ms: 1_700_000_000_000,
+            client_msg_id: "k".into(),
+            content: Some(Content::text("hello")),
+            system: None,
+        };
+        let expected = encode_frame(&ServerFrame::push(server_frame::Kind::Message(msg.clone())));
+        assert_eq!(encode_message_push(&msg.encode_to_vec()), expected);
     }
 
     fn arb_content() -> impl Strategy<Value = Content> {

@@ -32,7 +32,10 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/switchboard.v1.rs"));
 }
 
-pub use codec::{ClientCodec, FrameCodec, FrameError, ServerCodec, encode_frame, frame_payload};
+pub use codec::{
+    ClientCodec, FrameCodec, FrameError, ServerCodec, encode_frame, encode_message_push,
+    frame_payload,
+};
 pub use pb::*;
 
 /// The protocol version this crate implements, sent in `Hello` and `Welcome`.

@@ -1,0 +1,182 @@
+//! `Hello` → `Welcome`: authenticate, register the session with the user's home shard,
+//! subscribe it to the user's conversations, and (with `resume`) compute the first sync page.
+//!
+//! The order matters. The home shard acknowledges the session *before* the membership index
+//! is read, so a membership change committed after that read is forwarded to this session by
+//! the home shard. The owners confirm the subscriptions *before* the resume page is read, so
+//! every entry is either in that page or delivered live (or both: the client rule drops the
+//! duplicate). Deliveries that arrive during the handshake queue behind a hold; the Welcome
+//! is put in front of them.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use switchboard_protocol::{
+    DisconnectReason, ErrorCode, Hello, Limits, PROTOCOL_VERSION, ServerFrame, SyncPage, Welcome,
+    server_frame, validate,
+};
+use tokio::sync::oneshot;
+
+use super::{Reject, sync};
+use crate::net::session::Session;
+use crate::shard::local::{LocalSession, close_session, subscribe};
+use crate::shard::owner::now_ms;
+use crate::shard::{HomeMsg, SessionRef};
+use crate::storage::Reader;
+
+/// Capabilities announced in `Welcome`.
+pub const CAPABILITIES: &[&str] =
+    &["direct", "groups", "history", "sync", "idempotent-send", "membership-feed", "multi-device"];
+
+/// Conversations read from the membership index at a time.
+const MEMBERSHIP_PAGE: usize = 10_000;
+
+/// Runs `read` on a blocking thread against the durable snapshot.
+async fn read<T, F>(session: &Session, read: F) -> Result<T, Reject>
+where
+    T: Send + 'static,
+    F: FnOnce(&Reader) -> Result<T, Reject> + Send + 'static,
+{
+    let storage = session.shard.storage.clone();
+    tokio::task::spawn_blocking(move || read(&storage.reader()))
+        .await
+        .unwrap_or_else(|_| Err(Reject::new(ErrorCode::Internal, "internal error")))
+}
+
+/// Performs the handshake; `None` means the connection is closing (the reason is queued).
+pub async fn handshake(
+    session: &Session,
+    request_id: u64,
+    hello: Hello,
+) -> Option<Rc<LocalSession>> {
+    let shard = &session.shard;
+    if hello.protocol_version != PROTOCOL_VERSION {
+        session.fail(
+            request_id,
+            ErrorCode::ProtocolVersion,
+            &format!(
+                "protocol version {} is not supported (this broker speaks {PROTOCOL_VERSION})",
+                hello.protocol_version
+            ),
+            DisconnectReason::ProtocolError,
+        );
+        return None;
+    }
+    let user: Arc<str> = match shard.auth.verify(&hello.token) {
+        Ok(user) => Arc::from(user),
+        Err(e) => {
+            tracing::info!(reason = %e, "authentication failed");
+            session.fail(
+                request_id,
+                ErrorCode::Unauthenticated,
+                &e.to_string(),
+                DisconnectReason::AuthFailed,
+            );
+            return None;
+        }
+    };
+    let resume = hello.resume;
+    if let Some(Err(r)) = resume.as_ref().map(sync::check) {
+        session.fail(request_id, r.code, &r.message, DisconnectReason::ProtocolError);
+        return None;
+    }
+
+    session.out.hold();
+    let id = shard.next_session_id();
+    let me = SessionRef { shard: shard.id, id };
+    let local =
+        Rc::new(LocalSession::new(id, user.clone(), session.out.clone(), session.cancel.clone()));
+    shard.local.borrow_mut().insert(local.clone());
+    let (ack, registered) = oneshot::channel();
+    shard.to_home(&user, HomeMsg::SessionUp { user: user.clone(), session: me, ack });
+
+    let result: Result<Welcome, Reject> = async {
+        registered.await.map_err(|_| Reject::new(ErrorCode::Unavailable, "shutting down"))?;
+        let u = user.clone();
+        let conversations = read(session, move |r| {
+            let mut all: Vec<String> = Vec::new();
+            loop {
+                let after = all.last().cloned().unwrap_or_default();
+                let page = r.memberships(&u, &after, MEMBERSHIP_PAGE)?;
+                let done = page.len() < MEMBERSHIP_PAGE;
+                all.extend(page);
+                if done {
+                    return Ok(all);
+                }
+            }
+        })
+        .await?;
+        let conversations = conversations.into_iter().map(|c| Arc::from(c.as_str())).collect();
+        subscribe(shard, &user, &[id], conversations).await;
+        let limits = shard.config.limits.clone();
+        let u = user.clone();
+        let (feed_position, resumed) = read(session, move |r| {
+            let head = r.feed_head(&u)?;
+            let page: Option<SyncPage> = match resume {
+                Some(pos) => Some(sync::page(
+                    r,
+                    &u,
+                    &pos,
+                    sync::clamp(0, limits.max_sync_limit),
+                    &[],
+                    limits.max_frame_bytes - 2 * super::REPLY_OVERHEAD,
+                )?),
+                None => None,
+            };
+            Ok((head, page))
+        })
+        .await?;
+        Ok(welcome(session, &user, me, feed_position, resumed))
+    }
+    .await;
+
+    match result {
+        Ok(w) => {
+            session
+                .out
+                .release_after(&ServerFrame::reply(request_id, server_frame::Kind::Welcome(w)));
+            tracing::debug!("authenticated");
+            Some(local)
+        }
+        Err(r) => {
+            close_session(shard, id);
+            session.out.close_with(ServerFrame::error(request_id, r.code, r.message));
+            session.close(DisconnectReason::ServerError, "handshake failed");
+            None
+        }
+    }
+}
+
+fn welcome(
+    session: &Session,
+    user: &str,
+    me: SessionRef,
+    feed_position: u64,
+    resumed: Option<SyncPage>,
+) -> Welcome {
+    let cfg = &session.shard.config;
+    let l = &cfg.limits;
+    let clamp = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    let nonce: u32 = rand::random();
+    Welcome {
+        user_id: user.to_owned(),
+        session_id: format!("{}-{}-{nonce:08x}", me.shard, me.id),
+        server_time_ms: now_ms(),
+        heartbeat_interval_ms: u32::try_from(cfg.server.heartbeat_interval_ms).unwrap_or(u32::MAX),
+        idle_timeout_ms: u32::try_from(cfg.server.idle_timeout_ms).unwrap_or(u32::MAX),
+        limits: Some(Limits {
+            max_frame_bytes: clamp(l.max_frame_bytes),
+            max_body_bytes: clamp(l.max_body_bytes),
+            max_history_limit: l.max_history_limit,
+            max_sync_limit: l.max_sync_limit,
+            max_inflight: clamp(l.max_inflight),
+            max_group_members: clamp(l.max_group_members),
+            max_members_per_request: clamp(l.max_members_per_request),
+            max_id_bytes: clamp(validate::MAX_USER_ID_BYTES),
+        }),
+        capabilities: CAPABILITIES.iter().map(ToString::to_string).collect(),
+        feed_position,
+        resumed,
+        protocol_version: PROTOCOL_VERSION,
+    }
+}

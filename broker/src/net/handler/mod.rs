@@ -1,0 +1,151 @@
+//! One file per request. Requests that change a conversation are validated here and routed to
+//! the conversation's owner; reads run on a blocking thread against the durable snapshot and
+//! are authorized against it.
+
+pub mod conversation;
+pub mod hello;
+pub mod history;
+pub mod list;
+pub mod send;
+pub mod sync;
+
+use std::rc::Rc;
+
+use switchboard_protocol::{
+    ClientFrame, ErrorCode, ServerFrame, client_frame, encode_frame, server_frame,
+    validate::ValidationError,
+};
+
+use crate::shard::local::LocalSession;
+use crate::shard::owner::now_ms;
+use crate::shard::{OwnerMsg, OwnerOp, SessionRef, Shard};
+use crate::storage::{Reader, StorageError};
+
+/// Everything a handler needs.
+pub struct Ctx<'a> {
+    /// The hosting shard.
+    pub shard: &'a Rc<Shard>,
+    /// The authenticated session.
+    pub session: &'a Rc<LocalSession>,
+    /// Its global address.
+    pub me: SessionRef,
+}
+
+/// A request failure to send back.
+#[derive(Debug)]
+pub struct Reject {
+    /// The code.
+    pub code: ErrorCode,
+    /// The message.
+    pub message: String,
+}
+
+impl Reject {
+    /// A rejection.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    /// Not found or not a member (indistinguishable on purpose).
+    #[must_use]
+    pub fn not_found() -> Self {
+        Self::new(ErrorCode::NotFound, "conversation not found")
+    }
+}
+
+impl From<ValidationError> for Reject {
+    fn from(e: ValidationError) -> Self {
+        let code = match e {
+            ValidationError::TooLong {
+                field: switchboard_protocol::validate::Field::Body, ..
+            } => ErrorCode::TooLarge,
+            _ => ErrorCode::BadRequest,
+        };
+        Self::new(code, e.to_string())
+    }
+}
+
+impl From<StorageError> for Reject {
+    fn from(e: StorageError) -> Self {
+        tracing::error!(error = %e, "read failed");
+        Self::new(ErrorCode::Unavailable, "storage unavailable")
+    }
+}
+
+impl Ctx<'_> {
+    /// Queues a reply frame.
+    pub fn reply(&self, request_id: u64, kind: server_frame::Kind) {
+        self.session.send(&ServerFrame::reply(request_id, kind));
+    }
+
+    /// Queues an error reply.
+    pub fn reject(&self, request_id: u64, r: Reject) {
+        self.session.send(&ServerFrame::error(request_id, r.code, r.message));
+    }
+
+    /// Routes an operation to the owner of `conversation`; the owner answers.
+    pub fn to_owner(&self, conversation: &str, request_id: u64, op: OwnerOp) {
+        self.session.request_started();
+        self.shard.to_owner(
+            conversation,
+            OwnerMsg::Request { from: self.me, user: self.session.user.clone(), request_id, op },
+        );
+    }
+
+    /// Runs `read` on a blocking thread against the durable snapshot, then sends its result
+    /// (or its rejection) as the reply. Counts as in flight until then.
+    pub fn read<F>(&self, request_id: u64, read: F)
+    where
+        F: FnOnce(&Reader) -> Result<server_frame::Kind, Reject> + Send + 'static,
+    {
+        self.session.request_started();
+        let storage = self.shard.storage.clone();
+        let session = self.session.clone();
+        tokio::task::spawn_local(async move {
+            let result = tokio::task::spawn_blocking(move || read(&storage.reader())).await;
+            let frame = match result {
+                Ok(Ok(kind)) => ServerFrame::reply(request_id, kind),
+                Ok(Err(r)) => ServerFrame::error(request_id, r.code, r.message),
+                Err(e) => {
+                    tracing::error!(error = %e, "read task failed");
+                    ServerFrame::error(request_id, ErrorCode::Internal, "internal error")
+                }
+            };
+            session.out.push(encode_frame(&frame));
+            session.request_done();
+        });
+    }
+}
+
+/// Handles one request of an authenticated session.
+pub fn dispatch(shard: &Rc<Shard>, session: &Rc<LocalSession>, me: SessionRef, frame: ClientFrame) {
+    let ctx = Ctx { shard, session, me };
+    let rid = frame.request_id;
+    let Some(kind) = frame.kind else {
+        ctx.reject(rid, Reject::new(ErrorCode::Unsupported, "unknown request type"));
+        return;
+    };
+    match kind {
+        client_frame::Kind::Hello(_) => {
+            ctx.reject(rid, Reject::new(ErrorCode::BadRequest, "already authenticated"));
+        }
+        client_frame::Kind::Ping(_) => {
+            ctx.reply(
+                rid,
+                server_frame::Kind::Pong(switchboard_protocol::Pong { server_time_ms: now_ms() }),
+            );
+        }
+        client_frame::Kind::Send(req) => send::handle(&ctx, rid, req),
+        client_frame::Kind::CreateConversation(req) => conversation::create(&ctx, rid, req),
+        client_frame::Kind::AddMembers(req) => conversation::add_members(&ctx, rid, req),
+        client_frame::Kind::RemoveMembers(req) => conversation::remove_members(&ctx, rid, req),
+        client_frame::Kind::Leave(req) => conversation::leave(&ctx, rid, req),
+        client_frame::Kind::History(req) => history::handle(&ctx, rid, req),
+        client_frame::Kind::Sync(req) => sync::handle(&ctx, rid, req),
+        client_frame::Kind::ListConversations(req) => list::conversations(&ctx, rid, req),
+        client_frame::Kind::ListMembers(req) => list::members(&ctx, rid, req),
+    }
+}
+
+/// Room left in a reply frame for everything but its repeated entries.
+pub(crate) const REPLY_OVERHEAD: usize = 4 * 1024;

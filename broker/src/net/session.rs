@@ -1,0 +1,175 @@
+//! A client session, independent of the transport: the handshake, the read deadline, request
+//! dispatch and the close protocol. A transport (TCP today) feeds it decoded frames and drains
+//! its outbound queue.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use switchboard_protocol::{
+    ClientFrame, DisconnectReason, ErrorCode, FrameError, ServerFrame, client_frame,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::handler;
+use crate::shard::local::{LocalSession, close_session};
+use crate::shard::outbound::Outbound;
+use crate::shard::{SessionRef, Shard};
+
+/// What the transport should do after a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep reading.
+    Continue,
+    /// Stop reading; the outbound queue already holds the final frames.
+    Close,
+}
+
+/// The transport-independent part of a connection.
+pub struct Session {
+    /// The shard hosting it.
+    pub shard: Rc<Shard>,
+    /// The outbound queue the transport's writer drains.
+    pub out: Rc<Outbound>,
+    /// Cancelled when the broker or the queue closes the connection.
+    pub cancel: CancellationToken,
+    /// The peer, for logs.
+    pub peer: SocketAddr,
+    active: RefCell<Option<Rc<LocalSession>>>,
+    span: tracing::Span,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// A new, unauthenticated session on `shard`.
+    #[must_use]
+    pub fn new(shard: Rc<Shard>, peer: SocketAddr, transport: &'static str) -> Self {
+        let cancel = shard.cancel.child_token();
+        let out = Rc::new(Outbound::new(shard.config.limits.outbound_queue_bytes, cancel.clone()));
+        let span = tracing::info_span!("conn", %peer, transport, shard = shard.id, user = tracing::field::Empty);
+        Self { shard, out, cancel, peer, active: RefCell::new(None), span }
+    }
+
+    /// The tracing span of this connection.
+    #[must_use]
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// How long the transport may wait for the next frame.
+    #[must_use]
+    pub fn read_timeout(&self) -> Duration {
+        let s = &self.shard.config.server;
+        Duration::from_millis(if self.active.borrow().is_some() {
+            s.idle_timeout_ms
+        } else {
+            s.hello_timeout_ms
+        })
+    }
+
+    /// Waits, before reading another frame, until the session has a free in-flight slot.
+    pub async fn ready_for_next(&self) {
+        let active = self.active.borrow().clone();
+        if let Some(s) = active {
+            tokio::select! {
+                () = s.wait_for_slot(self.shard.config.limits.max_inflight) => {}
+                () = self.cancel.cancelled() => {}
+            }
+        }
+    }
+
+    /// Handles one decoded frame.
+    pub async fn on_frame(&self, frame: ClientFrame) -> Flow {
+        let active = self.active.borrow().clone();
+        match active {
+            Some(session) => {
+                let me = SessionRef { shard: self.shard.id, id: session.id };
+                handler::dispatch(&self.shard, &session, me, frame);
+                Flow::Continue
+            }
+            None => match frame.kind {
+                Some(client_frame::Kind::Hello(hello)) => {
+                    match handler::hello::handshake(self, frame.request_id, hello).await {
+                        Some(session) => {
+                            self.span.record("user", &*session.user);
+                            *self.active.borrow_mut() = Some(session);
+                            Flow::Continue
+                        }
+                        None => Flow::Close,
+                    }
+                }
+                _ => self.fail(
+                    frame.request_id,
+                    ErrorCode::Unauthenticated,
+                    "the first frame must be Hello",
+                    DisconnectReason::ProtocolError,
+                ),
+            },
+        }
+    }
+
+    /// The transport could not decode a frame: tell the client why and close.
+    pub fn on_frame_error(&self, e: &FrameError) -> Flow {
+        match e {
+            FrameError::TooLarge { .. } => {
+                self.fail(0, ErrorCode::TooLarge, &e.to_string(), DisconnectReason::FrameTooLarge)
+            }
+            FrameError::Malformed(_) => {
+                self.fail(0, ErrorCode::BadRequest, &e.to_string(), DisconnectReason::ProtocolError)
+            }
+            FrameError::Io(_) | _ => Flow::Close,
+        }
+    }
+
+    /// No frame arrived within [`Self::read_timeout`].
+    pub fn on_read_timeout(&self) -> Flow {
+        if self.active.borrow().is_some() {
+            self.close(
+                DisconnectReason::IdleTimeout,
+                "no frame within the idle timeout; send Ping",
+            );
+        } else {
+            self.close(DisconnectReason::HelloTimeout, "no Hello within the handshake timeout");
+        }
+        Flow::Close
+    }
+
+    /// The broker asked the connection to close (shutdown, or the queue overflowed).
+    pub fn on_cancel(&self) {
+        self.close(DisconnectReason::Shutdown, "broker shutting down; reconnect");
+    }
+
+    /// Queues an error reply, then a `Disconnect`, and asks the transport to stop.
+    pub fn fail(
+        &self,
+        request_id: u64,
+        code: ErrorCode,
+        message: &str,
+        reason: DisconnectReason,
+    ) -> Flow {
+        self.out.push(switchboard_protocol::encode_frame(&ServerFrame::error(
+            request_id, code, message,
+        )));
+        self.close(reason, message);
+        Flow::Close
+    }
+
+    /// Queues a `Disconnect` after everything already queued; the writer closes after it.
+    pub fn close(&self, reason: DisconnectReason, message: &str) {
+        let retry_after_ms = if reason == DisconnectReason::Shutdown { 1_000 } else { 0 };
+        self.out.finish_with(ServerFrame::disconnect(reason, message, retry_after_ms));
+    }
+
+    /// The transport is done reading: unregister the session everywhere.
+    pub fn finish(&self) {
+        if let Some(session) = self.active.borrow_mut().take() {
+            close_session(&self.shard, session.id);
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! The TCP transport: length-prefixed frames in both directions.
+//!
+//! Reading: an idle connection holds no read buffer. The reader waits for readability, then
+//! reads into a buffer that exists only while bytes are buffered, decodes every complete frame
+//! and drops the buffer once it is empty, so idle memory is the socket and a few small structs.
+//!
+//! Writing: the writer drains the outbound queue (up to 64 frames) into one vectored write.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use switchboard_protocol::ServerCodec;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::codec::Decoder;
+use tracing::Instrument;
+
+use super::session::{Flow, Session};
+use crate::shard::Shard;
+use crate::shard::outbound::Outbound;
+
+/// Frames taken from the queue per write.
+const FRAMES_PER_WRITE: usize = 64;
+/// A write that makes no progress for this long closes the connection.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing connection may take to flush its last frames.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read chunk size.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Serves one accepted TCP connection until it closes.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
+    let session = Session::new(shard, peer, "tcp");
+    let span = session.span().clone();
+    async move {
+        tracing::debug!("connected");
+        let (rd, wr) = stream.into_split();
+        let writer = tokio::task::spawn_local(write_loop(wr, session.out.clone()));
+        read_loop(&session, rd).await;
+        session.finish();
+        if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer).await.is_err() {
+            tracing::debug!("writer did not finish in time");
+        }
+        tracing::debug!("disconnected");
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn read_loop(session: &Session, rd: OwnedReadHalf) {
+    let mut codec = ServerCodec::new(session.shard.config.limits.max_frame_bytes);
+    let mut buf = BytesMut::new();
+    loop {
+        // Everything buffered first.
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    if session.on_frame(frame).await == Flow::Close {
+                        return;
+                    }
+                    session.ready_for_next().await;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    session.on_frame_error(&e);
+                    return;
+                }
+            }
+        }
+        if buf.is_empty() {
+            buf = BytesMut::new();
+        }
+        let deadline = tokio::time::sleep(session.read_timeout());
+        tokio::select! {
+            () = session.cancel.cancelled() => {
+                session.on_cancel();
+                return;
+            }
+            () = deadline => {
+                session.on_read_timeout();
+                return;
+            }
+            readable = rd.readable() => {
+                if readable.is_err() {
+                    return;
+                }
+            }
+        }
+        buf.reserve(READ_CHUNK);
+        match rd.try_read_buf(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, out: Rc<Outbound>) {
+    let mut batch: Vec<Bytes> = Vec::new();
+    loop {
+        out.ready().await;
+        out.drain(FRAMES_PER_WRITE, &mut batch);
+        if batch.is_empty() {
+            break; // closing and fully flushed
+        }
+        match tokio::time::timeout(WRITE_TIMEOUT, write_all(&mut wr, &batch)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => {
+                out.close_with(switchboard_protocol::ServerFrame::disconnect(
+                    switchboard_protocol::DisconnectReason::SlowConsumer,
+                    "write timed out",
+                    0,
+                ));
+                return;
+            }
+        }
+        batch.clear();
+        if batch.capacity() > FRAMES_PER_WRITE {
+            batch = Vec::new();
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Writes every buffer, in order, with as few `writev` calls as the socket allows.
+async fn write_all(wr: &mut OwnedWriteHalf, bufs: &[Bytes]) -> std::io::Result<()> {
+    let mut i = 0;
+    let mut offset = 0;
+    while let Some(first) = bufs.get(i) {
+        let rest = bufs.get(i + 1..).unwrap_or_default();
+        let slices: Vec<IoSlice<'_>> =
+            std::iter::once(IoSlice::new(first.get(offset..).unwrap_or_default()))
+                .chain(rest.iter().map(|b| IoSlice::new(b)))
+                .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(b) = bufs.get(i) else { break };
+            let remaining = b.len() - offset;
+            if n >= remaining {
+                n -= remaining;
+                i += 1;
+                offset = 0;
+            } else {
+                offset += n;
+                n = 0;
+            }
+        }
+        // Skip empty buffers so the loop ends.
+        while bufs.get(i).is_some_and(|b| b.len() == offset) {
+            i += 1;
+            offset = 0;
+        }
+    }
+    Ok(())
+}
+
+/// Accepts connections on this shard's listener until the shard shuts down.
+pub async fn accept_loop(shard: Rc<Shard>, listener: tokio::net::TcpListener) {
+    loop {
+        tokio::select! {
+            () = shard.cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::task::spawn_local(serve(shard.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}

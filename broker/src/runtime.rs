@@ -1,0 +1,216 @@
+//! Builds the broker and owns its lifecycle: storage, the writer thread, one thread per shard
+//! with its listener, the ready line, and the graceful shutdown.
+//!
+//! Shutdown (SIGINT/SIGTERM, or [`BrokerHandle::shutdown`]): every shard stops accepting, tells
+//! each client `Disconnect{shutdown}` and closes it after flushing, hands its open batch to the
+//! writer and reports once no write of its is in flight. Then the writer commits what is left
+//! and fsyncs, the shards exit, and `run` returns. The whole sequence is bounded by
+//! `server.shutdown_timeout_ms`; the final fsync happens even if the bound is hit.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::shard::{MAILBOX_CAPACITY, Shard, ShardMsg, ShardSetup};
+use crate::storage::{self, Storage};
+
+/// A start-up failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The database could not be opened.
+    #[error("cannot open storage: {0}")]
+    Storage(#[from] storage::StorageError),
+    /// Key material is missing or invalid.
+    #[error("cannot load token keys: {0}")]
+    Keys(#[from] crate::auth::KeyError),
+    /// A listener could not be bound, or a thread could not start.
+    #[error("cannot start: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How the broker stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// A signal or a handle asked it to stop, and it drained.
+    Clean,
+    /// Storage failed; acknowledged data is safe but the broker could not go on.
+    StorageFailure,
+}
+
+/// What a started broker is listening on.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    /// The binary protocol listener.
+    pub tcp: SocketAddr,
+    /// Number of shards.
+    pub shards: usize,
+}
+
+/// Lets another thread stop a running broker.
+#[derive(Debug, Clone)]
+pub struct BrokerHandle {
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl BrokerHandle {
+    /// Starts a graceful shutdown.
+    pub fn shutdown(&self) {
+        self.stop.notify_one();
+    }
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Binds one listener per shard on the same port: shard 0 binds (an ephemeral port when 0),
+/// the others reuse its port with `SO_REUSEPORT`, so the kernel spreads connections.
+fn bind_all(
+    addr: SocketAddr,
+    shards: usize,
+) -> std::io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+    let first = bind_reuseport(addr)?;
+    let bound = first.local_addr()?;
+    let mut all = vec![first];
+    for _ in 1..shards {
+        all.push(bind_reuseport(bound)?);
+    }
+    Ok((bound, all))
+}
+
+/// Runs the broker until a signal arrives or storage fails. Prints the ready line on stdout.
+///
+/// # Errors
+/// When the broker cannot start.
+pub fn run(config: Config) -> Result<Exit, StartError> {
+    let stop = Arc::new(tokio::sync::Notify::new());
+    run_with(config, &BrokerHandle { stop: stop.clone() }, |bound| {
+        let line = serde_json::json!({
+            "event": "ready",
+            "tcp": bound.tcp.to_string(),
+            "shards": bound.shards,
+            "pid": std::process::id(),
+        });
+        println!("{line}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    })
+}
+
+/// Runs the broker; `on_ready` is called once every listener is bound. Stops on SIGINT,
+/// SIGTERM, [`BrokerHandle::shutdown`], or a storage failure.
+///
+/// # Errors
+/// When the broker cannot start.
+pub fn run_with(
+    config: Config,
+    handle: &BrokerHandle,
+    on_ready: impl FnOnce(&Bound),
+) -> Result<Exit, StartError> {
+    config.validate()?;
+    let shards = config.shard_count();
+    let storage = Storage::open(&config.storage)?;
+    let auth = Arc::new(Authenticator::from_config(&config.auth, &config.storage.data_dir)?);
+    let (bound_tcp, listeners) = bind_all(config.server.listen, shards)?;
+    let (writer, writer_join) = storage::writer::spawn(storage.clone())?;
+    let config = Arc::new(config);
+
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(MAILBOX_CAPACITY)).unzip();
+    let mut joins: Vec<JoinHandle<()>> = Vec::with_capacity(shards);
+    for (id, (rx, listener)) in rxs.into_iter().zip(listeners).enumerate() {
+        let setup = ShardSetup {
+            id,
+            config: config.clone(),
+            storage: storage.clone(),
+            writer: writer.clone(),
+            auth: auth.clone(),
+            mailboxes: txs.clone(),
+        };
+        joins.push(
+            std::thread::Builder::new()
+                .name(format!("sb-shard-{id}"))
+                .spawn(move || shard_thread(setup, rx, listener))?,
+        );
+    }
+
+    tracing::info!(tcp = %bound_tcp, shards, durability = %config.storage.durability, "broker ready");
+    on_ready(&Bound { tcp: bound_tcp, shards });
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let exit = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let exit = tokio::select! {
+            _ = tokio::signal::ctrl_c() => Exit::Clean,
+            _ = term.recv() => Exit::Clean,
+            () = handle.stop.notified() => Exit::Clean,
+            () = storage.fatal() => Exit::StorageFailure,
+        };
+        tracing::info!("shutting down");
+        let budget = Duration::from_millis(config.server.shutdown_timeout_ms);
+        let mut drained = Vec::new();
+        for tx in &txs {
+            let (done, rx) = oneshot::channel();
+            if tx.send(ShardMsg::Shutdown(done)).await.is_ok() {
+                drained.push(rx);
+            }
+        }
+        // Leave room in the budget for the final fsync.
+        let wait = budget.saturating_sub(Duration::from_millis(500));
+        if tokio::time::timeout(wait, futures::future::join_all(drained)).await.is_err() {
+            tracing::warn!("shards did not drain in time; stopping anyway");
+        }
+        Ok::<_, std::io::Error>(exit)
+    })?;
+    writer.shutdown();
+    for tx in &txs {
+        let _ = tx.try_send(ShardMsg::Exit);
+    }
+    for j in joins {
+        let _ = j.join();
+    }
+    let _ = writer_join.join();
+    tracing::info!("stopped");
+    Ok(exit)
+}
+
+fn shard_thread(setup: ShardSetup, rx: mpsc::Receiver<ShardMsg>, listener: std::net::TcpListener) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start shard runtime");
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let shard: Rc<Shard> = Shard::new(setup);
+        match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => {
+                tokio::task::spawn_local(crate::net::tcp::accept_loop(shard.clone(), listener));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot register listener"),
+        }
+        shard.run(rx).await;
+    });
+}

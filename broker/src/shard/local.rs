@@ -1,0 +1,352 @@
+//! The sessions a shard hosts and which conversations each receives.
+//!
+//! Per conversation the shard keeps the sessions that receive it, in two lists: `pending`
+//! (asked the owner, no answer yet) and `active` (the owner confirmed membership). Deliveries
+//! go to `active` only. A session is added to `pending` *before* the owner is asked, so the
+//! shard never tells the owner it lost interest while an answer is on its way. The owner is
+//! told when a conversation's lists become empty (`Unsubscribe`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use switchboard_protocol::{ServerFrame, encode_frame};
+use tokio::sync::{Notify, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::mailbox::{HomeMsg, LocalMsg, OwnerMsg};
+use super::outbound::Outbound;
+use super::{SessionRef, Shard, owner_shard, partition};
+
+/// A connection's session as the shard sees it.
+#[derive(Debug)]
+pub struct LocalSession {
+    /// Id on this shard.
+    pub id: u64,
+    /// The authenticated user.
+    pub user: Arc<str>,
+    /// Outbound frames (shared with the connection's writer).
+    pub out: Rc<Outbound>,
+    convs: RefCell<HashSet<Arc<str>>>,
+    inflight: Cell<usize>,
+    inflight_changed: Notify,
+    cancel: CancellationToken,
+}
+
+impl LocalSession {
+    /// A session writing to `out`; `cancel` closes its connection.
+    #[must_use]
+    pub fn new(id: u64, user: Arc<str>, out: Rc<Outbound>, cancel: CancellationToken) -> Self {
+        Self {
+            id,
+            user,
+            out,
+            convs: RefCell::default(),
+            inflight: Cell::new(0),
+            inflight_changed: Notify::new(),
+            cancel,
+        }
+    }
+
+    /// Queues an encoded reply or push.
+    pub fn send(&self, frame: &ServerFrame) {
+        self.out.push(encode_frame(frame));
+    }
+
+    /// Counts a request whose reply is still to come.
+    pub fn request_started(&self) {
+        self.inflight.set(self.inflight.get() + 1);
+    }
+
+    /// A request was answered.
+    pub fn request_done(&self) {
+        self.inflight.set(self.inflight.get().saturating_sub(1));
+        self.inflight_changed.notify_one();
+    }
+
+    /// Waits until fewer than `max` requests are outstanding.
+    pub async fn wait_for_slot(&self, max: usize) {
+        while self.inflight.get() >= max {
+            self.inflight_changed.notified().await;
+        }
+    }
+
+    /// Cancelled when the broker wants this connection closed.
+    #[must_use]
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancel
+    }
+}
+
+#[derive(Debug, Default)]
+struct Interest {
+    active: Vec<u64>,
+    pending: Vec<u64>,
+}
+
+impl Interest {
+    fn is_empty(&self) -> bool {
+        self.active.is_empty() && self.pending.is_empty()
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.active.retain(|s| *s != id);
+        self.pending.retain(|s| *s != id);
+    }
+}
+
+/// Sessions hosted by a shard and their interest in conversations.
+#[derive(Debug, Default)]
+pub struct Local {
+    sessions: HashMap<u64, Rc<LocalSession>>,
+    interest: HashMap<Arc<str>, Interest>,
+}
+
+impl Local {
+    /// Registers a session.
+    pub fn insert(&mut self, session: Rc<LocalSession>) {
+        self.sessions.insert(session.id, session);
+    }
+
+    /// A session by id.
+    #[must_use]
+    pub fn get(&self, id: u64) -> Option<Rc<LocalSession>> {
+        self.sessions.get(&id).cloned()
+    }
+
+    /// Whether no session is hosted.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Number of hosted sessions.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    fn add_pending(&mut self, id: u64, conv: &Arc<str>) -> bool {
+        let Some(s) = self.sessions.get(&id) else { return false };
+        if !s.convs.borrow_mut().insert(conv.clone()) {
+            return false; // already pending or active
+        }
+        self.interest.entry(conv.clone()).or_default().pending.push(id);
+        true
+    }
+
+    fn resolve(&mut self, id: u64, conv: &Arc<str>, accepted: bool) -> bool {
+        let Some(interest) = self.interest.get_mut(conv) else { return false };
+        let Some(pos) = interest.pending.iter().position(|s| *s == id) else { return false };
+        interest.pending.swap_remove(pos);
+        if accepted {
+            interest.active.push(id);
+            return false;
+        }
+        if let Some(s) = self.sessions.get(&id) {
+            s.convs.borrow_mut().remove(conv);
+        }
+        self.drop_if_empty(conv)
+    }
+
+    /// Removes `ids` from `conv`; returns whether nobody here receives `conv` any more.
+    fn remove_interest(&mut self, conv: &Arc<str>, ids: &[u64]) -> bool {
+        let Some(interest) = self.interest.get_mut(conv) else { return false };
+        for id in ids {
+            interest.remove(*id);
+            if let Some(s) = self.sessions.get(id) {
+                s.convs.borrow_mut().remove(conv);
+            }
+        }
+        self.drop_if_empty(conv)
+    }
+
+    fn drop_if_empty(&mut self, conv: &Arc<str>) -> bool {
+        if self.interest.get(conv).is_some_and(Interest::is_empty) {
+            self.interest.remove(conv);
+            return true;
+        }
+        false
+    }
+
+    /// Unregisters a session; returns its user and the conversations nobody here receives now.
+    fn remove_session(&mut self, id: u64) -> Option<(Arc<str>, Vec<Arc<str>>)> {
+        let s = self.sessions.remove(&id)?;
+        let convs: Vec<Arc<str>> = s.convs.borrow_mut().drain().collect();
+        let mut empty = Vec::new();
+        for conv in convs {
+            if let Some(interest) = self.interest.get_mut(&conv) {
+                interest.remove(id);
+            }
+            if self.drop_if_empty(&conv) {
+                empty.push(conv);
+            }
+        }
+        Some((s.user.clone(), empty))
+    }
+
+    fn sessions_of(&self, conv: &str, user: &str) -> Vec<u64> {
+        let Some(interest) = self.interest.get(conv) else { return Vec::new() };
+        interest
+            .active
+            .iter()
+            .chain(&interest.pending)
+            .copied()
+            .filter(|id| self.sessions.get(id).is_some_and(|s| &*s.user == user))
+            .collect()
+    }
+}
+
+fn unsubscribe(shard: &Rc<Shard>, conv: Arc<str>) {
+    shard.to_owner(&conv.clone(), OwnerMsg::Unsubscribe { shard: shard.id, conversation: conv });
+}
+
+/// Applies one message of a bundle from an owner or a home shard.
+pub(crate) fn apply(shard: &Rc<Shard>, msg: LocalMsg) {
+    match msg {
+        LocalMsg::Frame { session, frame, completes } => {
+            let s = shard.local.borrow().get(session);
+            if let Some(s) = s {
+                s.out.push(frame);
+                if completes {
+                    s.request_done();
+                }
+            }
+        }
+        LocalMsg::Deliver { conversation, frame, skip } => {
+            let local = shard.local.borrow();
+            let Some(interest) = local.interest.get(&conversation) else { return };
+            let skip = skip.filter(|s| s.shard == shard.id).map(|s| s.id);
+            for id in &interest.active {
+                if Some(*id) == skip {
+                    continue;
+                }
+                if let Some(s) = local.sessions.get(id) {
+                    s.out.push(frame.clone());
+                }
+            }
+        }
+        LocalMsg::Revoke { conversation, user } => {
+            let empty = {
+                let mut local = shard.local.borrow_mut();
+                let ids = local.sessions_of(&conversation, &user);
+                local.remove_interest(&conversation, &ids)
+            };
+            if empty {
+                unsubscribe(shard, conversation);
+            }
+        }
+        LocalMsg::UserEvent { sessions, user, event } => {
+            if event.added {
+                let shard = shard.clone();
+                tokio::task::spawn_local(async move {
+                    subscribe(&shard, &user, &sessions, vec![event.conversation.clone()]).await;
+                    let local = shard.local.borrow();
+                    for id in &sessions {
+                        if let Some(s) = local.get(*id) {
+                            s.out.push(event.frame.clone());
+                        }
+                    }
+                });
+            } else {
+                let empty = {
+                    let mut local = shard.local.borrow_mut();
+                    for id in &sessions {
+                        if let Some(s) = local.get(*id) {
+                            s.out.push(event.frame.clone());
+                        }
+                    }
+                    local.remove_interest(&event.conversation, &sessions)
+                };
+                if empty {
+                    unsubscribe(shard, event.conversation.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Makes `sessions` (all of `user`, hosted here) receive `convs`, as far as the owners agree.
+/// Returns the conversations the owners accepted.
+pub(crate) async fn subscribe(
+    shard: &Rc<Shard>,
+    user: &Arc<str>,
+    sessions: &[u64],
+    convs: Vec<Arc<str>>,
+) -> Vec<Arc<str>> {
+    // Register as pending first, so a concurrent close cannot make us unsubscribe while an
+    // answer is on its way.
+    let mut by_owner: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
+    {
+        let mut local = shard.local.borrow_mut();
+        for conv in convs {
+            let mut any = false;
+            for id in sessions {
+                any |= local.add_pending(*id, &conv);
+            }
+            if any {
+                by_owner.entry(owner_shard(partition(&conv), shard.count)).or_default().push(conv);
+            }
+        }
+    }
+    let mut waits = Vec::with_capacity(by_owner.len());
+    for (owner, conversations) in by_owner {
+        let (tx, rx) = oneshot::channel();
+        shard.send_owner_at(
+            owner,
+            OwnerMsg::Subscribe {
+                shard: shard.id,
+                user: user.clone(),
+                conversations: conversations.clone(),
+                reply: tx,
+            },
+        );
+        waits.push(async move { (conversations, rx.await.unwrap_or_default()) });
+    }
+    let mut accepted = Vec::new();
+    for (conversations, flags) in futures::future::join_all(waits).await {
+        let mut empty = Vec::new();
+        {
+            let mut local = shard.local.borrow_mut();
+            for (i, conv) in conversations.into_iter().enumerate() {
+                let ok = flags.get(i).copied().unwrap_or(false);
+                let mut now_empty = false;
+                for id in sessions {
+                    now_empty |= local.resolve(*id, &conv, ok);
+                }
+                if now_empty {
+                    empty.push(conv.clone());
+                }
+                if ok {
+                    accepted.push(conv);
+                }
+            }
+        }
+        for conv in empty {
+            unsubscribe(shard, conv);
+        }
+    }
+    accepted
+}
+
+/// Unregisters a closed session and tells the owners and the home shard.
+pub(crate) fn close_session(shard: &Rc<Shard>, id: u64) {
+    let removed = shard.local.borrow_mut().remove_session(id);
+    if let Some((user, empty)) = removed {
+        for conv in empty {
+            unsubscribe(shard, conv);
+        }
+        shard.to_home(
+            &user.clone(),
+            HomeMsg::SessionDown { user, session: SessionRef { shard: shard.id, id } },
+        );
+    }
+    shard.check_drained();
+}
+
+/// Asks every connection on this shard to close, telling each client why (the connections
+/// react to the shard's cancellation token).
+pub(crate) fn disconnect_all(shard: &Rc<Shard>) {
+    shard.cancel.cancel();
+}

@@ -1,0 +1,247 @@
+//! Typed mailbox messages and the per-target sender that never blocks the loop.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+use super::SessionRef;
+use crate::storage::Committed;
+
+/// Everything a shard's mailbox carries.
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// For the partition-owner role.
+    Owner(OwnerMsg),
+    /// For the home-shard role.
+    Home(HomeMsg),
+    /// For local sessions: an ordered bundle from one shard.
+    Local(Vec<LocalMsg>),
+    /// From the storage writer: a batch of this shard's is durable (or failed).
+    Committed(Committed),
+    /// Begin a graceful shutdown; answer when drained.
+    Shutdown(oneshot::Sender<()>),
+    /// Leave the loop.
+    Exit,
+}
+
+/// An operation on a conversation, decided by its owner.
+#[derive(Debug)]
+pub enum OwnerOp {
+    /// Append a user message.
+    Send(switchboard_protocol::Send),
+    /// Create a conversation whose id the session already resolved.
+    Create {
+        /// The resolved id (deterministic for direct, chosen or generated for groups).
+        conversation_id: Arc<str>,
+        /// The request.
+        request: switchboard_protocol::CreateConversation,
+    },
+    /// Add members (admins only).
+    AddMembers(switchboard_protocol::AddMembers),
+    /// Remove members (admins only).
+    RemoveMembers(switchboard_protocol::RemoveMembers),
+    /// Leave a group.
+    Leave(switchboard_protocol::Leave),
+}
+
+/// Messages for a partition owner.
+#[derive(Debug)]
+pub enum OwnerMsg {
+    /// A client request. The reply goes back to `from` in the owner's FIFO bundle.
+    Request {
+        /// The requesting session.
+        from: SessionRef,
+        /// The authenticated user.
+        user: Arc<str>,
+        /// Echoed in the reply.
+        request_id: u64,
+        /// What to do.
+        op: OwnerOp,
+    },
+    /// A session shard asks to receive `conversations` for sessions of `user`. The owner
+    /// answers, per conversation, whether the user is a member; for each yes it adds `shard` to
+    /// the conversation's interested shards.
+    Subscribe {
+        /// The asking shard.
+        shard: usize,
+        /// Whose sessions.
+        user: Arc<str>,
+        /// Which conversations.
+        conversations: Vec<Arc<str>>,
+        /// One flag per conversation.
+        reply: oneshot::Sender<Vec<bool>>,
+    },
+    /// `shard` has no session left interested in `conversation`.
+    Unsubscribe {
+        /// The shard.
+        shard: usize,
+        /// The conversation.
+        conversation: Arc<str>,
+    },
+}
+
+/// Messages for a user's home shard.
+#[derive(Debug)]
+pub enum HomeMsg {
+    /// A session of `user` started; `ack` fires once it is registered.
+    SessionUp {
+        /// The user.
+        user: Arc<str>,
+        /// The session.
+        session: SessionRef,
+        /// Fired when registered.
+        ack: oneshot::Sender<()>,
+    },
+    /// A session of `user` ended.
+    SessionDown {
+        /// The user.
+        user: Arc<str>,
+        /// The session.
+        session: SessionRef,
+    },
+    /// A durable membership change of `user`: forward to every session of theirs.
+    UserEvent {
+        /// The user.
+        user: Arc<str>,
+        /// The feed event.
+        event: Arc<UserEvent>,
+    },
+}
+
+/// A membership feed event ready for delivery.
+#[derive(Debug)]
+pub struct UserEvent {
+    /// The encoded `FeedEvent` push frame.
+    pub frame: Bytes,
+    /// The conversation it is about.
+    pub conversation: Arc<str>,
+    /// Added (subscribe the sessions) or removed (unsubscribe them).
+    pub added: bool,
+}
+
+/// Messages for the shard hosting sessions. Delivered in order within a bundle.
+#[derive(Debug)]
+pub enum LocalMsg {
+    /// A reply or ack for one session; `completes` releases one in-flight request slot.
+    Frame {
+        /// The session's id on this shard.
+        session: u64,
+        /// The encoded frame.
+        frame: Bytes,
+        /// Whether this answers a request.
+        completes: bool,
+    },
+    /// A conversation entry for every interested session here except `skip`.
+    Deliver {
+        /// The conversation.
+        conversation: Arc<str>,
+        /// The shared encoded push frame.
+        frame: Bytes,
+        /// The sending session, which gets an ack instead.
+        skip: Option<SessionRef>,
+    },
+    /// `user` is no longer a member: stop delivering `conversation` to their sessions.
+    Revoke {
+        /// The conversation.
+        conversation: Arc<str>,
+        /// The removed user.
+        user: Arc<str>,
+    },
+    /// A membership change for these sessions (from their user's home shard).
+    UserEvent {
+        /// Session ids on this shard.
+        sessions: Vec<u64>,
+        /// The user.
+        user: Arc<str>,
+        /// The event.
+        event: Arc<UserEvent>,
+    },
+}
+
+/// What a role produced while handling a message: routed by [`super::Shard::dispatch`].
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Per target shard, an ordered bundle.
+    pub local: Vec<Vec<LocalMsg>>,
+    /// Messages for home shards, keyed by user.
+    pub home: Vec<(Arc<str>, HomeMsg)>,
+    /// Messages for owner shards, by shard index.
+    pub owner: Vec<(usize, OwnerMsg)>,
+    /// The open write batch grew: flush it soon.
+    pub flush: bool,
+}
+
+impl Outgoing {
+    /// Empty, for `shards` shards.
+    #[must_use]
+    pub fn new(shards: usize) -> Self {
+        Self {
+            local: (0..shards).map(|_| Vec::new()).collect(),
+            home: Vec::new(),
+            owner: Vec::new(),
+            flush: false,
+        }
+    }
+
+    /// Queues a frame for one session.
+    pub fn to_session(&mut self, to: SessionRef, frame: Bytes, completes: bool) {
+        self.push_local(to.shard, LocalMsg::Frame { session: to.id, frame, completes });
+    }
+
+    /// Queues a message for a shard's local sessions.
+    pub fn push_local(&mut self, shard: usize, msg: LocalMsg) {
+        if let Some(bundle) = self.local.get_mut(shard) {
+            bundle.push(msg);
+        }
+    }
+}
+
+/// The sending side of another shard's mailbox, with an overflow queue so the caller never
+/// waits. Order is kept: once anything is queued in overflow, new messages queue behind it.
+pub(crate) struct Peer {
+    tx: mpsc::Sender<ShardMsg>,
+    overflow: Rc<RefCell<VecDeque<ShardMsg>>>,
+    forwarding: Rc<Cell<bool>>,
+}
+
+impl Peer {
+    pub(crate) fn new(tx: mpsc::Sender<ShardMsg>) -> Self {
+        Self { tx, overflow: Rc::default(), forwarding: Rc::default() }
+    }
+
+    pub(crate) fn send(&self, msg: ShardMsg) {
+        let msg = if self.overflow.borrow().is_empty() {
+            match self.tx.try_send(msg) {
+                Ok(()) => return,
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(msg)) => msg,
+            }
+        } else {
+            msg
+        };
+        self.overflow.borrow_mut().push_back(msg);
+        if !self.forwarding.replace(true) {
+            let tx = self.tx.clone();
+            let overflow = self.overflow.clone();
+            let forwarding = self.forwarding.clone();
+            tokio::task::spawn_local(async move {
+                loop {
+                    let Ok(permit) = tx.reserve().await else {
+                        overflow.borrow_mut().clear();
+                        break;
+                    };
+                    let next = overflow.borrow_mut().pop_front();
+                    match next {
+                        Some(msg) => permit.send(msg),
+                        None => break,
+                    }
+                }
+                forwarding.set(false);
+            });
+        }
+    }
+}

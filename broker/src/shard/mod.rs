@@ -1,0 +1,364 @@
+//! Shards: one OS thread each, running a `current_thread` tokio runtime with a `LocalSet`.
+//!
+//! A shard plays three roles at once:
+//! - **partition owner** ([`owner`]) for the conversations whose partition maps to it:
+//!   sequencing, membership, dedupe, authorization and fan-out routing;
+//! - **home shard** ([`home`]) for the users hashed to it: where their sessions are;
+//! - **host** ([`local`]) of the connections its listener accepted: their outbound queues and
+//!   which of them are interested in which conversation.
+//!
+//! Shard-local state lives in `RefCell`s (one thread, no locks). Shards talk only through
+//! bounded typed mailboxes ([`mailbox`]); the mailbox loop never awaits another shard: a full
+//! mailbox spills into a per-target overflow queue drained by a forwarder task, which keeps the
+//! order of messages from one shard to another.
+//!
+//! ## Mailbox protocol
+//! - session shard → owner: `Request` (send, create, membership ops), `Subscribe`,
+//!   `Unsubscribe`, in FIFO order per pair of shards;
+//! - owner → session shard: one `Local` bundle per commit (replies, acks, deliveries,
+//!   revocations, in log order), so a client never sees message N+1 before the ack of N;
+//! - session shard → home shard: `SessionUp` (acknowledged) / `SessionDown`;
+//! - owner → home shard → session shards: membership feed events (`UserEvent`);
+//! - storage writer → owner: `Committed`, in submission order.
+
+pub mod home;
+pub mod local;
+pub mod mailbox;
+pub mod outbound;
+pub mod owner;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use xxhash_rust::xxh3::xxh3_64;
+
+use crate::auth::Authenticator;
+use crate::config::Config;
+use crate::storage::{Storage, WriteBatch, WriterHandle};
+
+pub use mailbox::{HomeMsg, LocalMsg, OwnerMsg, OwnerOp, ShardMsg};
+
+/// Number of partitions; fixed forever (part of the on-disk key layout).
+pub const PARTITIONS: u64 = 1024;
+/// Most shards a broker runs (interest sets are 64-bit masks).
+pub const MAX_SHARDS: usize = 64;
+/// Capacity of each shard's mailbox, in messages.
+pub const MAILBOX_CAPACITY: usize = 16 * 1024;
+
+/// The partition of a conversation.
+#[must_use]
+pub fn partition(conversation: &str) -> u16 {
+    #[allow(clippy::cast_possible_truncation)]
+    let p = (xxh3_64(conversation.as_bytes()) % PARTITIONS) as u16;
+    p
+}
+
+/// The shard owning a partition.
+#[must_use]
+pub fn owner_shard(partition: u16, shards: usize) -> usize {
+    usize::from(partition) % shards
+}
+
+/// The home shard of a user.
+#[must_use]
+pub fn home_shard(user: &str, shards: usize) -> usize {
+    #[allow(clippy::cast_possible_truncation)]
+    let s = (xxh3_64(user.as_bytes()) % shards as u64) as usize;
+    s
+}
+
+/// A session anywhere in the broker: its shard and its id there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SessionRef {
+    /// The shard hosting the connection.
+    pub shard: usize,
+    /// Unique within that shard.
+    pub id: u64,
+}
+
+/// Everything a shard thread needs, built by the runtime.
+pub struct ShardSetup {
+    /// This shard's index.
+    pub id: usize,
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// Storage (reads) and the writer (writes).
+    pub storage: Arc<Storage>,
+    /// The storage writer.
+    pub writer: WriterHandle,
+    /// Token verification.
+    pub auth: Arc<Authenticator>,
+    /// Every shard's mailbox sender, indexed by shard.
+    pub mailboxes: Vec<mpsc::Sender<ShardMsg>>,
+}
+
+/// A shard: its roles' state and its links to the others. Lives on its own thread.
+pub struct Shard {
+    /// This shard's index.
+    pub id: usize,
+    /// Number of shards.
+    pub count: usize,
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// Storage.
+    pub storage: Arc<Storage>,
+    /// Token verification.
+    pub auth: Arc<Authenticator>,
+    writer: WriterHandle,
+    peers: Vec<mailbox::Peer>,
+    commit_sink: crate::storage::CommitSink,
+    pub(crate) owner: RefCell<owner::Owner>,
+    pub(crate) home: RefCell<home::Home>,
+    pub(crate) local: RefCell<local::Local>,
+    flush_scheduled: Cell<bool>,
+    next_session: Cell<u64>,
+    shutdown: RefCell<Option<Shutdown>>,
+    /// Cancelled when the shard shuts down; every connection holds a child token.
+    pub cancel: CancellationToken,
+}
+
+struct Shutdown {
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Shard {
+    /// Builds a shard; call on its own thread.
+    #[must_use]
+    pub fn new(setup: ShardSetup) -> Rc<Self> {
+        let count = setup.mailboxes.len();
+        let own = setup.mailboxes.get(setup.id).cloned();
+        let commit_sink: crate::storage::CommitSink = Arc::new(move |c| {
+            if let Some(tx) = &own {
+                // Runs on the writer thread; blocking only delays the next commit round.
+                let _ = tx.blocking_send(ShardMsg::Committed(c));
+            }
+        });
+        let owner = owner::Owner::new(setup.id, count, setup.storage.clone(), &setup.config);
+        Rc::new(Self {
+            id: setup.id,
+            count,
+            peers: setup.mailboxes.into_iter().map(mailbox::Peer::new).collect(),
+            config: setup.config,
+            storage: setup.storage,
+            auth: setup.auth,
+            writer: setup.writer,
+            commit_sink,
+            owner: RefCell::new(owner),
+            home: RefCell::new(home::Home::default()),
+            local: RefCell::new(local::Local::default()),
+            flush_scheduled: Cell::new(false),
+            next_session: Cell::new(1),
+            shutdown: RefCell::new(None),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    /// Runs the mailbox loop until `Exit`. Drains up to 256 messages per wake-up, then flushes
+    /// the open write batch.
+    pub async fn run(self: Rc<Self>, mut rx: mpsc::Receiver<ShardMsg>) {
+        while let Some(msg) = rx.recv().await {
+            if !self.handle(msg) {
+                break;
+            }
+            for _ in 0..256 {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        if !self.handle(msg) {
+                            return;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.flush();
+            self.check_drained();
+        }
+    }
+
+    /// Handles one mailbox message; `false` means exit.
+    fn handle(self: &Rc<Self>, msg: ShardMsg) -> bool {
+        match msg {
+            ShardMsg::Owner(m) => self.handle_owner(m),
+            ShardMsg::Home(m) => self.handle_home(m),
+            ShardMsg::Local(bundle) => self.apply_local(bundle),
+            ShardMsg::Committed(c) => {
+                let mut out = mailbox::Outgoing::new(self.count);
+                self.owner.borrow_mut().on_committed(c, &mut out);
+                self.dispatch(out);
+            }
+            ShardMsg::Shutdown(done) => self.begin_shutdown(done),
+            ShardMsg::Exit => return false,
+        }
+        true
+    }
+
+    /// A new session id on this shard.
+    pub fn next_session_id(&self) -> u64 {
+        let id = self.next_session.get();
+        self.next_session.set(id + 1);
+        id
+    }
+
+    /// Whether a shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.borrow().is_some()
+    }
+
+    /// Sends an owner message to the partition owner of `conversation` (handled in place when
+    /// that is this shard).
+    pub fn to_owner(self: &Rc<Self>, conversation: &str, msg: OwnerMsg) {
+        let target = owner_shard(partition(conversation), self.count);
+        self.send_owner_at(target, msg);
+    }
+
+    /// Sends an owner message to shard `target` (handled in place when that is this shard).
+    pub(crate) fn send_owner_at(self: &Rc<Self>, target: usize, msg: OwnerMsg) {
+        if target == self.id {
+            self.handle_owner(msg);
+        } else {
+            self.send(target, ShardMsg::Owner(msg));
+        }
+    }
+
+    /// Sends a message to the home shard of `user` (handled in place when that is this shard).
+    pub fn to_home(self: &Rc<Self>, user: &str, msg: HomeMsg) {
+        let target = home_shard(user, self.count);
+        if target == self.id {
+            self.handle_home(msg);
+        } else {
+            self.send(target, ShardMsg::Home(msg));
+        }
+    }
+
+    fn send(&self, target: usize, msg: ShardMsg) {
+        if let Some(peer) = self.peers.get(target) {
+            peer.send(msg);
+        }
+    }
+
+    fn handle_owner(self: &Rc<Self>, msg: OwnerMsg) {
+        let mut out = mailbox::Outgoing::new(self.count);
+        self.owner.borrow_mut().handle(msg, &mut out);
+        self.dispatch(out);
+    }
+
+    fn handle_home(self: &Rc<Self>, msg: HomeMsg) {
+        let mut out = mailbox::Outgoing::new(self.count);
+        self.home.borrow_mut().handle(msg, &mut out);
+        self.dispatch(out);
+    }
+
+    /// Routes what a role produced: bundles to session shards, events to home shards.
+    pub(crate) fn dispatch(self: &Rc<Self>, out: mailbox::Outgoing) {
+        let mailbox::Outgoing { local, home, owner, flush } = out;
+        for (shard, bundle) in local.into_iter().enumerate() {
+            if bundle.is_empty() {
+                continue;
+            }
+            if shard == self.id {
+                self.apply_local(bundle);
+            } else {
+                self.send(shard, ShardMsg::Local(bundle));
+            }
+        }
+        for (user, msg) in home {
+            self.to_home(&user, msg);
+        }
+        for (shard, msg) in owner {
+            self.send_owner_at(shard, msg);
+        }
+        if flush {
+            self.schedule_flush();
+        }
+    }
+
+    fn apply_local(self: &Rc<Self>, bundle: Vec<LocalMsg>) {
+        for msg in bundle {
+            local::apply(self, msg);
+        }
+        self.check_drained();
+    }
+
+    /// Flushes the open write batch soon: after the tasks that are ready now have run, so
+    /// the requests they carry join the same batch.
+    pub fn schedule_flush(self: &Rc<Self>) {
+        if self.flush_scheduled.replace(true) {
+            return;
+        }
+        let shard = self.clone();
+        tokio::task::spawn_local(async move {
+            tokio::task::yield_now().await;
+            shard.flush();
+        });
+    }
+
+    /// Hands the open batch to the storage writer.
+    pub fn flush(self: &Rc<Self>) {
+        self.flush_scheduled.set(false);
+        let Some((token, ops)) = self.owner.borrow_mut().take_batch() else { return };
+        let batch = WriteBatch { token, ops, sink: self.commit_sink.clone() };
+        if let Err(batch) = self.writer.submit(batch) {
+            let mut out = mailbox::Outgoing::new(self.count);
+            self.owner.borrow_mut().on_committed(
+                crate::storage::Committed {
+                    token: batch.token,
+                    commit_no: 0,
+                    result: Err(crate::storage::StorageError::Poisoned),
+                },
+                &mut out,
+            );
+            self.dispatch(out);
+        }
+    }
+
+    fn begin_shutdown(self: &Rc<Self>, done: oneshot::Sender<()>) {
+        *self.shutdown.borrow_mut() = Some(Shutdown { done: Some(done) });
+        local::disconnect_all(self);
+        self.flush();
+        self.check_drained();
+    }
+
+    /// Once shutting down: reports drained when no write is in flight and no session is left.
+    pub(crate) fn check_drained(&self) {
+        let mut guard = self.shutdown.borrow_mut();
+        let Some(sd) = guard.as_mut() else { return };
+        if self.owner.borrow().is_idle()
+            && self.local.borrow().is_empty()
+            && let Some(done) = sd.done.take()
+        {
+            let _ = done.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_conversation_partition_should_be_stable_and_in_range() {
+        let p = partition("dm:alice:bob");
+        assert_eq!(p, partition("dm:alice:bob"));
+        assert!(u64::from(p) < PARTITIONS);
+        assert!(owner_shard(p, 3) < 3);
+        assert!(home_shard("alice", 3) < 3);
+    }
+
+    #[test]
+    fn given_many_conversations_partitions_should_spread() {
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..10_000 {
+            seen.insert(partition(&format!("g:{i}")));
+        }
+        assert!(seen.len() > 1000, "{}", seen.len());
+    }
+}

@@ -1,0 +1,839 @@
+//! The partition-owner role: everything about a conversation is decided here.
+//!
+//! For each conversation the owner keeps, in memory: the last assigned seq, the durable seq,
+//! the members, the shards with interested sessions, and the **pending map** of sends in a batch
+//! that is not yet durable. A request is authorized against the in-memory membership, which
+//! follows the log order (a change applies at the seq of its system entry).
+//!
+//! Writes go into the shard's open batch together with their *effects* (deliveries, acks,
+//! replies, feed events). When the storage writer reports the batch durable, the effects run
+//! in log order: deliveries to interested shards, then the ack to the sender; a retry of the
+//! same idempotency key that arrived meanwhile gets the very same ack. Nothing is delivered or
+//! acknowledged before it is durable.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use prost::Message as _;
+use switchboard_protocol::{
+    self as pb, ConversationKind, ErrorCode, FeedEventKind, HistoryVisibility, Role, ServerFrame,
+    encode_frame, encode_message_push, server_frame, system_event,
+};
+
+use super::SessionRef;
+use super::mailbox::{HomeMsg, LocalMsg, Outgoing, OwnerMsg, OwnerOp, UserEvent};
+use crate::config::{Config, Durability, LimitsConfig};
+use crate::storage::{
+    Committed, Ks, LoadedConversation, Storage, StorageError, StoredConversation, StoredEntry,
+    StoredMember, WriteOp, encode_dedupe, keys,
+};
+
+/// The epoch a single node writes.
+pub const SINGLE_NODE_EPOCH: u64 = 1;
+
+/// Milliseconds since the Unix epoch.
+#[must_use]
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A failed request: the error code and message sent back.
+#[derive(Debug)]
+pub struct OpError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl OpError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    fn not_found() -> Self {
+        Self::new(ErrorCode::NotFound, "conversation not found")
+    }
+
+    fn storage(e: &StorageError) -> Self {
+        tracing::error!(error = %e, "storage error");
+        Self::new(ErrorCode::Unavailable, "storage unavailable")
+    }
+}
+
+type PendingKey = (Arc<str>, String);
+
+struct Pending {
+    seq: u64,
+    timestamp_ms: u64,
+    waiters: Vec<(SessionRef, u64)>,
+}
+
+struct Conv {
+    id: Arc<str>,
+    partition: u16,
+    record: StoredConversation,
+    last_seq: u64,
+    last_ts: u64,
+    ordinal: u64,
+    durable_seq: u64,
+    members: HashMap<Arc<str>, StoredMember>,
+    /// Bit i set: shard i has sessions receiving this conversation.
+    interested: u64,
+    pending: HashMap<PendingKey, Pending>,
+    /// Replies released once `durable_seq` reaches their seq.
+    waiting: Vec<(u64, SessionRef, Bytes)>,
+}
+
+impl Conv {
+    fn from_loaded(id: Arc<str>, partition: u16, l: LoadedConversation) -> Self {
+        let (last_seq, last_ts, ordinal) = l.head.unwrap_or((0, 0, 0));
+        Self {
+            id,
+            partition,
+            record: l.record,
+            last_seq,
+            last_ts,
+            ordinal,
+            durable_seq: last_seq,
+            members: l.members.into_iter().map(|(u, m)| (Arc::from(u), m)).collect(),
+            interested: 0,
+            pending: HashMap::new(),
+            waiting: Vec::new(),
+        }
+    }
+
+    fn kind(&self) -> ConversationKind {
+        ConversationKind::try_from(self.record.kind).unwrap_or(ConversationKind::Unspecified)
+    }
+
+    /// Next timestamp: wall clock, but never behind the previous entry's.
+    fn next_ts(&mut self) -> u64 {
+        self.last_ts = now_ms().max(self.last_ts);
+        self.last_ts
+    }
+
+    fn summary(&self, request_id: u64, created: bool) -> Bytes {
+        encode_frame(&ServerFrame::reply(
+            request_id,
+            server_frame::Kind::Conversation(pb::Conversation {
+                conversation_id: self.id.to_string(),
+                kind: self.record.kind,
+                name: self.record.name.clone(),
+                visibility: self.record.visibility,
+                created_at_ms: self.record.created_at_ms,
+                created_by: self.record.created_by.clone(),
+                created,
+                last_seq: self.last_seq,
+                member_count: u32::try_from(self.members.len()).unwrap_or(u32::MAX),
+            }),
+        ))
+    }
+
+    fn require_member(&self, user: &str) -> Result<&StoredMember, OpError> {
+        self.members.get(user).ok_or_else(OpError::not_found)
+    }
+
+    fn require_group_admin(&self, user: &str) -> Result<(), OpError> {
+        let m = self.require_member(user)?;
+        if self.kind() != ConversationKind::Group {
+            return Err(OpError::new(
+                ErrorCode::BadRequest,
+                "direct conversations have fixed members",
+            ));
+        }
+        if m.role != Role::Admin as i32 {
+            return Err(OpError::new(ErrorCode::Forbidden, "only group admins change membership"));
+        }
+        Ok(())
+    }
+}
+
+enum Effect {
+    Entry {
+        conv: Arc<str>,
+        seq: u64,
+        frame: Bytes,
+        skip: Option<SessionRef>,
+        pending: Option<PendingKey>,
+        revoke: Vec<Arc<str>>,
+    },
+    Feed {
+        user: Arc<str>,
+        event: pb::FeedEvent,
+    },
+}
+
+#[derive(Default)]
+struct OpenBatch {
+    ops: Vec<WriteOp>,
+    effects: Vec<Effect>,
+    dirty_members: HashSet<(Arc<str>, Arc<str>)>,
+}
+
+impl OpenBatch {
+    /// Appends one log entry: its record, and the delivery to run once durable.
+    fn entry(
+        &mut self,
+        conv: &mut Conv,
+        msg: &pb::Message,
+        skip: Option<SessionRef>,
+        pending: Option<PendingKey>,
+        revoke: Vec<Arc<str>>,
+    ) {
+        let encoded = msg.encode_to_vec();
+        let frame = encode_message_push(&encoded);
+        let value = StoredEntry {
+            epoch: SINGLE_NODE_EPOCH,
+            ordinal: conv.ordinal,
+            message: Bytes::from(encoded),
+        }
+        .encode_to_vec();
+        self.ops.push(WriteOp::Put(
+            Ks::Messages,
+            keys::message_key(conv.partition, &conv.id, msg.seq),
+            value,
+        ));
+        conv.last_seq = msg.seq;
+        self.effects.push(Effect::Entry {
+            conv: conv.id.clone(),
+            seq: msg.seq,
+            frame,
+            skip,
+            pending,
+            revoke,
+        });
+    }
+
+    fn put_conversation(&mut self, conv: &mut Conv) {
+        conv.record.member_count = u32::try_from(conv.members.len()).unwrap_or(u32::MAX);
+        self.ops.push(WriteOp::Put(
+            Ks::Conversations,
+            keys::conversation_key(&conv.id),
+            conv.record.encode_to_vec(),
+        ));
+    }
+
+    fn put_member(&mut self, conv: &Conv, user: &Arc<str>, m: &StoredMember) {
+        self.ops.push(WriteOp::Put(
+            Ks::Members,
+            keys::member_key(&conv.id, user),
+            m.encode_to_vec(),
+        ));
+    }
+
+    fn feed(
+        &mut self,
+        conv: &Conv,
+        user: &Arc<str>,
+        kind: FeedEventKind,
+        seq: u64,
+        actor: &str,
+        ts: u64,
+    ) {
+        let event = pb::FeedEvent {
+            user_seq: 0,
+            kind: kind as i32,
+            conversation_id: conv.id.to_string(),
+            conversation_seq: seq,
+            actor: actor.to_owned(),
+            timestamp_ms: ts,
+            conversation_kind: conv.record.kind,
+            conversation_name: conv.record.name.clone(),
+        };
+        self.ops.push(WriteOp::FeedAppend { user: user.clone(), event: event.clone() });
+        self.effects.push(Effect::Feed { user: user.clone(), event });
+    }
+
+    fn add_member(&mut self, conv: &mut Conv, user: &Arc<str>, role: Role, seq: u64) {
+        let m = StoredMember {
+            epoch: SINGLE_NODE_EPOCH,
+            role: role as i32,
+            joined_seq: seq,
+            read_seq: 0,
+            delivered_seq: 0,
+        };
+        self.put_member(conv, user, &m);
+        self.ops.push(WriteOp::Put(
+            Ks::Memberships,
+            keys::membership_key(user, &conv.id),
+            seq.to_be_bytes().to_vec(),
+        ));
+        conv.members.insert(user.clone(), m);
+    }
+
+    fn remove_member(&mut self, conv: &mut Conv, user: &Arc<str>) {
+        self.ops.push(WriteOp::Delete(Ks::Members, keys::member_key(&conv.id, user)));
+        self.ops.push(WriteOp::Delete(Ks::Memberships, keys::membership_key(user, &conv.id)));
+        self.dirty_members.remove(&(conv.id.clone(), user.clone()));
+        conv.members.remove(user);
+    }
+}
+
+/// The owner state of one shard.
+pub struct Owner {
+    shard: usize,
+    shards: usize,
+    storage: Arc<Storage>,
+    limits: LimitsConfig,
+    convs: HashMap<Arc<str>, Conv>,
+    open: OpenBatch,
+    next_token: u64,
+    inflight: VecDeque<(u64, Vec<Effect>)>,
+    poisoned: bool,
+}
+
+impl std::fmt::Debug for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Owner")
+            .field("shard", &self.shard)
+            .field("conversations", &self.convs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn load<'a>(
+    convs: &'a mut HashMap<Arc<str>, Conv>,
+    storage: &Storage,
+    id: &str,
+) -> Result<Option<&'a mut Conv>, OpError> {
+    if !convs.contains_key(id) {
+        let partition = super::partition(id);
+        match storage.load_conversation(partition, id) {
+            Ok(Some(l)) => {
+                let id: Arc<str> = Arc::from(id);
+                convs.insert(id.clone(), Conv::from_loaded(id, partition, l));
+            }
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(OpError::storage(&e)),
+        }
+    }
+    Ok(convs.get_mut(id))
+}
+
+fn ack_frame(
+    request_id: u64,
+    conv: &str,
+    seq: u64,
+    timestamp_ms: u64,
+    client_msg_id: &str,
+    duplicate: bool,
+) -> Bytes {
+    encode_frame(&ServerFrame::reply(
+        request_id,
+        server_frame::Kind::SendAck(pb::SendAck {
+            conversation_id: conv.to_owned(),
+            seq,
+            timestamp_ms,
+            client_msg_id: client_msg_id.to_owned(),
+            duplicate,
+        }),
+    ))
+}
+
+fn membership_frame(request_id: u64, conv: &str, seq: u64, changed: &[Arc<str>]) -> Bytes {
+    encode_frame(&ServerFrame::reply(
+        request_id,
+        server_frame::Kind::Membership(pb::MembershipResult {
+            conversation_id: conv.to_owned(),
+            seq,
+            changed: changed.iter().map(ToString::to_string).collect(),
+        }),
+    ))
+}
+
+fn system_message(
+    conv: &str,
+    seq: u64,
+    actor: &str,
+    ts: u64,
+    kind: system_event::Kind,
+) -> pb::Message {
+    pb::Message {
+        conversation_id: conv.to_owned(),
+        seq,
+        sender: actor.to_owned(),
+        timestamp_ms: ts,
+        client_msg_id: String::new(),
+        content: None,
+        system: Some(pb::SystemEvent { kind: Some(kind) }),
+    }
+}
+
+fn names(users: &[Arc<str>]) -> Vec<String> {
+    users.iter().map(ToString::to_string).collect()
+}
+
+impl Owner {
+    /// The owner role of shard `shard` of `shards`.
+    #[must_use]
+    pub fn new(shard: usize, shards: usize, storage: Arc<Storage>, config: &Config) -> Self {
+        Self {
+            shard,
+            shards,
+            storage,
+            limits: config.limits.clone(),
+            convs: HashMap::new(),
+            open: OpenBatch::default(),
+            next_token: 1,
+            inflight: VecDeque::new(),
+            poisoned: false,
+        }
+    }
+
+    /// No batch open or in flight.
+    #[must_use]
+    pub fn is_idle(&self) -> bool {
+        self.inflight.is_empty() && self.open.ops.is_empty()
+    }
+
+    /// Handles a message for this role.
+    pub fn handle(&mut self, msg: OwnerMsg, out: &mut Outgoing) {
+        match msg {
+            OwnerMsg::Request { from, user, request_id, op } => {
+                let result = if self.poisoned {
+                    Err(OpError::new(ErrorCode::Unavailable, "storage failed; broker is stopping"))
+                } else {
+                    match op {
+                        OwnerOp::Send(req) => self.send(from, &user, request_id, req, out),
+                        OwnerOp::Create { conversation_id, request } => {
+                            self.create(from, &user, request_id, conversation_id, request, out)
+                        }
+                        OwnerOp::AddMembers(req) => {
+                            self.add_members(from, &user, request_id, req, out)
+                        }
+                        OwnerOp::RemoveMembers(req) => {
+                            let users: Vec<Arc<str>> =
+                                req.users.iter().map(|u| Arc::from(u.as_str())).collect();
+                            self.remove(
+                                from,
+                                &user,
+                                request_id,
+                                &req.conversation_id,
+                                users,
+                                false,
+                                out,
+                            )
+                        }
+                        OwnerOp::Leave(req) => self.remove(
+                            from,
+                            &user,
+                            request_id,
+                            &req.conversation_id,
+                            vec![user.clone()],
+                            true,
+                            out,
+                        ),
+                    }
+                };
+                if let Err(e) = result {
+                    out.to_session(
+                        from,
+                        encode_frame(&ServerFrame::error(request_id, e.code, e.message)),
+                        true,
+                    );
+                }
+            }
+            OwnerMsg::Subscribe { shard, user, conversations, reply } => {
+                let flags = conversations
+                    .iter()
+                    .map(|id| match load(&mut self.convs, &self.storage, id) {
+                        Ok(Some(c)) if c.members.contains_key(&user) => {
+                            c.interested |= 1 << shard;
+                            true
+                        }
+                        _ => false,
+                    })
+                    .collect();
+                let _ = reply.send(flags);
+            }
+            OwnerMsg::Unsubscribe { shard, conversation } => {
+                if let Some(c) = self.convs.get_mut(&conversation) {
+                    c.interested &= !(1 << shard);
+                }
+            }
+        }
+    }
+
+    fn send(
+        &mut self,
+        from: SessionRef,
+        user: &Arc<str>,
+        request_id: u64,
+        req: pb::Send,
+        out: &mut Outgoing,
+    ) -> Result<(), OpError> {
+        let Some(conv) = load(&mut self.convs, &self.storage, &req.conversation_id)? else {
+            return Err(OpError::not_found());
+        };
+        conv.require_member(user)?;
+        let key: PendingKey = (user.clone(), req.client_msg_id);
+        if let Some(p) = conv.pending.get_mut(&key) {
+            p.waiters.push((from, request_id));
+            return Ok(());
+        }
+        if let Some((seq, ts)) =
+            self.storage.dedupe(&conv.id, user, &key.1).map_err(|e| OpError::storage(&e))?
+        {
+            out.to_session(from, ack_frame(request_id, &conv.id, seq, ts, &key.1, true), true);
+            return Ok(());
+        }
+        let seq = conv.last_seq + 1;
+        let ts = conv.next_ts();
+        conv.ordinal += 1;
+        let msg = pb::Message {
+            conversation_id: conv.id.to_string(),
+            seq,
+            sender: user.to_string(),
+            timestamp_ms: ts,
+            client_msg_id: key.1.clone(),
+            content: req.content,
+            system: None,
+        };
+        self.open.ops.push(WriteOp::Put(
+            Ks::Dedupe,
+            keys::dedupe_key(&conv.id, user, &key.1),
+            encode_dedupe(seq, ts),
+        ));
+        self.open.entry(conv, &msg, Some(from), Some(key.clone()), Vec::new());
+        // A member's own send marks everything up to it as read (written once per batch).
+        if let Some(m) = conv.members.get_mut(user) {
+            m.read_seq = m.read_seq.max(seq);
+            self.open.dirty_members.insert((conv.id.clone(), user.clone()));
+        }
+        conv.pending
+            .insert(key, Pending { seq, timestamp_ms: ts, waiters: vec![(from, request_id)] });
+        out.flush = true;
+        Ok(())
+    }
+
+    fn create(
+        &mut self,
+        from: SessionRef,
+        user: &Arc<str>,
+        request_id: u64,
+        id: Arc<str>,
+        req: pb::CreateConversation,
+        out: &mut Outgoing,
+    ) -> Result<(), OpError> {
+        let kind = ConversationKind::try_from(req.kind).unwrap_or(ConversationKind::Unspecified);
+        if let Some(conv) = load(&mut self.convs, &self.storage, &id)? {
+            if !conv.members.contains_key(user) {
+                return Err(OpError::new(ErrorCode::AlreadyExists, "conversation id is taken"));
+            }
+            let frame = conv.summary(request_id, false);
+            if conv.durable_seq >= 1 {
+                out.to_session(from, frame, true);
+            } else {
+                conv.waiting.push((1, from, frame));
+            }
+            return Ok(());
+        }
+        let mut members: Vec<Arc<str>> =
+            req.members.iter().map(|m| Arc::from(m.as_str())).collect();
+        members.push(user.clone());
+        members.sort();
+        members.dedup();
+        if members.len() > self.limits.max_group_members {
+            return Err(OpError::new(
+                ErrorCode::LimitExceeded,
+                format!("a group has at most {} members", self.limits.max_group_members),
+            ));
+        }
+        let visibility = if req.visibility == HistoryVisibility::Joined as i32 {
+            HistoryVisibility::Joined
+        } else {
+            HistoryVisibility::Shared
+        };
+        let ts = now_ms();
+        let record = StoredConversation {
+            epoch: SINGLE_NODE_EPOCH,
+            kind: kind as i32,
+            name: req.name.clone(),
+            visibility: visibility as i32,
+            created_at_ms: ts,
+            created_by: user.to_string(),
+            member_count: 0,
+        };
+        let partition = super::partition(&id);
+        let conv = self.convs.entry(id.clone()).or_insert_with(|| Conv {
+            id: id.clone(),
+            partition,
+            record,
+            last_seq: 0,
+            last_ts: ts,
+            ordinal: 0,
+            durable_seq: 0,
+            members: HashMap::new(),
+            interested: 0,
+            pending: HashMap::new(),
+            waiting: Vec::new(),
+        });
+        let open = &mut self.open;
+        for m in &members {
+            let role = if m == user && kind == ConversationKind::Group {
+                Role::Admin
+            } else {
+                Role::Member
+            };
+            open.add_member(conv, m, role, 1);
+        }
+        open.put_conversation(conv);
+        let msg = system_message(
+            &id,
+            1,
+            user,
+            ts,
+            system_event::Kind::Created(pb::ConversationCreated {
+                kind: kind as i32,
+                name: req.name,
+                members: names(&members),
+                visibility: visibility as i32,
+            }),
+        );
+        open.entry(conv, &msg, None, None, Vec::new());
+        for m in &members {
+            open.feed(conv, m, FeedEventKind::Added, 1, user, ts);
+        }
+        let frame = conv.summary(request_id, true);
+        conv.waiting.push((1, from, frame));
+        out.flush = true;
+        Ok(())
+    }
+
+    fn add_members(
+        &mut self,
+        from: SessionRef,
+        user: &Arc<str>,
+        request_id: u64,
+        req: pb::AddMembers,
+        out: &mut Outgoing,
+    ) -> Result<(), OpError> {
+        let Some(conv) = load(&mut self.convs, &self.storage, &req.conversation_id)? else {
+            return Err(OpError::not_found());
+        };
+        conv.require_group_admin(user)?;
+        let mut added: Vec<Arc<str>> = req
+            .users
+            .iter()
+            .filter(|u| !conv.members.contains_key(u.as_str()))
+            .map(|u| Arc::from(u.as_str()))
+            .collect();
+        added.sort();
+        added.dedup();
+        if added.is_empty() {
+            out.to_session(from, membership_frame(request_id, &conv.id, 0, &[]), true);
+            return Ok(());
+        }
+        if conv.members.len() + added.len() > self.limits.max_group_members {
+            return Err(OpError::new(
+                ErrorCode::LimitExceeded,
+                format!("a group has at most {} members", self.limits.max_group_members),
+            ));
+        }
+        let seq = conv.last_seq + 1;
+        let ts = conv.next_ts();
+        let open = &mut self.open;
+        for u in &added {
+            open.add_member(conv, u, Role::Member, seq);
+        }
+        open.put_conversation(conv);
+        let msg = system_message(
+            &conv.id,
+            seq,
+            user,
+            ts,
+            system_event::Kind::MembersAdded(pb::MembersAdded { users: names(&added) }),
+        );
+        open.entry(conv, &msg, None, None, Vec::new());
+        for u in &added {
+            open.feed(conv, u, FeedEventKind::Added, seq, user, ts);
+        }
+        conv.waiting.push((seq, from, membership_frame(request_id, &conv.id, seq, &added)));
+        out.flush = true;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn remove(
+        &mut self,
+        from: SessionRef,
+        user: &Arc<str>,
+        request_id: u64,
+        conv_id: &str,
+        users: Vec<Arc<str>>,
+        leaving: bool,
+        out: &mut Outgoing,
+    ) -> Result<(), OpError> {
+        let Some(conv) = load(&mut self.convs, &self.storage, conv_id)? else {
+            return Err(OpError::not_found());
+        };
+        if leaving {
+            conv.require_member(user)?;
+            if conv.kind() != ConversationKind::Group {
+                return Err(OpError::new(
+                    ErrorCode::BadRequest,
+                    "direct conversations cannot be left",
+                ));
+            }
+        } else {
+            conv.require_group_admin(user)?;
+        }
+        let mut removed: Vec<Arc<str>> =
+            users.into_iter().filter(|u| conv.members.contains_key(u)).collect();
+        removed.sort();
+        removed.dedup();
+        if removed.is_empty() {
+            out.to_session(from, membership_frame(request_id, &conv.id, 0, &[]), true);
+            return Ok(());
+        }
+        let seq = conv.last_seq + 1;
+        let ts = conv.next_ts();
+        let kind = if leaving {
+            system_event::Kind::MemberLeft(pb::MemberLeft { user: user.to_string() })
+        } else {
+            system_event::Kind::MembersRemoved(pb::MembersRemoved { users: names(&removed) })
+        };
+        let open = &mut self.open;
+        for u in &removed {
+            open.remove_member(conv, u);
+        }
+        open.put_conversation(conv);
+        let msg = system_message(&conv.id, seq, user, ts, kind);
+        open.entry(conv, &msg, None, None, removed.clone());
+        for u in &removed {
+            open.feed(conv, u, FeedEventKind::Removed, seq, user, ts);
+        }
+        conv.waiting.push((seq, from, membership_frame(request_id, &conv.id, seq, &removed)));
+        out.flush = true;
+        Ok(())
+    }
+
+    /// Closes the open batch for the storage writer: `(token, ops)`.
+    pub fn take_batch(&mut self) -> Option<(u64, Vec<crate::storage::WriteOp>)> {
+        for (conv, user) in std::mem::take(&mut self.open.dirty_members) {
+            let Some(c) = self.convs.get(&conv) else { continue };
+            if let Some(m) = c.members.get(&user) {
+                self.open.put_member(c, &user, m);
+            }
+        }
+        if self.open.ops.is_empty() {
+            return None;
+        }
+        let token = self.next_token;
+        self.next_token += 1;
+        let open = std::mem::take(&mut self.open);
+        self.inflight.push_back((token, open.effects));
+        Some((token, open.ops))
+    }
+
+    /// A batch is durable (or failed): run its effects in log order.
+    pub fn on_committed(&mut self, c: Committed, out: &mut Outgoing) {
+        let Some((token, effects)) = self.inflight.pop_front() else {
+            tracing::error!(token = c.token, "commit for no batch in flight");
+            return;
+        };
+        debug_assert_eq!(token, c.token, "commits arrive in submission order");
+        let seqs = match c.result {
+            Ok(seqs) => seqs,
+            Err(e) => {
+                tracing::error!(error = %e, "batch failed; refusing further writes");
+                self.fail_all(out);
+                return;
+            }
+        };
+        if cfg!(debug_assertions) && self.storage.durability() == Durability::Sync {
+            let durable = self.storage.durable_watermark();
+            assert!(
+                durable >= c.commit_no,
+                "ack before fsync: commit {} > durable {durable}",
+                c.commit_no
+            );
+        }
+        let mut seqs = seqs.into_iter();
+        let shards = self.shards;
+        for effect in effects {
+            match effect {
+                Effect::Entry { conv, seq, frame, skip, pending, revoke } => {
+                    let Some(c) = self.convs.get_mut(&conv) else { continue };
+                    c.durable_seq = c.durable_seq.max(seq);
+                    let interested: Vec<usize> =
+                        (0..shards).filter(|s| c.interested & (1 << s) != 0).collect();
+                    for &shard in &interested {
+                        out.push_local(
+                            shard,
+                            LocalMsg::Deliver {
+                                conversation: conv.clone(),
+                                frame: frame.clone(),
+                                skip,
+                            },
+                        );
+                        for user in &revoke {
+                            out.push_local(
+                                shard,
+                                LocalMsg::Revoke { conversation: conv.clone(), user: user.clone() },
+                            );
+                        }
+                    }
+                    if let Some(p) =
+                        pending.and_then(|key| c.pending.remove(&key).map(|p| (key, p)))
+                    {
+                        let (key, p) = p;
+                        for (i, (to, request_id)) in p.waiters.into_iter().enumerate() {
+                            out.to_session(
+                                to,
+                                ack_frame(request_id, &conv, p.seq, p.timestamp_ms, &key.1, i > 0),
+                                true,
+                            );
+                        }
+                    }
+                    let durable = c.durable_seq;
+                    c.waiting.retain(|(s, to, frame)| {
+                        if *s <= durable {
+                            out.to_session(*to, frame.clone(), true);
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                }
+                Effect::Feed { user, mut event } => {
+                    event.user_seq = seqs.next().unwrap_or(0);
+                    let conversation: Arc<str> = Arc::from(event.conversation_id.as_str());
+                    let added = event.kind == FeedEventKind::Added as i32;
+                    let frame =
+                        encode_frame(&ServerFrame::push(server_frame::Kind::FeedEvent(event)));
+                    out.home.push((
+                        user.clone(),
+                        HomeMsg::UserEvent {
+                            user,
+                            event: Arc::new(UserEvent { frame, conversation, added }),
+                        },
+                    ));
+                }
+            }
+        }
+    }
+
+    /// After a storage failure: answer everything waiting with `unavailable`.
+    fn fail_all(&mut self, out: &mut Outgoing) {
+        self.poisoned = true;
+        let err =
+            |rid| encode_frame(&ServerFrame::error(rid, ErrorCode::Unavailable, "storage failed"));
+        for c in self.convs.values_mut() {
+            for (_, p) in c.pending.drain() {
+                for (to, rid) in p.waiters {
+                    out.to_session(to, err(rid), true);
+                }
+            }
+            for (_, to, frame) in c.waiting.drain(..) {
+                let rid = ServerFrame::decode(frame.slice(4..)).map_or(0, |f| f.request_id);
+                out.to_session(to, err(rid), true);
+            }
+        }
+        self.inflight.clear();
+        self.open = OpenBatch::default();
+    }
+}

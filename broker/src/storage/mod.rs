@@ -1,0 +1,526 @@
+//! Storage: one fjall `Database` with one keyspace per kind of record (see [`keys`]).
+//!
+//! Writes go only through the storage-writer thread ([`writer`]), which group-commits and
+//! fsyncs according to the durability mode, then publishes a *durable snapshot*. All reads
+//! made on behalf of clients ([`Reader`]) use that snapshot, so no client ever reads an entry
+//! that a crash could still take back. Partition owners read the live database
+//! ([`Storage::load_conversation`], [`Storage::dedupe`]) because they are the only writers of
+//! their conversations and also know what is still in flight.
+//!
+//! Storage knows nothing of sessions or shards.
+
+pub mod keys;
+pub mod writer;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, Readable, Snapshot};
+use prost::Message as _;
+
+use crate::config::{Durability, StorageConfig};
+
+pub use writer::{CommitSink, Committed, WriteBatch, WriteOp, WriterHandle};
+
+/// On-disk record types generated from `proto/storage.proto`.
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod records {
+    include!(concat!(env!("OUT_DIR"), "/switchboard.storage.v1.rs"));
+}
+
+pub use records::{StoredConversation, StoredEntry, StoredMember};
+
+/// The storage layout version written to `meta/format_version`.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// A storage failure. Write failures are fatal: the writer poisons the store and the broker
+/// stops, never retrying an fsync.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    /// fjall reported an error.
+    #[error("storage engine error: {0}")]
+    Engine(Arc<fjall::Error>),
+    /// A stored record does not decode.
+    #[error("corrupt record in {keyspace}: {message}")]
+    Corrupt {
+        /// Which keyspace.
+        keyspace: &'static str,
+        /// What failed.
+        message: String,
+    },
+    /// An earlier write failed; the store accepts no more writes.
+    #[error("storage is poisoned by an earlier write failure")]
+    Poisoned,
+    /// The data directory was written by an incompatible version.
+    #[error("data directory has format version {found}, this broker supports {FORMAT_VERSION}")]
+    FormatVersion {
+        /// The version found on disk.
+        found: u64,
+    },
+}
+
+impl From<fjall::Error> for StorageError {
+    fn from(e: fjall::Error) -> Self {
+        Self::Engine(Arc::new(e))
+    }
+}
+
+/// Result alias for storage operations.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+fn corrupt(keyspace: &'static str, e: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt { keyspace, message: e.to_string() }
+}
+
+/// Identifies a keyspace in a [`WriteOp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Ks {
+    Messages,
+    Dedupe,
+    Conversations,
+    Members,
+    Memberships,
+    Feeds,
+    Users,
+    Meta,
+}
+
+/// Handles to every keyspace.
+#[derive(Clone)]
+#[allow(missing_docs)]
+pub struct Keyspaces {
+    pub messages: Keyspace,
+    pub dedupe: Keyspace,
+    pub conversations: Keyspace,
+    pub members: Keyspace,
+    pub memberships: Keyspace,
+    pub feeds: Keyspace,
+    pub users: Keyspace,
+    pub meta: Keyspace,
+}
+
+impl Keyspaces {
+    fn get(&self, ks: Ks) -> &Keyspace {
+        match ks {
+            Ks::Messages => &self.messages,
+            Ks::Dedupe => &self.dedupe,
+            Ks::Conversations => &self.conversations,
+            Ks::Members => &self.members,
+            Ks::Memberships => &self.memberships,
+            Ks::Feeds => &self.feeds,
+            Ks::Users => &self.users,
+            Ks::Meta => &self.meta,
+        }
+    }
+}
+
+/// The open store, shared by the writer thread and every shard.
+pub struct Storage {
+    db: Database,
+    ks: Keyspaces,
+    durability: Durability,
+    /// The newest snapshot that holds only acknowledged-safe data.
+    durable: RwLock<Snapshot>,
+    /// Number of the last commit round covered by the durability mode's guarantee.
+    durable_commit: AtomicU64,
+    poisoned: AtomicBool,
+    fatal: tokio::sync::Notify,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage").field("durability", &self.durability).finish_non_exhaustive()
+    }
+}
+
+/// What an owner needs to take over a conversation.
+#[derive(Debug)]
+pub struct LoadedConversation {
+    /// The conversation row.
+    pub record: StoredConversation,
+    /// Current members.
+    pub members: Vec<(String, StoredMember)>,
+    /// The newest entry: (seq, timestamp, ordinal); `None` if the log is empty.
+    pub head: Option<(u64, u64, u64)>,
+}
+
+impl Storage {
+    /// Opens (or creates) the database in `cfg.data_dir` and checks its format version.
+    ///
+    /// # Errors
+    /// When the database cannot be opened or has an unsupported format.
+    pub fn open(cfg: &StorageConfig) -> Result<Arc<Self>> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| StorageError::from(fjall::Error::from(e)))?;
+        let db = Database::builder(cfg.data_dir.join("db"))
+            .manual_journal_persist(true)
+            .cache_size(cfg.cache_mb << 20)
+            .open()?;
+        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let ks = Keyspaces {
+            messages: open("messages")?,
+            dedupe: open("dedupe")?,
+            conversations: open("conversations")?,
+            members: open("members")?,
+            memberships: open("memberships")?,
+            feeds: open("feeds")?,
+            users: open("users")?,
+            meta: open("meta")?,
+        };
+        match ks.meta.get("format_version")? {
+            None => {
+                ks.meta.insert("format_version", FORMAT_VERSION.to_be_bytes().to_vec())?;
+                db.persist(fjall::PersistMode::SyncAll)?;
+            }
+            Some(v) => {
+                let found =
+                    keys::trailing_u64(&v).ok_or_else(|| corrupt("meta", "format_version"))?;
+                if found != FORMAT_VERSION {
+                    return Err(StorageError::FormatVersion { found });
+                }
+            }
+        }
+        let durable = RwLock::new(db.snapshot());
+        Ok(Arc::new(Self {
+            db,
+            ks,
+            durability: cfg.durability,
+            durable,
+            durable_commit: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
+            fatal: tokio::sync::Notify::new(),
+        }))
+    }
+
+    /// The configured durability mode.
+    #[must_use]
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// The last commit round that the durability guarantee covers (fsynced in `sync` mode).
+    #[must_use]
+    pub fn durable_watermark(&self) -> u64 {
+        self.durable_commit.load(Ordering::Acquire)
+    }
+
+    /// Whether a write failure stopped the store.
+    #[must_use]
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a fatal write failure happened.
+    pub async fn fatal(&self) {
+        if self.is_poisoned() {
+            return;
+        }
+        self.fatal.notified().await;
+    }
+
+    fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+        self.fatal.notify_waiters();
+    }
+
+    /// A reader over the latest durable snapshot.
+    #[must_use]
+    pub fn reader(self: &Arc<Self>) -> Reader {
+        let snap = self.durable.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        Reader { snap, ks: self.ks.clone() }
+    }
+
+    fn publish_snapshot(&self) {
+        let snap = self.db.snapshot();
+        *self.durable.write().unwrap_or_else(std::sync::PoisonError::into_inner) = snap;
+    }
+
+    /// Loads a conversation's state from the live database (owner use only).
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn load_conversation(
+        &self,
+        partition: u16,
+        conversation: &str,
+    ) -> Result<Option<LoadedConversation>> {
+        let Some(raw) = self.ks.conversations.get(keys::conversation_key(conversation))? else {
+            return Ok(None);
+        };
+        let record = StoredConversation::decode(&*raw).map_err(|e| corrupt("conversations", e))?;
+        let prefix = keys::member_prefix(conversation);
+        let mut members = Vec::new();
+        for kv in self.ks.members.prefix(&prefix) {
+            let (k, v) = kv.into_inner()?;
+            let user = keys::suffix_str(&k, &prefix).ok_or_else(|| corrupt("members", "key"))?;
+            let m = StoredMember::decode(&*v).map_err(|e| corrupt("members", e))?;
+            members.push((user.to_owned(), m));
+        }
+        let head = match self
+            .ks
+            .messages
+            .prefix(keys::message_prefix(partition, conversation))
+            .next_back()
+        {
+            None => None,
+            Some(kv) => {
+                let (k, v) = kv.into_inner()?;
+                let seq = keys::trailing_u64(&k).ok_or_else(|| corrupt("messages", "key"))?;
+                let entry = StoredEntry::decode(&*v).map_err(|e| corrupt("messages", e))?;
+                let msg = switchboard_protocol::Message::decode(entry.message)
+                    .map_err(|e| corrupt("messages", e))?;
+                Some((seq, msg.timestamp_ms, entry.ordinal))
+            }
+        };
+        Ok(Some(LoadedConversation { record, members, head }))
+    }
+
+    /// Looks up an idempotency key in the live database: `(seq, timestamp_ms)`.
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn dedupe(
+        &self,
+        conversation: &str,
+        sender: &str,
+        client_msg_id: &str,
+    ) -> Result<Option<(u64, u64)>> {
+        let Some(v) = self.ks.dedupe.get(keys::dedupe_key(conversation, sender, client_msg_id))?
+        else {
+            return Ok(None);
+        };
+        decode_dedupe(&v).map(Some)
+    }
+}
+
+/// Value of a `dedupe` row: seq and timestamp, both u64 BE.
+#[must_use]
+pub fn encode_dedupe(seq: u64, timestamp_ms: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(&timestamp_ms.to_be_bytes());
+    v
+}
+
+fn decode_dedupe(v: &[u8]) -> Result<(u64, u64)> {
+    let seq = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    let ts = v.get(8..16).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+    seq.zip(ts).ok_or_else(|| corrupt("dedupe", "short value"))
+}
+
+/// Read access to the latest durable snapshot. Blocking: call from `spawn_blocking`.
+pub struct Reader {
+    snap: Snapshot,
+    ks: Keyspaces,
+}
+
+impl Reader {
+    /// A conversation row.
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn conversation(&self, conversation: &str) -> Result<Option<StoredConversation>> {
+        self.snap
+            .get(&self.ks.conversations, keys::conversation_key(conversation))?
+            .map(|v| StoredConversation::decode(&*v).map_err(|e| corrupt("conversations", e)))
+            .transpose()
+    }
+
+    /// One member row.
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn member(&self, conversation: &str, user: &str) -> Result<Option<StoredMember>> {
+        self.snap
+            .get(&self.ks.members, keys::member_key(conversation, user))?
+            .map(|v| StoredMember::decode(&*v).map_err(|e| corrupt("members", e)))
+            .transpose()
+    }
+
+    /// Members with user id > `after`, at most `limit`, ascending.
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn members(
+        &self,
+        conversation: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, StoredMember)>> {
+        let prefix = keys::member_prefix(conversation);
+        let mut out = Vec::new();
+        for kv in self.snap.range(&self.ks.members, after_key(&prefix, after)..prefix_end(&prefix))
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv.into_inner()?;
+            let user = keys::suffix_str(&k, &prefix).ok_or_else(|| corrupt("members", "key"))?;
+            out.push((
+                user.to_owned(),
+                StoredMember::decode(&*v).map_err(|e| corrupt("members", e))?,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Conversation ids of `user` with id > `after`, at most `limit`, ascending.
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn memberships(&self, user: &str, after: &str, limit: usize) -> Result<Vec<String>> {
+        let prefix = keys::membership_prefix(user);
+        let mut out = Vec::new();
+        for kv in
+            self.snap.range(&self.ks.memberships, after_key(&prefix, after)..prefix_end(&prefix))
+        {
+            if out.len() >= limit {
+                break;
+            }
+            let k = kv.key()?;
+            let conv =
+                keys::suffix_str(&k, &prefix).ok_or_else(|| corrupt("memberships", "key"))?;
+            out.push(conv.to_owned());
+        }
+        Ok(out)
+    }
+
+    /// The newest entry of a conversation: (seq, entry).
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn head(&self, partition: u16, conversation: &str) -> Result<Option<(u64, StoredEntry)>> {
+        match self
+            .snap
+            .prefix(&self.ks.messages, keys::message_prefix(partition, conversation))
+            .next_back()
+        {
+            None => Ok(None),
+            Some(kv) => {
+                let (k, v) = kv.into_inner()?;
+                let seq = keys::trailing_u64(&k).ok_or_else(|| corrupt("messages", "key"))?;
+                Ok(Some((seq, StoredEntry::decode(&*v).map_err(|e| corrupt("messages", e))?)))
+            }
+        }
+    }
+
+    /// One entry by seq.
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn entry(
+        &self,
+        partition: u16,
+        conversation: &str,
+        seq: u64,
+    ) -> Result<Option<StoredEntry>> {
+        self.snap
+            .get(&self.ks.messages, keys::message_key(partition, conversation, seq))?
+            .map(|v| StoredEntry::decode(&*v).map_err(|e| corrupt("messages", e)))
+            .transpose()
+    }
+
+    /// Entries with `from <= seq < to`, ascending, or descending when `reverse`.
+    pub fn entries(
+        &self,
+        partition: u16,
+        conversation: &str,
+        from: u64,
+        to: u64,
+        reverse: bool,
+    ) -> impl Iterator<Item = Result<(u64, StoredEntry)>> + use<> {
+        let lo = keys::message_key(partition, conversation, from);
+        let hi = keys::message_key(partition, conversation, to);
+        let iter = self.snap.range(&self.ks.messages, lo..hi);
+        let iter: Box<dyn Iterator<Item = fjall::Guard>> =
+            if reverse { Box::new(iter.rev()) } else { Box::new(iter) };
+        iter.map(|kv| {
+            let (k, v) = kv.into_inner()?;
+            let seq = keys::trailing_u64(&k).ok_or_else(|| corrupt("messages", "key"))?;
+            Ok((seq, StoredEntry::decode(&*v).map_err(|e| corrupt("messages", e))?))
+        })
+    }
+
+    /// Feed events of `user` with user_seq > `after`, at most `limit`, ascending.
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn feed(
+        &self,
+        user: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<switchboard_protocol::FeedEvent>> {
+        let lo = keys::feed_key(user, after.saturating_add(1));
+        let hi = prefix_end(&keys::feed_prefix(user));
+        let mut out = Vec::new();
+        for kv in self.snap.range(&self.ks.feeds, lo..hi).take(limit) {
+            let v = kv.value()?;
+            out.push(
+                switchboard_protocol::FeedEvent::decode(&*v).map_err(|e| corrupt("feeds", e))?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// The newest user_seq of `user`'s feed (0 when empty).
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn feed_head(&self, user: &str) -> Result<u64> {
+        match self.snap.prefix(&self.ks.feeds, keys::feed_prefix(user)).next_back() {
+            None => Ok(0),
+            Some(kv) => keys::trailing_u64(&kv.key()?).ok_or_else(|| corrupt("feeds", "key")),
+        }
+    }
+}
+
+/// The smallest key strictly greater than every key `prefix ‖ after` … i.e. the start of the
+/// range of keys after the id `after` (or the prefix itself when `after` is empty).
+fn after_key(prefix: &[u8], after: &str) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    if !after.is_empty() {
+        k.extend_from_slice(after.as_bytes());
+        k.push(0);
+    }
+    k
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut k = prefix.to_vec();
+    while let Some(last) = k.pop() {
+        if last < u8::MAX {
+            k.push(last + 1);
+            return k;
+        }
+    }
+    vec![u8::MAX; prefix.len() + 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_prefix_end_should_bound_all_keys_with_prefix() {
+        assert_eq!(prefix_end(&[1, 2]), vec![1, 3]);
+        assert_eq!(prefix_end(&[1, 255]), vec![2]);
+        assert!(
+            keys::member_key("c", "zzz").as_slice()
+                < prefix_end(&keys::member_prefix("c")).as_slice()
+        );
+    }
+
+    #[test]
+    fn given_after_key_should_skip_exactly_the_given_id() {
+        let p = keys::member_prefix("c");
+        let k_bob = keys::member_key("c", "bob");
+        let k_bobby = keys::member_key("c", "bobby");
+        let start = after_key(&p, "bob");
+        assert!(k_bob < start);
+        assert!(k_bobby > start);
+    }
+}

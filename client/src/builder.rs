@@ -1,0 +1,229 @@
+//! [`ClientBuilder`]: connection options and the first connect.
+
+use std::future::Future;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use switchboard_protocol::{DEFAULT_MAX_FRAME_BYTES, SyncPosition};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::driver::Driver;
+use crate::error::{BoxError, Error, Result};
+use crate::handshake::{self, ConnectError};
+use crate::state::{DEFAULT_BUFFER_LIMIT, SyncState};
+use crate::{Client, EventStream, ReconnectPolicy};
+
+/// A byte stream the client can speak the protocol over.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + std::marker::Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + std::marker::Send + Unpin> Transport for T {}
+
+/// A boxed transport.
+pub(crate) type BoxTransport = Box<dyn Transport>;
+
+/// Opens a new transport for every connection attempt.
+pub(crate) type Connector =
+    Arc<dyn Fn() -> BoxFuture<'static, io::Result<BoxTransport>> + std::marker::Send + Sync>;
+
+/// Produces the token for every connection attempt.
+pub(crate) type TokenProvider =
+    Arc<dyn Fn() -> BoxFuture<'static, Result<String, BoxError>> + std::marker::Send + Sync>;
+
+/// Where Hello's token comes from.
+#[derive(Clone)]
+pub(crate) enum TokenSource {
+    /// The same token every time: a rejection on reconnect is permanent.
+    Static(String),
+    /// Asked before every attempt: a rejection is retried with a fresh token.
+    Provider(TokenProvider),
+}
+
+impl TokenSource {
+    pub(crate) async fn token(&self) -> Result<String> {
+        match self {
+            TokenSource::Static(t) => Ok(t.clone()),
+            TokenSource::Provider(p) => p().await.map_err(Error::TokenProvider),
+        }
+    }
+}
+
+/// Immutable settings shared by the driver and every connection attempt.
+pub(crate) struct Config {
+    pub(crate) connector: Connector,
+    pub(crate) token: TokenSource,
+    pub(crate) reconnect: ReconnectPolicy,
+    pub(crate) client_name: String,
+    pub(crate) max_frame_bytes: usize,
+    pub(crate) connect_timeout: Duration,
+}
+
+/// Options for a [`Client`]; start with [`Client::builder`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), switchboard_client::Error> {
+/// use switchboard_client::Client;
+/// let (client, mut events) = Client::builder("127.0.0.1:7400").token("jwt").connect().await?;
+/// while let Some(event) = events.next().await {
+///     println!("{event:?}");
+/// }
+/// # Ok(()) }
+/// ```
+#[must_use]
+pub struct ClientBuilder {
+    addr: String,
+    token: TokenSource,
+    resume: SyncPosition,
+    reconnect: ReconnectPolicy,
+    client_name: String,
+    max_frame_bytes: usize,
+    connect_timeout: Duration,
+    connector: Option<Connector>,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("addr", &self.addr)
+            .field("resume", &self.resume)
+            .field("reconnect", &self.reconnect)
+            .field("client_name", &self.client_name)
+            .field("max_frame_bytes", &self.max_frame_bytes)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    pub(crate) fn new(addr: String) -> Self {
+        Self {
+            addr,
+            token: TokenSource::Static(String::new()),
+            resume: SyncPosition::default(),
+            reconnect: ReconnectPolicy::default(),
+            client_name: format!("switchboard-rs/{}", env!("CARGO_PKG_VERSION")),
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            connect_timeout: Duration::from_secs(10),
+            connector: None,
+        }
+    }
+
+    /// A static token (a JWT whose `sub` is the user id). If the broker rejects it on a
+    /// reconnect, the client stops with [`Event::Closed`](crate::Event::Closed).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = TokenSource::Static(token.into());
+        self
+    }
+
+    /// An async callback asked for a fresh token before every connection attempt, for
+    /// long-lived services whose tokens expire. A rejected token is then not permanent: the
+    /// client backs off and asks again. Replaces [`token`](Self::token).
+    pub fn token_provider<F, Fut, E>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + std::marker::Send + Sync + 'static,
+        Fut: Future<Output = Result<String, E>> + std::marker::Send + 'static,
+        E: Into<BoxError>,
+    {
+        let provider: TokenProvider =
+            Arc::new(move || provider().map(|r| r.map_err(Into::into)).boxed());
+        self.token = TokenSource::Provider(provider);
+        self
+    }
+
+    /// Resume from a position saved from [`Client::position`] earlier: only what happened
+    /// after it is delivered. Without it the client starts from scratch and receives every
+    /// conversation's readable log.
+    pub fn resume_from(mut self, position: SyncPosition) -> Self {
+        self.resume = position;
+        self
+    }
+
+    /// The reconnect policy (default: reconnect with 200 ms .. 30 s full-jitter backoff).
+    pub fn reconnect(mut self, policy: ReconnectPolicy) -> Self {
+        self.reconnect = policy;
+        self
+    }
+
+    /// The client name sent in Hello (default `switchboard-rs/<version>`).
+    pub fn client_name(mut self, name: impl Into<String>) -> Self {
+        self.client_name = name.into();
+        self
+    }
+
+    /// The largest frame accepted from the broker, in bytes (default 1 MiB).
+    pub fn max_frame_bytes(mut self, max: usize) -> Self {
+        self.max_frame_bytes = max;
+        self
+    }
+
+    /// How long one attempt (token provider, connect and handshake) may take (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Opens connections with `connect` instead of TCP to the builder's address: for TLS,
+    /// proxies, Unix sockets or in-memory tests. Called once per connection attempt.
+    pub fn connector<F, Fut, S>(mut self, connect: F) -> Self
+    where
+        F: Fn() -> Fut + std::marker::Send + Sync + 'static,
+        Fut: Future<Output = io::Result<S>> + std::marker::Send + 'static,
+        S: AsyncRead + AsyncWrite + std::marker::Send + Unpin + 'static,
+    {
+        let connector: Connector =
+            Arc::new(move || connect().map(|r| r.map(|s| Box::new(s) as BoxTransport)).boxed());
+        self.connector = Some(connector);
+        self
+    }
+
+    /// Connects and authenticates, then hands the connection to a background task that keeps
+    /// it alive, syncs and reconnects.
+    ///
+    /// Must be called within a Tokio runtime.
+    ///
+    /// # Errors
+    /// Any failure of this first attempt (no retry): [`Error::Io`], [`Error::Timeout`],
+    /// [`Error::Server`] (e.g. `UNAUTHENTICATED`), [`Error::Protocol`],
+    /// [`Error::TokenProvider`].
+    pub async fn connect(self) -> Result<(Client, EventStream)> {
+        let connector = self.connector.unwrap_or_else(|| tcp_connector(self.addr));
+        let cfg = Arc::new(Config {
+            connector,
+            token: self.token,
+            reconnect: self.reconnect,
+            client_name: self.client_name,
+            max_frame_bytes: self.max_frame_bytes,
+            connect_timeout: self.connect_timeout,
+        });
+        let hello_id = 1;
+        let session = handshake::establish(Arc::clone(&cfg), self.resume.clone(), hello_id, None)
+            .await
+            .map_err(|e| match e {
+                ConnectError::Permanent(e) | ConnectError::Transient { error: e, .. } => e,
+            })?;
+        let user_id = session.welcome.user_id.clone();
+        let state = Arc::new(Mutex::new(SyncState::new(self.resume, DEFAULT_BUFFER_LIMIT)));
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (event_tx, event_rx) = mpsc::unbounded_channel();
+        let driver =
+            Driver::new(cfg, cmd_rx, event_tx, Arc::clone(&state), user_id.clone(), hello_id + 1);
+        tokio::spawn(driver.run(session));
+        Ok((Client::new(cmd_tx, state, user_id), EventStream::new(event_rx)))
+    }
+}
+
+fn tcp_connector(addr: String) -> Connector {
+    let addr: Arc<str> = addr.into();
+    Arc::new(move || {
+        let addr = Arc::clone(&addr);
+        async move {
+            let stream = TcpStream::connect(&*addr).await?;
+            stream.set_nodelay(true)?;
+            Ok(Box::new(stream) as BoxTransport)
+        }
+        .boxed()
+    })
+}

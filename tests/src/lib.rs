@@ -1,0 +1,477 @@
+//! # End-to-end test harness
+//!
+//! [`Broker`] starts a real broker process (`switchboard-test-broker`, the library's command
+//! line) on `127.0.0.1:0` with its own data directory, reads the JSON ready line for the bound
+//! address, and kills it on drop. At most two brokers run at once per test process, so the
+//! suite stays stable on a 2-core machine. The broker's log is kept in the temp directory and
+//! printed when a test panics.
+//!
+//! [`RawConn`] speaks the wire protocol frame by frame, for tests of exact protocol behaviour;
+//! the Rust client ([`Broker::client`]) is used where a real application would use it.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use switchboard_client::{Client, Event, EventStream, Message, ReconnectPolicy};
+use switchboard_protocol::{
+    ClientCodec, ClientFrame, ServerFrame, Welcome, client_frame, server_frame,
+};
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+/// The HS256 secret every test broker uses.
+pub const SECRET: &str = "switchboard-test-secret-0123456789";
+
+/// How long tests wait for something that should happen promptly.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+static RUNNING: Mutex<usize> = Mutex::new(0);
+static FREED: Condvar = Condvar::new();
+const MAX_BROKERS: usize = 2;
+
+struct Permit;
+
+impl Permit {
+    fn acquire() -> Self {
+        let mut n = RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *n >= MAX_BROKERS {
+            n = FREED.wait(n).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *n += 1;
+        Self
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut n = RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *n -= 1;
+        FREED.notify_one();
+    }
+}
+
+/// How to start a broker.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `--shards` (3 by default, so cross-shard paths run).
+    pub shards: usize,
+    /// `--durability` (`buffered` unless durability is under test).
+    pub durability: String,
+    /// More flags.
+    pub args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { shards: 3, durability: "buffered".into(), args: Vec::new() }
+    }
+}
+
+impl Options {
+    /// Default options plus extra flags.
+    #[must_use]
+    pub fn with_args(args: &[&str]) -> Self {
+        Self { args: args.iter().map(ToString::to_string).collect(), ..Self::default() }
+    }
+}
+
+/// A broker process under test.
+pub struct Broker {
+    child: Option<Child>,
+    /// The binary protocol address.
+    pub addr: SocketAddr,
+    dir: tempfile::TempDir,
+    opts: Options,
+    starts: usize,
+    _permit: Permit,
+}
+
+impl Broker {
+    /// Starts a broker with default options.
+    #[must_use]
+    pub fn start() -> Self {
+        Self::start_with(Options::default())
+    }
+
+    /// Starts a broker.
+    ///
+    /// # Panics
+    /// When the broker does not come up.
+    #[must_use]
+    pub fn start_with(opts: Options) -> Self {
+        let permit = Permit::acquire();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut b = Self {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            dir,
+            opts,
+            starts: 0,
+            _permit: permit,
+        };
+        b.spawn();
+        b
+    }
+
+    /// The data directory (kept across restarts).
+    #[must_use]
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self, n: usize) -> PathBuf {
+        self.dir.path().join(format!("broker-{n}.log"))
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = std::fs::File::create(self.log_path(self.starts)).expect("log file");
+        let mut cmd = Command::new(broker_bin());
+        cmd.arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--shards")
+            .arg(self.opts.shards.to_string())
+            .arg("--durability")
+            .arg(&self.opts.durability)
+            .arg("--jwt-secret")
+            .arg(SECRET)
+            .args(&self.opts.args)
+            .env(
+                "SWITCHBOARD_LOG",
+                std::env::var("SB_TEST_LOG")
+                    .unwrap_or_else(|_| "info,lsm_tree=warn,fjall=warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log));
+        let mut child = cmd.spawn().expect("spawn broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reader = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the broker never blocks on a full pipe.
+            let _ = std::io::copy(&mut reader, &mut std::io::sink());
+        });
+        let line = rx.recv_timeout(WAIT).unwrap_or_default();
+        let ready: serde_json::Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("broker did not print a ready line: {line:?}\n{}", self.log_tail());
+            }
+        };
+        assert_eq!(ready["event"], "ready");
+        self.addr = ready["tcp"].as_str().and_then(|s| s.parse().ok()).expect("tcp address");
+        self.child = Some(child);
+    }
+
+    /// The broker's process id.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// SIGKILL, then wait.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    ///
+    /// # Panics
+    /// When the broker does not exit within [`WAIT`].
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("running broker");
+        signal(c.id(), libc::SIGTERM);
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "broker ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the broker again on the same address and data directory (after `kill` or
+    /// `terminate`; kills it first if it is still running).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Everything the broker logged in its current run.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path(self.starts)).unwrap_or_default()
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    /// A valid token for `user`.
+    #[must_use]
+    pub fn token(&self, user: &str) -> String {
+        token(user, Duration::from_secs(3600))
+    }
+
+    /// A connected Rust client for `user` (reconnects quickly, for tests).
+    ///
+    /// # Panics
+    /// When the connection fails.
+    pub async fn client(&self, user: &str) -> (Client, EventStream) {
+        self.client_builder(user).connect().await.expect("client connects")
+    }
+
+    /// A client builder for `user` pointed at this broker.
+    pub fn client_builder(&self, user: &str) -> switchboard_client::ClientBuilder {
+        Client::builder(self.addr.to_string()).token(self.token(user)).reconnect(ReconnectPolicy {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(300),
+            ..ReconnectPolicy::default()
+        })
+    }
+
+    /// A raw protocol connection.
+    pub async fn raw(&self) -> RawConn {
+        RawConn::connect(self.addr).await
+    }
+
+    /// A raw connection that has completed the handshake as `user`.
+    pub async fn raw_as(&self, user: &str) -> (RawConn, Welcome) {
+        let mut c = self.raw().await;
+        let w = c.hello(&self.token(user)).await;
+        (c, w)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- broker log (last lines) ----\n{}\n----", self.log_tail());
+        }
+        self.kill();
+    }
+}
+
+/// The broker binary: `$SB_BROKER_BIN`, or `switchboard-test-broker` next to the test
+/// executable's `deps/` directory (cargo builds it for this package's integration tests).
+fn broker_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("SB_BROKER_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    dir.join("switchboard-test-broker")
+}
+
+fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).expect("pid");
+    // SAFETY-free alternative: the `kill` command.
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+/// A token for `user` signed with [`SECRET`], valid for `ttl`.
+#[must_use]
+pub fn token(user: &str, ttl: Duration) -> String {
+    switchboard_broker::auth::mint(SECRET.as_bytes(), user, ttl).expect("mint")
+}
+
+/// A raw frame-level connection.
+pub struct RawConn {
+    framed: Framed<TcpStream, ClientCodec>,
+    next_id: u64,
+    /// Pushes received while waiting for replies.
+    pub pushes: Vec<ServerFrame>,
+}
+
+impl RawConn {
+    /// Connects.
+    ///
+    /// # Panics
+    /// When the connection fails.
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Self {
+            framed: Framed::new(stream, ClientCodec::new(16 << 20)),
+            next_id: 1,
+            pushes: Vec::new(),
+        }
+    }
+
+    /// Sends a frame.
+    ///
+    /// # Panics
+    /// When the write fails.
+    pub async fn send(&mut self, frame: ClientFrame) {
+        self.framed.send(frame).await.expect("send frame");
+    }
+
+    /// Writes raw bytes, bypassing the codec.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.framed.get_mut().write_all(bytes).await
+    }
+
+    /// The next frame, `None` on a clean close.
+    ///
+    /// # Panics
+    /// When nothing arrives within [`WAIT`] or the stream is broken.
+    pub async fn recv(&mut self) -> Option<ServerFrame> {
+        match tokio::time::timeout(WAIT, self.framed.next()).await {
+            Ok(Some(Ok(f))) => Some(f),
+            Ok(Some(Err(e))) => panic!("bad frame from broker: {e}"),
+            Ok(None) => None,
+            Err(_) => panic!("no frame from broker within {WAIT:?}"),
+        }
+    }
+
+    /// A fresh request id.
+    pub fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Sends a request and returns its reply, keeping pushes that arrive meanwhile.
+    ///
+    /// # Panics
+    /// When the connection closes first.
+    pub async fn request(&mut self, kind: client_frame::Kind) -> server_frame::Kind {
+        let id = self.next_id();
+        self.send(ClientFrame::request(id, kind)).await;
+        self.reply_to(id).await
+    }
+
+    /// Waits for the reply to request `id`.
+    ///
+    /// # Panics
+    /// When the connection closes first.
+    pub async fn reply_to(&mut self, id: u64) -> server_frame::Kind {
+        loop {
+            let f = self.recv().await.expect("connection closed before the reply");
+            if f.request_id == id {
+                return f.kind.expect("reply has a kind");
+            }
+            assert_eq!(f.request_id, 0, "reply to an unexpected request: {f:?}");
+            self.pushes.push(f);
+        }
+    }
+
+    /// Sends `Hello` and returns the `Welcome`.
+    ///
+    /// # Panics
+    /// When the handshake fails.
+    pub async fn hello(&mut self, token: &str) -> Welcome {
+        match self.request(hello(token)).await {
+            server_frame::Kind::Welcome(w) => w,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Reads until the broker closes; returns every frame received.
+    pub async fn until_closed(&mut self) -> Vec<ServerFrame> {
+        let mut frames = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, self.framed.next()).await {
+                Ok(Some(Ok(f))) => frames.push(f),
+                Ok(Some(Err(_)) | None) => return frames,
+                Err(_) => panic!("broker did not close within {WAIT:?}; got {frames:?}"),
+            }
+        }
+    }
+
+    /// The next pushed `Message`, from the buffer or the wire.
+    ///
+    /// # Panics
+    /// When the connection closes first.
+    pub async fn next_message(&mut self) -> Message {
+        loop {
+            let f = if self.pushes.is_empty() {
+                self.recv().await.expect("connection closed")
+            } else {
+                self.pushes.remove(0)
+            };
+            if let Some(server_frame::Kind::Message(m)) = f.kind {
+                return m;
+            }
+        }
+    }
+}
+
+/// A `Hello` for `token`.
+#[must_use]
+pub fn hello(token: &str) -> client_frame::Kind {
+    client_frame::Kind::Hello(switchboard_protocol::Hello {
+        protocol_version: switchboard_protocol::PROTOCOL_VERSION,
+        token: token.into(),
+        resume: None,
+        client: "switchboard-tests".into(),
+    })
+}
+
+/// Collects `Message` events of `conversation` until `n` have arrived.
+///
+/// # Panics
+/// When they do not arrive within [`WAIT`].
+pub async fn messages(events: &mut EventStream, conversation: &str, n: usize) -> Vec<Message> {
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while out.len() < n {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(Event::Message(m))) if m.conversation_id == conversation => out.push(m),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("event stream ended after {} of {n} messages", out.len()),
+            Err(_) => panic!("only {} of {n} messages arrived in {conversation}", out.len()),
+        }
+    }
+    out
+}
+
+/// Asserts that `seqs` are `first, first+1, …` without gaps or repeats.
+///
+/// # Panics
+/// On a gap or a repeat.
+pub fn assert_gapless(seqs: impl IntoIterator<Item = u64>, first: u64) {
+    for (i, s) in seqs.into_iter().enumerate() {
+        assert_eq!(s, first + i as u64, "entry {i}: expected seq {}, got {s}", first + i as u64);
+    }
+}
+
+/// The text of a message, if it has text content.
+#[must_use]
+pub fn text(m: &Message) -> Option<&str> {
+    m.content.as_ref().and_then(|c| c.as_text())
+}
+
+/// Reads a whole file, for assertions about data files.
+#[must_use]
+pub fn read_all(path: &Path) -> Vec<u8> {
+    let mut v = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_end(&mut v);
+    }
+    v
+}
