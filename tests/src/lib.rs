@@ -329,6 +329,19 @@ impl RawConn {
         self.framed.send(frame).await.expect("send frame");
     }
 
+    /// Sends a frame; `false` when the connection is gone.
+    pub async fn try_send(&mut self, frame: ClientFrame) -> bool {
+        self.framed.send(frame).await.is_ok()
+    }
+
+    /// The next frame; `None` on close, error or [`WAIT`] without a frame.
+    pub async fn try_recv(&mut self) -> Option<ServerFrame> {
+        match tokio::time::timeout(WAIT, self.framed.next()).await {
+            Ok(Some(Ok(f))) => Some(f),
+            _ => None,
+        }
+    }
+
     /// Writes raw bytes, bypassing the codec.
     pub async fn send_bytes(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         use tokio::io::AsyncWriteExt;
