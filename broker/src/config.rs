@@ -364,13 +364,13 @@ impl Config {
                 format!("at most {} shards are supported", crate::shard::MAX_SHARDS),
             ));
         }
-        if !(1024..=16 << 20).contains(&l.max_frame_bytes) {
-            return Err(invalid("limits.max_frame_bytes", "must be between 1024 and 16 MiB"));
+        if !(64 << 10..=16 << 20).contains(&l.max_frame_bytes) {
+            return Err(invalid("limits.max_frame_bytes", "must be between 64 KiB and 16 MiB"));
         }
-        if l.max_body_bytes == 0 || l.max_body_bytes + 4096 > l.max_frame_bytes {
+        if l.max_body_bytes == 0 || l.max_body_bytes + (16 << 10) > l.max_frame_bytes {
             return Err(invalid(
                 "limits.max_body_bytes",
-                "must be at least 1 and 4 KiB below limits.max_frame_bytes",
+                "must be at least 1 and 16 KiB below limits.max_frame_bytes",
             ));
         }
         if l.max_inflight == 0 {

@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use switchboard_protocol::{DEFAULT_MAX_FRAME_BYTES, SyncPosition};
+use switchboard_protocol::SyncPosition;
+
+/// The largest frame limit a broker accepts in its configuration (16 MiB).
+const MAX_FRAME_CEILING: usize = 16 << 20;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -105,7 +108,7 @@ impl ClientBuilder {
             resume: SyncPosition::default(),
             reconnect: ReconnectPolicy::default(),
             client_name: format!("switchboard-rs/{}", env!("CARGO_PKG_VERSION")),
-            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            max_frame_bytes: MAX_FRAME_CEILING,
             connect_timeout: Duration::from_secs(10),
             connector: None,
         }
@@ -153,7 +156,10 @@ impl ClientBuilder {
         self
     }
 
-    /// The largest frame accepted from the broker, in bytes (default 1 MiB).
+    /// The largest frame accepted from the broker, in bytes. The default, 16 MiB, is the
+    /// largest frame limit a broker can be configured with, so replies sized to the broker's
+    /// own limit always decode. Outgoing frames are checked against the broker's announced
+    /// limit.
     pub fn max_frame_bytes(mut self, max: usize) -> Self {
         self.max_frame_bytes = max;
         self

@@ -15,8 +15,8 @@
 //! ```
 //!
 //! A declared `len` above the configured limit is rejected before any buffer grows for it
-//! ([`FrameError::TooLarge`]). On the WebSocket bridge each WebSocket message carries one
-//! protobuf message without the length prefix.
+//! ([`FrameError::TooLarge`]). Message-oriented transports (the planned WebSocket bridge)
+//! carry one protobuf message per transport message, without the length prefix.
 //!
 //! ## Layout
 //! - [`codec`]: the `tokio_util` `Decoder`/`Encoder` and encode-once helpers.

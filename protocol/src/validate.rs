@@ -6,7 +6,7 @@
 //! | conversation id| 1..=140 | user-id characters and `:`          |
 //! | client_msg_id  | 1..=64  | printable ASCII (`!`..=`~`)         |
 //! | group name     | 0..=256 | any UTF-8 without control characters|
-//! | content_type   | 0..=128 | printable ASCII                     |
+//! | content_type   | 0..=128 | printable ASCII and space           |
 //!
 //! A direct conversation's id is `dm:<a>:<b>` with the two user ids sorted; user ids cannot
 //! contain `:`, so the id is unambiguous.

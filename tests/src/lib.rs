@@ -393,6 +393,28 @@ impl RawConn {
         }
     }
 
+    /// Waits for the replies to all of `ids`, in whatever order they come.
+    ///
+    /// # Panics
+    /// When the connection closes first or an unexpected reply arrives.
+    pub async fn replies(
+        &mut self,
+        ids: &[u64],
+    ) -> std::collections::HashMap<u64, server_frame::Kind> {
+        let mut want: std::collections::HashSet<u64> = ids.iter().copied().collect();
+        let mut got = std::collections::HashMap::new();
+        while !want.is_empty() {
+            let f = self.recv().await.expect("connection closed before the replies");
+            if want.remove(&f.request_id) {
+                got.insert(f.request_id, f.kind.expect("reply has a kind"));
+            } else {
+                assert_eq!(f.request_id, 0, "reply to an unexpected request: {f:?}");
+                self.pushes.push(f);
+            }
+        }
+        got
+    }
+
     /// Sends `Hello` and returns the `Welcome`.
     ///
     /// # Panics

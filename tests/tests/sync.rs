@@ -188,3 +188,88 @@ async fn given_resume_in_hello_should_return_the_first_sync_page_in_welcome() {
     assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3, 4]);
     assert!(!page.has_more);
 }
+
+#[tokio::test]
+async fn given_more_feed_events_than_a_page_should_page_them_before_the_messages() {
+    let broker = Broker::start();
+    let (mut alice, _) = broker.raw_as("alice").await;
+    const GROUPS: usize = 1_010;
+    let ids: Vec<u64> = (0..GROUPS).map(|_| alice.next_id()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        alice
+            .send(switchboard_protocol::ClientFrame::request(
+                *id,
+                client_frame::Kind::CreateConversation(switchboard_protocol::CreateConversation {
+                    kind: switchboard_protocol::ConversationKind::Group as i32,
+                    members: vec!["bob".into()],
+                    conversation_id: format!("g:feed-{i:04}"),
+                    ..Default::default()
+                }),
+            ))
+            .await;
+    }
+    for reply in alice.replies(&ids).await.into_values() {
+        assert!(matches!(reply, server_frame::Kind::Conversation(_)), "{reply:?}");
+    }
+    let (mut bob, welcome) = broker.raw_as("bob").await;
+    assert_eq!(welcome.feed_position, GROUPS as u64);
+    let mut position = SyncPosition::default();
+    let mut continuation = bytes::Bytes::new();
+    let (mut events, mut entries, mut pages) = (Vec::new(), HashSet::new(), 0);
+    loop {
+        let page = sync(&mut bob, position.clone(), continuation).await;
+        pages += 1;
+        if pages == 1 {
+            assert_eq!(page.feed_events.len(), 1_000);
+            assert!(page.has_more && page.messages.is_empty());
+        }
+        events.extend(page.feed_events.iter().map(|e| e.user_seq));
+        position.feed_position = page.feed_position;
+        for m in &page.messages {
+            assert!(entries.insert(m.conversation_id.clone()), "{} twice", m.conversation_id);
+            position
+                .cursors
+                .push(Cursor { conversation_id: m.conversation_id.clone(), seq: m.seq });
+        }
+        if !page.has_more {
+            break;
+        }
+        continuation = page.continuation;
+    }
+    assert_gapless(events, 1);
+    assert_eq!(entries.len(), GROUPS);
+    assert!(pages >= 3, "{pages}");
+}
+
+#[tokio::test]
+async fn given_cursor_before_the_first_readable_seq_should_report_a_reset_to_it() {
+    let broker = Broker::start();
+    let (alice, _) = broker.client("alice").await;
+    let group = alice
+        .create_group("g", ["bob"], HistoryVisibility::Joined)
+        .await
+        .expect("create")
+        .conversation_id;
+    alice.send(&group, Content::text("before carol")).await.expect("send");
+    alice.add_members(&group, ["carol"]).await.expect("add");
+    let (mut carol, _) = broker.raw_as("carol").await;
+    let page = sync(
+        &mut carol,
+        SyncPosition {
+            feed_position: 1,
+            cursors: vec![Cursor { conversation_id: group.clone(), seq: 0 }],
+        },
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(page.resets.len(), 1);
+    assert_eq!((page.resets[0].first_seq, page.resets[0].last_seq), (3, 3));
+    assert!(page.messages.is_empty());
+    let page = sync(
+        &mut carol,
+        SyncPosition { feed_position: 1, cursors: vec![Cursor { conversation_id: group, seq: 2 }] },
+        bytes::Bytes::new(),
+    )
+    .await;
+    assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
+}

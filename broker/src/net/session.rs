@@ -153,7 +153,7 @@ impl Session {
         message: &str,
         reason: DisconnectReason,
     ) -> Flow {
-        self.out.push(switchboard_protocol::encode_frame(&ServerFrame::error(
+        self.out.push(switchboard_protocol::encode_frame(&crate::shard::error_frame(
             request_id, code, message,
         )));
         self.close(reason, message);

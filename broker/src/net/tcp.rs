@@ -54,15 +54,23 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
 async fn read_loop(session: &Session, rd: OwnedReadHalf) {
     let mut codec = ServerCodec::new(session.shard.config.limits.max_frame_bytes);
     let mut buf = BytesMut::new();
+    // Deadlines count whole frames, not bytes: a peer trickling bytes cannot hold a
+    // connection open (before Hello, the deadline is absolute).
+    let mut deadline = tokio::time::Instant::now() + session.read_timeout();
     loop {
         // Everything buffered first.
         loop {
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
+                    if session.cancel.is_cancelled() {
+                        session.on_cancel();
+                        return;
+                    }
                     if session.on_frame(frame).await == Flow::Close {
                         return;
                     }
                     session.ready_for_next().await;
+                    deadline = tokio::time::Instant::now() + session.read_timeout();
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -74,13 +82,12 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
         if buf.is_empty() {
             buf = BytesMut::new();
         }
-        let deadline = tokio::time::sleep(session.read_timeout());
         tokio::select! {
             () = session.cancel.cancelled() => {
                 session.on_cancel();
                 return;
             }
-            () = deadline => {
+            () = tokio::time::sleep_until(deadline) => {
                 session.on_read_timeout();
                 return;
             }
@@ -111,6 +118,9 @@ async fn write_loop(mut wr: OwnedWriteHalf, out: Rc<Outbound>) {
         match tokio::time::timeout(WRITE_TIMEOUT, write_all(&mut wr, &batch)).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) | Err(_) => {
+                // The peer stopped reading (or the socket broke): nothing more can reach it,
+                // so the Disconnect queued here is for the record; closing the queue stops the
+                // reader too.
                 out.close_with(switchboard_protocol::ServerFrame::disconnect(
                     switchboard_protocol::DisconnectReason::SlowConsumer,
                     "write timed out",

@@ -70,6 +70,26 @@ pub fn home_shard(user: &str, shards: usize) -> usize {
     s
 }
 
+/// How long a client should wait before retrying after `UNAVAILABLE`.
+pub const UNAVAILABLE_RETRY_MS: u64 = 1_000;
+
+/// An error reply, with the retry hint the broker gives for its code.
+#[must_use]
+pub fn error_frame(
+    request_id: u64,
+    code: switchboard_protocol::ErrorCode,
+    message: impl Into<String>,
+) -> switchboard_protocol::ServerFrame {
+    use switchboard_protocol::{ErrorCode, server_frame::Kind};
+    let mut frame = switchboard_protocol::ServerFrame::error(request_id, code, message);
+    if code == ErrorCode::Unavailable
+        && let Some(Kind::Error(e)) = frame.kind.as_mut()
+    {
+        e.retry_after_ms = UNAVAILABLE_RETRY_MS;
+    }
+    frame
+}
+
 /// A session anywhere in the broker: its shard and its id there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionRef {

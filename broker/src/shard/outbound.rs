@@ -78,15 +78,24 @@ impl Outbound {
     /// Replaces whatever is queued with `frame`, then closes. Used for slow consumers and for
     /// errors after which nothing else should be sent.
     pub fn close_with(&self, frame: ServerFrame) {
+        self.replace_and_close(&[frame]);
+    }
+
+    /// Replaces whatever is queued with `frames`, then closes.
+    pub fn replace_and_close(&self, frames: &[ServerFrame]) {
         if self.state.get() != State::Open {
             return;
         }
         self.held.set(false);
         let mut q = self.queue.borrow_mut();
         q.clear();
-        let bytes = encode_frame(&frame);
-        self.bytes.set(bytes.len());
-        q.push_back(bytes);
+        let mut bytes = 0;
+        for f in frames {
+            let b = encode_frame(f);
+            bytes += b.len();
+            q.push_back(b);
+        }
+        self.bytes.set(bytes);
         self.state.set(State::Closing);
         self.notify.notify_one();
         self.closing.cancel();

@@ -126,7 +126,8 @@ impl Conv {
                 created_at_ms: self.record.created_at_ms,
                 created_by: self.record.created_by.clone(),
                 created,
-                last_seq: self.last_seq,
+                // Only what is durable: replies go out once seq 1 is.
+                last_seq: self.durable_seq.max(1),
                 member_count: u32::try_from(self.members.len()).unwrap_or(u32::MAX),
             }),
         ))
@@ -431,7 +432,7 @@ impl Owner {
                 if let Err(e) = result {
                     out.to_session(
                         from,
-                        encode_frame(&ServerFrame::error(request_id, e.code, e.message)),
+                        encode_frame(&crate::shard::error_frame(request_id, e.code, e.message)),
                         true,
                     );
                 }
@@ -468,7 +469,8 @@ impl Owner {
         let Some(conv) = load(&mut self.convs, &self.storage, &req.conversation_id)? else {
             return Err(OpError::not_found());
         };
-        conv.require_member(user)?;
+        // A repeated key gets its original ack, even if the sender has left since: the key is
+        // the sender's own, so this reveals nothing.
         let key: PendingKey = (user.clone(), req.client_msg_id);
         if let Some(p) = conv.pending.get_mut(&key) {
             p.waiters.push((from, request_id));
@@ -480,6 +482,7 @@ impl Owner {
             out.to_session(from, ack_frame(request_id, &conv.id, seq, ts, &key.1, true), true);
             return Ok(());
         }
+        conv.require_member(user)?;
         let seq = conv.last_seq + 1;
         let ts = conv.next_ts();
         conv.ordinal += 1;
@@ -820,8 +823,9 @@ impl Owner {
     /// After a storage failure: answer everything waiting with `unavailable`.
     fn fail_all(&mut self, out: &mut Outgoing) {
         self.poisoned = true;
-        let err =
-            |rid| encode_frame(&ServerFrame::error(rid, ErrorCode::Unavailable, "storage failed"));
+        let err = |rid| {
+            encode_frame(&crate::shard::error_frame(rid, ErrorCode::Unavailable, "storage failed"))
+        };
         for c in self.convs.values_mut() {
             for (_, p) in c.pending.drain() {
                 for (to, rid) in p.waiters {

@@ -284,6 +284,11 @@ impl Writer {
     /// Applies every batch of the round in one atomic fjall batch. Returns, per batch, the
     /// user_seqs assigned to its feed appends.
     fn write(&mut self, round: &[WriteBatch]) -> Result<Vec<Vec<u64>>, StorageError> {
+        // Bound the cache between rounds only: within a round it also holds appends that are
+        // not committed yet, which a re-read from storage would miss.
+        if self.feed_heads.len() > 1 << 20 {
+            self.feed_heads.clear();
+        }
         let storage = self.storage.clone();
         let ks = &storage.ks;
         let mut fb = storage.db.batch();
@@ -315,9 +320,6 @@ impl Writer {
         if let Some(seq) = self.feed_heads.get_mut(user) {
             *seq += 1;
             return Ok(*seq);
-        }
-        if self.feed_heads.len() > 1 << 20 {
-            self.feed_heads.clear();
         }
         let head = match self.storage.ks.feeds.prefix(keys::feed_prefix(user)).next_back() {
             None => 0,

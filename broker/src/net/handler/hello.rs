@@ -81,6 +81,9 @@ pub async fn handshake(
         return None;
     }
 
+    if !hello.client.is_empty() {
+        tracing::debug!(client = %hello.client.chars().take(64).collect::<String>(), "hello");
+    }
     session.out.hold();
     let id = shard.next_session_id();
     let me = SessionRef { shard: shard.id, id };
@@ -119,7 +122,7 @@ pub async fn handshake(
                     &pos,
                     sync::clamp(0, limits.max_sync_limit),
                     &[],
-                    limits.max_frame_bytes - 2 * super::REPLY_OVERHEAD,
+                    limits.max_frame_bytes.saturating_sub(2 * super::REPLY_OVERHEAD),
                 )?),
                 None => None,
             };
@@ -140,8 +143,11 @@ pub async fn handshake(
         }
         Err(r) => {
             close_session(shard, id);
-            session.out.close_with(ServerFrame::error(request_id, r.code, r.message));
-            session.close(DisconnectReason::ServerError, "handshake failed");
+            // Drop deliveries held during the handshake: the client never got a Welcome.
+            session.out.replace_and_close(&[
+                crate::shard::error_frame(request_id, r.code, &r.message),
+                ServerFrame::disconnect(DisconnectReason::ServerError, "handshake failed", 1_000),
+            ]);
             None
         }
     }
@@ -173,6 +179,7 @@ fn welcome(
             max_group_members: clamp(l.max_group_members),
             max_members_per_request: clamp(l.max_members_per_request),
             max_id_bytes: clamp(validate::MAX_USER_ID_BYTES),
+            max_conversation_id_bytes: clamp(validate::MAX_CONVERSATION_ID_BYTES),
         }),
         capabilities: CAPABILITIES.iter().map(ToString::to_string).collect(),
         feed_position,

@@ -80,7 +80,7 @@ impl Ctx<'_> {
 
     /// Queues an error reply.
     pub fn reject(&self, request_id: u64, r: Reject) {
-        self.session.send(&ServerFrame::error(request_id, r.code, r.message));
+        self.session.send(&crate::shard::error_frame(request_id, r.code, r.message));
     }
 
     /// Routes an operation to the owner of `conversation`; the owner answers.
@@ -105,10 +105,10 @@ impl Ctx<'_> {
             let result = tokio::task::spawn_blocking(move || read(&storage.reader())).await;
             let frame = match result {
                 Ok(Ok(kind)) => ServerFrame::reply(request_id, kind),
-                Ok(Err(r)) => ServerFrame::error(request_id, r.code, r.message),
+                Ok(Err(r)) => crate::shard::error_frame(request_id, r.code, r.message),
                 Err(e) => {
                     tracing::error!(error = %e, "read task failed");
-                    ServerFrame::error(request_id, ErrorCode::Internal, "internal error")
+                    crate::shard::error_frame(request_id, ErrorCode::Internal, "internal error")
                 }
             };
             session.out.push(encode_frame(&frame));

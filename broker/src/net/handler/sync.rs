@@ -103,13 +103,27 @@ pub fn page(
         ..SyncPage::default()
     };
     let mut size: usize = feed_events.iter().map(|e| e.encoded_len() + 4).sum();
+    let feed_full = feed_events.len() == FEED_PAGE;
     page.feed_events = feed_events;
+    if feed_full {
+        // Let the client apply these and come back with the new feed position; the token
+        // restarts the conversation walk from the beginning.
+        page.has_more = true;
+        page.continuation = encode_token("", 0).into();
+        return Ok(page);
+    }
     let cursors: HashMap<&str, u64> =
         position.cursors.iter().map(|c| (c.conversation_id.as_str(), c.seq)).collect();
-    if token.is_none() {
+    if token.as_ref().is_none_or(|(conv, _)| conv.is_empty()) {
+        let mut seen = std::collections::HashSet::new();
         for c in &position.cursors {
-            if r.member(&c.conversation_id, user)?.is_none() {
-                page.revoked.push(c.conversation_id.clone());
+            let id = c.conversation_id.as_str();
+            if !seen.insert(id) || size > budget / 2 {
+                continue;
+            }
+            if r.member(id, user)?.is_none() {
+                size += id.len() + 4;
+                page.revoked.push(id.to_owned());
             }
         }
     }
@@ -136,8 +150,9 @@ pub fn page(
             let last = r.head(a.partition, &conv)?.map_or(0, |(seq, _)| seq);
             let cursor = cursors.get(conv.as_str()).copied();
             if let Some(c) = cursor
-                && c > last
+                && (c > last || c + 1 < a.first_seq)
             {
+                size += conv.len() + 24;
                 page.resets.push(CursorReset {
                     conversation_id: conv.clone(),
                     first_seq: a.first_seq,
