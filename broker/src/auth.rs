@@ -295,6 +295,90 @@ mod tests {
         assert!(matches!(auth(SECRET).verify(&t), Err(AuthError::BadSubject(_))));
     }
 
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    }
+
+    fn sign_with(alg: Algorithm, key: &EncodingKey, claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(&Header::new(alg), claims, key).unwrap()
+    }
+
+    fn claims() -> serde_json::Value {
+        serde_json::json!({"sub": "alice", "exp": jsonwebtoken::get_current_timestamp() + 60})
+    }
+
+    #[test]
+    fn given_public_key_algorithms_should_verify_tokens_signed_with_the_private_key() {
+        for (alg, cfg_alg, key, public) in [
+            (Algorithm::EdDSA, JwtAlgorithm::EdDsa, "ed25519.key.pem", "ed25519.pub.pem"),
+            (Algorithm::RS256, JwtAlgorithm::Rs256, "rsa.key.pem", "rsa.pub.pem"),
+        ] {
+            let pem = std::fs::read(fixture(key)).unwrap();
+            let enc = if alg == Algorithm::EdDSA {
+                EncodingKey::from_ed_pem(&pem).unwrap()
+            } else {
+                EncodingKey::from_rsa_pem(&pem).unwrap()
+            };
+            let cfg = AuthConfig {
+                algorithm: cfg_alg,
+                public_key_file: Some(fixture(public)),
+                ..AuthConfig::default()
+            };
+            let a = Authenticator::from_config(&cfg, Path::new("/nonexistent")).unwrap();
+            assert_eq!(a.verify(&sign_with(alg, &enc, &claims())), Ok("alice".to_owned()));
+        }
+    }
+
+    #[test]
+    fn given_hs256_token_keyed_with_the_rsa_public_key_should_reject_algorithm_confusion() {
+        let public = std::fs::read(fixture("rsa.pub.pem")).unwrap();
+        let forged = sign_with(Algorithm::HS256, &EncodingKey::from_secret(&public), &claims());
+        let cfg = AuthConfig {
+            algorithm: JwtAlgorithm::Rs256,
+            public_key_file: Some(fixture("rsa.pub.pem")),
+            ..AuthConfig::default()
+        };
+        let a = Authenticator::from_config(&cfg, Path::new("/nonexistent")).unwrap();
+        assert_eq!(a.verify(&forged), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn given_configured_audience_and_issuer_should_require_them() {
+        let cfg = AuthConfig {
+            secret: Some(SECRET.into()),
+            audience: Some("chat".into()),
+            issuer: Some("https://auth.example".into()),
+            ..AuthConfig::default()
+        };
+        let a = Authenticator::from_config(&cfg, Path::new("/nonexistent")).unwrap();
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let exp = jsonwebtoken::get_current_timestamp() + 60;
+        let ok = serde_json::json!({"sub": "a", "exp": exp, "aud": "chat", "iss": "https://auth.example"});
+        assert_eq!(a.verify(&sign_with(Algorithm::HS256, &key, &ok)), Ok("a".to_owned()));
+        let bad_aud = serde_json::json!({"sub": "a", "exp": exp, "aud": "other", "iss": "https://auth.example"});
+        assert_eq!(
+            a.verify(&sign_with(Algorithm::HS256, &key, &bad_aud)),
+            Err(AuthError::BadAudience)
+        );
+        let bad_iss = serde_json::json!({"sub": "a", "exp": exp, "aud": "chat", "iss": "evil"});
+        assert_eq!(
+            a.verify(&sign_with(Algorithm::HS256, &key, &bad_iss)),
+            Err(AuthError::BadIssuer)
+        );
+    }
+
+    #[test]
+    fn given_expiry_within_leeway_should_accept() {
+        let now = jsonwebtoken::get_current_timestamp();
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let t = sign_with(
+            Algorithm::HS256,
+            &key,
+            &serde_json::json!({"sub": "alice", "exp": now - 10}),
+        );
+        assert_eq!(auth(SECRET).verify(&t), Ok("alice".to_owned()));
+    }
+
     #[test]
     fn given_no_configured_secret_should_generate_and_keep_one_with_mode_0600() {
         use std::os::unix::fs::PermissionsExt;

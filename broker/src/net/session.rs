@@ -135,7 +135,12 @@ impl Session {
                 "no frame within the idle timeout; send Ping",
             );
         } else {
-            self.close(DisconnectReason::HelloTimeout, "no Hello within the handshake timeout");
+            self.fail(
+                0,
+                ErrorCode::Unauthenticated,
+                "no Hello within the handshake timeout",
+                DisconnectReason::HelloTimeout,
+            );
         }
         Flow::Close
     }

@@ -34,18 +34,26 @@ pub fn conversations(ctx: &Ctx<'_>, request_id: u64, req: ListConversations) {
     }
     let user = ctx.session.user.clone();
     let limit = page_size(req.limit);
+    let budget = ctx.shard.config.limits.max_frame_bytes - super::REPLY_OVERHEAD;
     ctx.read(request_id, move |r| {
         let mut ids = r.memberships(&user, &req.after, limit + 1)?;
-        let has_more = ids.len() > limit;
+        let mut has_more = ids.len() > limit;
         ids.truncate(limit);
         let mut conversations = Vec::with_capacity(ids.len());
+        let mut size = 0;
+        let mut last = String::new();
         for id in &ids {
             if let Some(s) = summary(r, id, &user)? {
+                size += prost::Message::encoded_len(&s) + 4;
+                if size > budget {
+                    has_more = true;
+                    break;
+                }
                 conversations.push(s);
             }
+            last.clone_from(id);
         }
-        let next_after =
-            if has_more { ids.last().cloned().unwrap_or_default() } else { String::new() };
+        let next_after = if has_more { last } else { String::new() };
         Ok(server_frame::Kind::Conversations(ConversationList {
             conversations,
             has_more,

@@ -97,13 +97,26 @@ pub fn page(
     budget: usize,
 ) -> Result<SyncPage, Reject> {
     let token = decode_token(continuation)?;
-    let feed_events = r.feed(user, position.feed_position, FEED_PAGE)?;
+    let mut feed_events = r.feed(user, position.feed_position, FEED_PAGE)?;
+    let mut feed_full = feed_events.len() == FEED_PAGE;
+    // Feed events take at most half the page.
+    let mut size = 0;
+    let fits = feed_events
+        .iter()
+        .take_while(|e| {
+            size += e.encoded_len() + 4;
+            size <= budget / 2
+        })
+        .count();
+    if fits < feed_events.len() {
+        feed_events.truncate(fits);
+        size = feed_events.iter().map(|e| e.encoded_len() + 4).sum();
+        feed_full = true;
+    }
     let mut page = SyncPage {
         feed_position: feed_events.last().map_or(position.feed_position, |e| e.user_seq),
         ..SyncPage::default()
     };
-    let mut size: usize = feed_events.iter().map(|e| e.encoded_len() + 4).sum();
-    let feed_full = feed_events.len() == FEED_PAGE;
     page.feed_events = feed_events;
     if feed_full {
         // Let the client apply these and come back with the new feed position; the token
@@ -152,7 +165,13 @@ pub fn page(
             if let Some(c) = cursor
                 && (c > last || c + 1 < a.first_seq)
             {
-                size += conv.len() + 24;
+                let len = conv.len() + 24;
+                if size + len > budget {
+                    page.has_more = true;
+                    page.continuation = encode_token(&conv, 0).into();
+                    return Ok(page);
+                }
+                size += len;
                 page.resets.push(CursorReset {
                     conversation_id: conv.clone(),
                     first_seq: a.first_seq,
