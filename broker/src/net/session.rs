@@ -52,7 +52,7 @@ impl Session {
     pub fn new(shard: Rc<Shard>, peer: SocketAddr, transport: &'static str) -> Self {
         let cancel = shard.cancel.child_token();
         let out = Rc::new(Outbound::new(shard.config.limits.outbound_queue_bytes, cancel.clone()));
-        let span = tracing::info_span!("conn", %peer, transport, shard = shard.id, user = tracing::field::Empty);
+        let span = tracing::debug_span!("conn", %peer, transport, shard = shard.id, user = tracing::field::Empty);
         Self { shard, out, cancel, peer, active: RefCell::new(None), span }
     }
 
@@ -95,7 +95,9 @@ impl Session {
             }
             None => match frame.kind {
                 Some(client_frame::Kind::Hello(hello)) => {
-                    match handler::hello::handshake(self, frame.request_id, hello).await {
+                    // Boxed: the handshake's large state lives on the heap only while it
+                    // runs, instead of sizing every connection's reader task for it.
+                    match Box::pin(handler::hello::handshake(self, frame.request_id, hello)).await {
                         Some(session) => {
                             self.span.record("user", &*session.user);
                             *self.active.borrow_mut() = Some(session);

@@ -108,9 +108,10 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
 }
 
 async fn write_loop(mut wr: OwnedWriteHalf, out: Rc<Outbound>) {
-    let mut batch: Vec<Bytes> = Vec::new();
     loop {
         out.ready().await;
+        // A fresh vector per write: an idle connection keeps no buffer.
+        let mut batch: Vec<Bytes> = Vec::new();
         out.drain(FRAMES_PER_WRITE, &mut batch);
         if batch.is_empty() {
             break; // closing and fully flushed
@@ -128,10 +129,6 @@ async fn write_loop(mut wr: OwnedWriteHalf, out: Rc<Outbound>) {
                 ));
                 return;
             }
-        }
-        batch.clear();
-        if batch.capacity() > FRAMES_PER_WRITE {
-            batch = Vec::new();
         }
     }
     let _ = wr.shutdown().await;

@@ -160,6 +160,10 @@ impl Outbound {
             into.push(b);
         }
         self.bytes.set(self.bytes.get().saturating_sub(taken));
+        if q.is_empty() && q.capacity() > 16 {
+            // Give back what a burst grew; idle connections should stay small.
+            *q = VecDeque::new();
+        }
     }
 
     /// Whether nothing is queued.

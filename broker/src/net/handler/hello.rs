@@ -65,7 +65,7 @@ pub async fn handshake(
     let user: Arc<str> = match shard.auth.verify(&hello.token) {
         Ok(user) => Arc::from(user),
         Err(e) => {
-            tracing::info!(reason = %e, "authentication failed");
+            tracing::info!(peer = %session.peer, reason = %e, "authentication failed");
             session.fail(
                 request_id,
                 ErrorCode::Unauthenticated,
