@@ -170,3 +170,22 @@ async fn given_sync_durability_when_killed_repeatedly_during_sends_should_keep_e
     }
     assert!(acks.lock().expect("lock").len() > 100, "enough acknowledged sends to mean something");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn given_interval_durability_when_the_process_is_killed_should_keep_acked_messages() {
+    // interval:<ms> acknowledges once the write reached the OS, so a process crash (unlike a
+    // power loss) loses nothing acknowledged.
+    let mut broker = Broker::start_with(Options { durability: "interval:1000".into(), ..Options::default() });
+    let (mut c, _) = broker.raw_as("writer0").await;
+    let conv = create_direct(&mut c, "reader").await;
+    let acks: Acks = Arc::default();
+    let writer = tokio::spawn(write_until_killed(c, conv.clone(), "iv".into(), acks.clone()));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(broker.is_running());
+    broker.kill();
+    writer.await.expect("writer");
+    broker.restart();
+    let entries = verify(&broker, &[conv], &acks).await;
+    assert!(acks.lock().expect("lock").len() > 10, "some sends were acknowledged");
+    assert!(entries > acks.lock().expect("lock").len());
+}
