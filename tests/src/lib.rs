@@ -415,6 +415,43 @@ impl RawConn {
         got
     }
 
+    /// Creates (or gets) the direct conversation with `other`; returns its id.
+    ///
+    /// # Panics
+    /// When the broker refuses.
+    pub async fn create_direct(&mut self, other: &str) -> String {
+        let req =
+            client_frame::Kind::CreateConversation(switchboard_protocol::CreateConversation {
+                kind: switchboard_protocol::ConversationKind::Direct as i32,
+                members: vec![other.into()],
+                ..Default::default()
+            });
+        match self.request(req).await {
+            server_frame::Kind::Conversation(c) => c.conversation_id,
+            other => panic!("expected Conversation, got {other:?}"),
+        }
+    }
+
+    /// One `Sync` page from `position`, continuing `continuation`.
+    ///
+    /// # Panics
+    /// When the broker answers with anything else.
+    pub async fn sync(
+        &mut self,
+        position: switchboard_protocol::SyncPosition,
+        continuation: bytes::Bytes,
+    ) -> switchboard_protocol::SyncPage {
+        let req = client_frame::Kind::Sync(switchboard_protocol::Sync {
+            position: Some(position),
+            limit: 0,
+            continuation,
+        });
+        match self.request(req).await {
+            server_frame::Kind::Sync(p) => p,
+            other => panic!("expected SyncPage, got {other:?}"),
+        }
+    }
+
     /// Sends `Hello` and returns the `Welcome`.
     ///
     /// # Panics

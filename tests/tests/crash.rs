@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use switchboard_protocol::{ClientFrame, ConversationKind, client_frame, server_frame};
+use switchboard_protocol::{ClientFrame, client_frame, server_frame};
 use switchboard_tests::{Broker, Options, RawConn};
 
 const WRITERS: usize = 4;
@@ -18,20 +18,6 @@ const KILLS: usize = 8;
 const WINDOW: usize = 8;
 
 type Acks = Arc<Mutex<HashMap<String, (String, u64)>>>;
-
-async fn create_direct(c: &mut RawConn, other: &str) -> String {
-    match c
-        .request(client_frame::Kind::CreateConversation(switchboard_protocol::CreateConversation {
-            kind: ConversationKind::Direct as i32,
-            members: vec![other.into()],
-            ..Default::default()
-        }))
-        .await
-    {
-        server_frame::Kind::Conversation(c) => c.conversation_id,
-        other => panic!("{other:?}"),
-    }
-}
 
 /// Sends `key-prefix-n` messages with up to WINDOW in flight until the connection dies.
 async fn write_until_killed(mut c: RawConn, conv: String, prefix: String, acks: Acks) {
@@ -120,7 +106,7 @@ async fn given_sync_durability_when_killed_repeatedly_during_sends_should_keep_e
     let mut convs = Vec::new();
     for w in 0..WRITERS {
         let (mut c, _) = broker.raw_as(&format!("writer{w}")).await;
-        convs.push(create_direct(&mut c, "reader").await);
+        convs.push(c.create_direct("reader").await);
     }
     let acks: Acks = Arc::default();
     let mut rng_state = 0x2545_f491_4f6c_dd1d_u64;
@@ -175,9 +161,10 @@ async fn given_sync_durability_when_killed_repeatedly_during_sends_should_keep_e
 async fn given_interval_durability_when_the_process_is_killed_should_keep_acked_messages() {
     // interval:<ms> acknowledges once the write reached the OS, so a process crash (unlike a
     // power loss) loses nothing acknowledged.
-    let mut broker = Broker::start_with(Options { durability: "interval:1000".into(), ..Options::default() });
+    let mut broker =
+        Broker::start_with(Options { durability: "interval:1000".into(), ..Options::default() });
     let (mut c, _) = broker.raw_as("writer0").await;
-    let conv = create_direct(&mut c, "reader").await;
+    let conv = c.create_direct("reader").await;
     let acks: Acks = Arc::default();
     let writer = tokio::spawn(write_until_killed(c, conv.clone(), "iv".into(), acks.clone()));
     tokio::time::sleep(Duration::from_millis(400)).await;

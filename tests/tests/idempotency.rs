@@ -1,8 +1,8 @@
 //! Idempotent sends: a repeated `client_msg_id` never creates a second entry.
 
 use switchboard_client::{Content, HistoryAnchor};
-use switchboard_protocol::{ClientFrame, ConversationKind, client_frame, server_frame};
-use switchboard_tests::{Broker, Options, RawConn};
+use switchboard_protocol::{ClientFrame, client_frame, server_frame};
+use switchboard_tests::{Broker, Options};
 
 fn send(conv: &str, key: &str, text: &str) -> client_frame::Kind {
     client_frame::Kind::Send(switchboard_protocol::Send {
@@ -10,20 +10,6 @@ fn send(conv: &str, key: &str, text: &str) -> client_frame::Kind {
         client_msg_id: key.into(),
         content: Some(switchboard_protocol::Content::text(text)),
     })
-}
-
-async fn direct(c: &mut RawConn, other: &str) -> String {
-    match c
-        .request(client_frame::Kind::CreateConversation(switchboard_protocol::CreateConversation {
-            kind: ConversationKind::Direct as i32,
-            members: vec![other.into()],
-            ..Default::default()
-        }))
-        .await
-    {
-        server_frame::Kind::Conversation(c) => c.conversation_id,
-        other => panic!("{other:?}"),
-    }
 }
 
 fn ack(kind: server_frame::Kind) -> switchboard_protocol::SendAck {
@@ -37,7 +23,7 @@ fn ack(kind: server_frame::Kind) -> switchboard_protocol::SendAck {
 async fn given_repeated_key_immediately_should_return_the_original_ack() {
     let broker = Broker::start();
     let (mut c, _) = broker.raw_as("alice").await;
-    let conv = direct(&mut c, "bob").await;
+    let conv = c.create_direct("bob").await;
     let first = ack(c.request(send(&conv, "k-1", "hello")).await);
     assert!(!first.duplicate);
     let again = ack(c.request(send(&conv, "k-1", "hello, edited")).await);
@@ -54,7 +40,7 @@ async fn given_repeated_key_immediately_should_return_the_original_ack() {
 async fn given_repeats_pipelined_with_the_original_should_share_one_seq() {
     let broker = Broker::start_with(Options { durability: "sync".into(), ..Options::default() });
     let (mut c, _) = broker.raw_as("alice").await;
-    let conv = direct(&mut c, "bob").await;
+    let conv = c.create_direct("bob").await;
     // Five copies, written back to back: the later ones arrive while the first is still in
     // the open (not yet durable) batch and must wait for its result.
     let ids: Vec<u64> = (0..5).map(|_| c.next_id()).collect();

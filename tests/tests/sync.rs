@@ -3,22 +3,8 @@
 use std::collections::{HashMap, HashSet};
 
 use switchboard_client::{Content, Event, FeedEventKind, HistoryVisibility};
-use switchboard_protocol::{Cursor, SyncPage, SyncPosition, client_frame, server_frame};
-use switchboard_tests::{Broker, RawConn, WAIT, assert_gapless};
-
-async fn sync(c: &mut RawConn, position: SyncPosition, continuation: bytes::Bytes) -> SyncPage {
-    match c
-        .request(client_frame::Kind::Sync(switchboard_protocol::Sync {
-            position: Some(position),
-            limit: 0,
-            continuation,
-        }))
-        .await
-    {
-        server_frame::Kind::Sync(p) => p,
-        other => panic!("expected SyncPage, got {other:?}"),
-    }
-}
+use switchboard_protocol::{Cursor, SyncPosition, client_frame, server_frame};
+use switchboard_tests::{Broker, WAIT, assert_gapless};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_client_offline_during_1000_messages_and_added_to_a_group_should_get_all_exactly_once()
@@ -106,7 +92,7 @@ async fn given_sync_pages_when_followed_with_continuation_should_cover_every_ent
     let mut got: HashMap<String, Vec<u64>> = HashMap::new();
     let mut pages = 0;
     loop {
-        let page = sync(&mut raw, position.clone(), continuation).await;
+        let page = raw.sync(position.clone(), continuation).await;
         pages += 1;
         position.feed_position = page.feed_position;
         for m in &page.messages {
@@ -142,18 +128,18 @@ async fn given_cursor_beyond_the_log_should_report_a_reset_and_unknown_cursors_a
     let dm = alice.create_direct("bob").await.expect("create").conversation_id;
     alice.send(&dm, Content::text("one")).await.expect("send");
     let (mut raw, _) = broker.raw_as("alice").await;
-    let page = sync(
-        &mut raw,
-        SyncPosition {
-            feed_position: 1,
-            cursors: vec![
-                Cursor { conversation_id: dm.clone(), seq: 99 },
-                Cursor { conversation_id: "g:gone".into(), seq: 3 },
-            ],
-        },
-        bytes::Bytes::new(),
-    )
-    .await;
+    let page = raw
+        .sync(
+            SyncPosition {
+                feed_position: 1,
+                cursors: vec![
+                    Cursor { conversation_id: dm.clone(), seq: 99 },
+                    Cursor { conversation_id: "g:gone".into(), seq: 3 },
+                ],
+            },
+            bytes::Bytes::new(),
+        )
+        .await;
     assert_eq!(page.resets.len(), 1);
     assert_eq!((page.resets[0].first_seq, page.resets[0].last_seq), (1, 2));
     assert_eq!(page.revoked, vec!["g:gone".to_owned()]);
@@ -217,7 +203,7 @@ async fn given_more_feed_events_than_a_page_should_page_them_before_the_messages
     let mut continuation = bytes::Bytes::new();
     let (mut events, mut entries, mut pages) = (Vec::new(), HashSet::new(), 0);
     loop {
-        let page = sync(&mut bob, position.clone(), continuation).await;
+        let page = bob.sync(position.clone(), continuation).await;
         pages += 1;
         if pages == 1 {
             assert_eq!(page.feed_events.len(), 1_000);
@@ -253,23 +239,26 @@ async fn given_cursor_before_the_first_readable_seq_should_report_a_reset_to_it(
     alice.send(&group, Content::text("before carol")).await.expect("send");
     alice.add_members(&group, ["carol"]).await.expect("add");
     let (mut carol, _) = broker.raw_as("carol").await;
-    let page = sync(
-        &mut carol,
-        SyncPosition {
-            feed_position: 1,
-            cursors: vec![Cursor { conversation_id: group.clone(), seq: 0 }],
-        },
-        bytes::Bytes::new(),
-    )
-    .await;
+    let page = carol
+        .sync(
+            SyncPosition {
+                feed_position: 1,
+                cursors: vec![Cursor { conversation_id: group.clone(), seq: 0 }],
+            },
+            bytes::Bytes::new(),
+        )
+        .await;
     assert_eq!(page.resets.len(), 1);
     assert_eq!((page.resets[0].first_seq, page.resets[0].last_seq), (3, 3));
     assert!(page.messages.is_empty());
-    let page = sync(
-        &mut carol,
-        SyncPosition { feed_position: 1, cursors: vec![Cursor { conversation_id: group, seq: 2 }] },
-        bytes::Bytes::new(),
-    )
-    .await;
+    let page = carol
+        .sync(
+            SyncPosition {
+                feed_position: 1,
+                cursors: vec![Cursor { conversation_id: group, seq: 2 }],
+            },
+            bytes::Bytes::new(),
+        )
+        .await;
     assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
 }
