@@ -52,6 +52,10 @@ struct RunArgs {
     /// TOML configuration file.
     #[arg(long, env = "SWITCHBOARD_CONFIG", global = true)]
     config: Option<PathBuf>,
+    /// Set any configuration key, e.g. `--set limits.send_rate_per_sec=100` (repeatable; see
+    /// `print-config`). Environment variables `SWITCHBOARD_<SECTION>__<KEY>` do the same.
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE", global = true, value_parser = parse_assignment)]
+    set: Vec<(String, String)>,
     /// Binary protocol listener address [default: 127.0.0.1:7400].
     #[arg(long, env = "SWITCHBOARD_LISTEN", global = true)]
     listen: Option<SocketAddr>,
@@ -111,6 +115,25 @@ struct RunArgs {
     log_format: Option<String>,
 }
 
+fn parse_assignment(s: &str) -> Result<(String, String), String> {
+    let (k, v) =
+        s.split_once('=').ok_or_else(|| format!("expected SECTION.KEY=VALUE, got {s:?}"))?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+/// `SWITCHBOARD_LIMITS__SEND_RATE_PER_SEC=50` → (`limits.send_rate_per_sec`, `50`).
+fn env_assignments() -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = std::env::vars()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix("SWITCHBOARD_")?;
+            let (section, key) = rest.split_once("__")?;
+            Some((format!("{}.{}", section.to_ascii_lowercase(), key.to_ascii_lowercase()), v))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
@@ -126,10 +149,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 impl RunArgs {
     fn load(&self) -> Result<Config, crate::config::ConfigError> {
-        let mut config = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
+        let mut assignments = env_assignments();
+        assignments.extend(self.set.iter().cloned());
+        let mut config = Config::load(self.config.as_deref(), &assignments)?;
         config.apply(Overrides {
             listen: self.listen,
             shards: self.shards,

@@ -54,6 +54,10 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Token verification.
     pub auth: AuthConfig,
+    /// Presence and typing.
+    pub presence: PresenceConfig,
+    /// Push notifications for offline users.
+    pub push: PushConfig,
 }
 
 /// `[server]`
@@ -129,6 +133,30 @@ pub struct LimitsConfig {
     pub max_history_limit: u32,
     /// Largest `Sync.limit` (messages per page). Default 1000.
     pub max_sync_limit: u32,
+    /// Sustained sends per second per user (GCRA). Default 20.
+    pub send_rate_per_sec: u32,
+    /// Sends a user may make in a burst. Default 100.
+    pub send_burst: u32,
+    /// Typing updates per second per user. Default 5.
+    pub typing_rate_per_sec: u32,
+    /// Typing updates in a burst. Default 20.
+    pub typing_burst: u32,
+    /// Receipt updates (mark read / delivered) per second per user. Default 50.
+    pub receipt_rate_per_sec: u32,
+    /// Receipt updates in a burst. Default 200.
+    pub receipt_burst: u32,
+    /// New connections per second from one IP address. Default 50.
+    pub connect_rate_per_ip: u32,
+    /// New connections in a burst from one IP address. Default 200.
+    pub connect_burst_per_ip: u32,
+    /// Concurrent sessions per user. Default 20.
+    pub max_connections_per_user: usize,
+    /// Conversations a user may belong to when creating another one. Default 10000.
+    pub max_conversations_per_user: usize,
+    /// Most users in one presence query or subscribe request. Default 500.
+    pub max_presence_users: usize,
+    /// Most users one session may subscribe to for presence. Default 1000.
+    pub max_presence_subscriptions: usize,
 }
 
 impl Default for LimitsConfig {
@@ -142,6 +170,74 @@ impl Default for LimitsConfig {
             max_members_per_request: 500,
             max_history_limit: 200,
             max_sync_limit: 1_000,
+            send_rate_per_sec: 20,
+            send_burst: 100,
+            typing_rate_per_sec: 5,
+            typing_burst: 20,
+            receipt_rate_per_sec: 50,
+            receipt_burst: 200,
+            connect_rate_per_ip: 50,
+            connect_burst_per_ip: 200,
+            max_connections_per_user: 20,
+            max_conversations_per_user: 10_000,
+            max_presence_users: 500,
+            max_presence_subscriptions: 1_000,
+        }
+    }
+}
+
+/// `[presence]`
+///
+/// A session counts as online while it sends frames: the broker closes it after
+/// `server.idle_timeout_ms` without one (the presence TTL), and clients ping every
+/// `server.heartbeat_interval_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// A user whose last session closes and who reconnects within this time does not flap
+    /// offline and online. Default 5000.
+    pub grace_ms: u64,
+    /// How long a typing indicator shows unless renewed. Default 5000.
+    pub typing_expires_ms: u64,
+    /// How often changed last-seen times are written. Default 1000.
+    pub last_seen_flush_ms: u64,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { grace_ms: 5_000, typing_expires_ms: 5_000, last_seen_flush_ms: 1_000 }
+    }
+}
+
+/// `[push]`: an HTTP webhook told about messages for users with no online session.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// `http(s)://` URL that receives a signed JSON POST per notification. Off when unset.
+    pub webhook_url: Option<String>,
+    /// Key of the `X-Switchboard-Signature` HMAC-SHA256 header. Required with a webhook.
+    pub secret: Option<String>,
+    /// Messages to an offline user within this window become one notification per
+    /// conversation. Default 10000.
+    pub window_ms: u64,
+    /// Conversations with more members do not notify (mention-style pushes are for the
+    /// application to build). Default 100.
+    pub max_group_size: usize,
+    /// Delivery attempts before a notification is dropped. Default 10.
+    pub max_attempts: u32,
+    /// Timeout of one delivery attempt. Default 5000.
+    pub timeout_ms: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            secret: None,
+            window_ms: 10_000,
+            max_group_size: 100,
+            max_attempts: 10,
+            timeout_ms: 5_000,
         }
     }
 }
@@ -282,23 +378,67 @@ pub struct Overrides {
 }
 
 impl Config {
-    /// Reads a TOML file; unknown keys and bad values are errors naming the key.
-    ///
-    /// # Errors
-    /// When the file cannot be read or parsed.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::from_toml(&text)
-            .map_err(|message| ConfigError::Parse { path: path.to_owned(), message })
-    }
-
     /// Parses TOML text.
     ///
     /// # Errors
     /// The parser's message when the text is invalid.
     pub fn from_toml(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Builds the configuration from an optional TOML file plus `section.key=value`
+    /// assignments (from `--set` and from `SWITCHBOARD_<SECTION>__<KEY>` variables), applied in
+    /// order over the file. Values are TOML (`20`, `true`, `"text"`); a value that does not
+    /// parse as TOML is taken as a string.
+    ///
+    /// # Errors
+    /// When the file cannot be read, a key is unknown, or a value has the wrong type.
+    pub fn load(
+        file: Option<&Path>,
+        assignments: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
+        let (text, origin) = match file {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?,
+                path.to_owned(),
+            ),
+            None => (String::new(), PathBuf::from("<defaults>")),
+        };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Parse { path: origin.clone(), message: e.to_string() }
+        })?;
+        for (key, raw) in assignments {
+            let Some((section, name)) = key.split_once('.') else {
+                return Err(ConfigError::Parse {
+                    path: origin,
+                    message: format!(
+                        "`{key}`: expected <section>.<key>, e.g. limits.send_rate_per_sec"
+                    ),
+                });
+            };
+            let value = format!("v = {raw}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(raw.clone()));
+            let entry = table
+                .entry(section.to_owned())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            match entry {
+                toml::Value::Table(t) => {
+                    t.insert(name.to_owned(), value);
+                }
+                _ => {
+                    return Err(ConfigError::Parse {
+                        path: origin,
+                        message: format!("`{section}` is not a section"),
+                    });
+                }
+            }
+        }
+        Self::deserialize(table)
+            .map_err(|e| ConfigError::Parse { path: origin, message: e.to_string() })
     }
 
     /// Applies command-line and environment values over this configuration.
@@ -403,6 +543,54 @@ impl Config {
                 "must be positive and below server.idle_timeout_ms",
             ));
         }
+        if l.send_rate_per_sec == 0 || l.send_burst == 0 {
+            return Err(invalid("limits.send_rate_per_sec", "rates and bursts must be at least 1"));
+        }
+        if l.typing_rate_per_sec == 0 || l.typing_burst == 0 {
+            return Err(invalid(
+                "limits.typing_rate_per_sec",
+                "rates and bursts must be at least 1",
+            ));
+        }
+        if l.receipt_rate_per_sec == 0 || l.receipt_burst == 0 {
+            return Err(invalid(
+                "limits.receipt_rate_per_sec",
+                "rates and bursts must be at least 1",
+            ));
+        }
+        if l.connect_rate_per_ip == 0 || l.connect_burst_per_ip == 0 {
+            return Err(invalid(
+                "limits.connect_rate_per_ip",
+                "rates and bursts must be at least 1",
+            ));
+        }
+        if l.max_connections_per_user == 0 {
+            return Err(invalid("limits.max_connections_per_user", "must be at least 1"));
+        }
+        if l.max_presence_users == 0 {
+            return Err(invalid("limits.max_presence_users", "must be at least 1"));
+        }
+        if self.presence.typing_expires_ms == 0 || self.presence.last_seen_flush_ms == 0 {
+            return Err(invalid("presence.typing_expires_ms", "timings must be at least 1 ms"));
+        }
+        let p = &self.push;
+        if let Some(url) = &p.webhook_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(invalid("push.webhook_url", "must be an http:// or https:// URL"));
+            }
+            if p.secret.as_ref().is_none_or(|s| s.len() < 16) {
+                return Err(invalid(
+                    "push.secret",
+                    "at least 16 bytes are required with a webhook",
+                ));
+            }
+        }
+        if p.window_ms == 0 || p.max_attempts == 0 || p.timeout_ms == 0 {
+            return Err(invalid(
+                "push.window_ms",
+                "window, attempts and timeout must be at least 1",
+            ));
+        }
         match self.auth.algorithm {
             JwtAlgorithm::Hs256 => {
                 if self.auth.secret.as_ref().is_some_and(|s| s.len() < 16) {
@@ -422,9 +610,12 @@ impl Config {
     #[must_use]
     pub fn default_toml() -> String {
         let d = Self::default();
+        let l = &d.limits;
         format!(
             r#"# Switchboard configuration. Every key is optional; shown are the defaults.
-# Precedence: command-line flags > SWITCHBOARD_* environment variables > this file > defaults.
+# Precedence: command-line flags and --set section.key=value > SWITCHBOARD_* environment
+# variables (SWITCHBOARD_<SECTION>__<KEY>, e.g. SWITCHBOARD_LIMITS__SEND_RATE_PER_SEC=50)
+# > this file > defaults.
 
 [server]
 # Binary protocol listener (TCP). Port 0 picks a free port, printed in the ready line.
@@ -435,7 +626,8 @@ shards = {shards}
 hello_timeout_ms = {hello}
 # Announced to clients: ping this often when idle.
 heartbeat_interval_ms = {hb}
-# Close a connection that sent nothing for this long.
+# Close a connection that sent nothing for this long. This is also the presence TTL: a
+# half-open connection shows offline once it passes.
 idle_timeout_ms = {idle}
 # Time budget for a graceful shutdown.
 shutdown_timeout_ms = {shutdown}
@@ -460,6 +652,23 @@ max_group_members = {group}
 max_members_per_request = {per_req}
 max_history_limit = {hist}
 max_sync_limit = {sync}
+# Per-user rates (GCRA): sustained per second, and the burst allowed on top.
+send_rate_per_sec = {send_rate}
+send_burst = {send_burst}
+typing_rate_per_sec = {typing_rate}
+typing_burst = {typing_burst}
+receipt_rate_per_sec = {receipt_rate}
+receipt_burst = {receipt_burst}
+# New connections per second from one IP address, and the burst.
+connect_rate_per_ip = {conn_rate}
+connect_burst_per_ip = {conn_burst}
+# Concurrent sessions (devices) per user.
+max_connections_per_user = {max_conns}
+# A user in this many conversations cannot create another.
+max_conversations_per_user = {max_convs}
+# Users per PresenceQuery / PresenceSubscribe, and presence subscriptions per session.
+max_presence_users = {presence_users}
+max_presence_subscriptions = {presence_subs}
 
 [auth]
 # HS256 (shared secret), RS256 or EdDSA (public_key_file).
@@ -470,6 +679,26 @@ algorithm = "HS256"
 # audience = "my-app"
 # issuer = "https://auth.example.com"
 leeway_secs = {leeway}
+
+[presence]
+# A user whose only session drops and comes back within this time does not flap offline.
+grace_ms = {grace}
+# A typing indicator shows this long unless renewed.
+typing_expires_ms = {typing_expires}
+# Changed last-seen times are written in batches this often.
+last_seen_flush_ms = {last_seen_flush}
+
+[push]
+# POST a signed JSON notification here for messages to users with no online session.
+# webhook_url = "https://push.example.com/switchboard"
+# secret = "at least 16 bytes"       # HMAC-SHA256 key of the X-Switchboard-Signature header
+# Messages within this window become one notification per conversation.
+window_ms = {window}
+# Conversations with more members do not notify.
+max_group_size = {max_group}
+# Delivery attempts (with exponential backoff) before a notification is dropped.
+max_attempts = {attempts}
+timeout_ms = {timeout}
 "#,
             listen = d.server.listen,
             shards = d.server.shards,
@@ -480,15 +709,34 @@ leeway_secs = {leeway}
             data_dir = d.storage.data_dir.display(),
             durability = d.storage.durability,
             cache = d.storage.cache_mb,
-            frame = d.limits.max_frame_bytes,
-            body = d.limits.max_body_bytes,
-            inflight = d.limits.max_inflight,
-            outq = d.limits.outbound_queue_bytes,
-            group = d.limits.max_group_members,
-            per_req = d.limits.max_members_per_request,
-            hist = d.limits.max_history_limit,
-            sync = d.limits.max_sync_limit,
+            frame = l.max_frame_bytes,
+            body = l.max_body_bytes,
+            inflight = l.max_inflight,
+            outq = l.outbound_queue_bytes,
+            group = l.max_group_members,
+            per_req = l.max_members_per_request,
+            hist = l.max_history_limit,
+            sync = l.max_sync_limit,
+            send_rate = l.send_rate_per_sec,
+            send_burst = l.send_burst,
+            typing_rate = l.typing_rate_per_sec,
+            typing_burst = l.typing_burst,
+            receipt_rate = l.receipt_rate_per_sec,
+            receipt_burst = l.receipt_burst,
+            conn_rate = l.connect_rate_per_ip,
+            conn_burst = l.connect_burst_per_ip,
+            max_conns = l.max_connections_per_user,
+            max_convs = l.max_conversations_per_user,
+            presence_users = l.max_presence_users,
+            presence_subs = l.max_presence_subscriptions,
             leeway = d.auth.leeway_secs,
+            grace = d.presence.grace_ms,
+            typing_expires = d.presence.typing_expires_ms,
+            last_seen_flush = d.presence.last_seen_flush_ms,
+            window = d.push.window_ms,
+            max_group = d.push.max_group_size,
+            attempts = d.push.max_attempts,
+            timeout = d.push.timeout_ms,
         )
     }
 }
@@ -505,6 +753,43 @@ mod tests {
     #[test]
     fn given_printed_defaults_when_parsed_should_equal_defaults() {
         assert_eq!(Config::from_toml(&Config::default_toml()), Ok(Config::default()));
+    }
+
+    #[test]
+    fn given_printed_defaults_should_mention_every_key() {
+        let printed = Config::default_toml();
+        let all = toml::to_string(&Config::default()).unwrap();
+        for line in all.lines().filter(|l| l.contains(" = ")) {
+            let key = line.split(" = ").next().unwrap();
+            assert!(printed.contains(&format!("{key} = ")), "print-config lacks `{key}`");
+        }
+    }
+
+    #[test]
+    fn given_assignments_should_override_the_file_and_name_bad_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[limits]\nsend_rate_per_sec = 5\n").unwrap();
+        let set = |k: &str, v: &str| (k.to_owned(), v.to_owned());
+        let c = Config::load(
+            Some(&file),
+            &[set("limits.send_burst", "7"), set("push.webhook_url", "http://x/y")],
+        )
+        .unwrap();
+        assert_eq!((c.limits.send_rate_per_sec, c.limits.send_burst), (5, 7));
+        assert_eq!(c.push.webhook_url.as_deref(), Some("http://x/y"));
+        let err = Config::load(None, &[set("limits.send_rate", "1")]).unwrap_err().to_string();
+        assert!(err.contains("send_rate"), "{err}");
+        let err =
+            Config::load(None, &[set("limits.send_burst", "\"many\"")]).unwrap_err().to_string();
+        assert!(err.contains("send_burst"), "{err}");
+    }
+
+    #[test]
+    fn rejects_webhook_without_secret() {
+        let mut c = Config::default();
+        c.push.webhook_url = Some("http://127.0.0.1:9/hook".into());
+        assert!(c.validate().unwrap_err().to_string().contains("push.secret"));
     }
 
     #[test]

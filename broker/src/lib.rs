@@ -12,7 +12,8 @@
 //!   ([`shard::owner`]), the user home ([`shard::home`]), hosted sessions ([`shard::local`]),
 //!   outbound queues ([`shard::outbound`]).
 //! - [`storage`]: fjall keyspaces, the group-commit writer thread, the durable-snapshot reader.
-//! - [`auth`], [`config`]: tokens and configuration.
+//! - [`auth`], [`config`], [`ratelimit`], [`push`]: tokens, configuration, rate limits (GCRA)
+//!   and the push-notification webhook client.
 //!
 //! ## Invariants
 //! 1. Per conversation, seqs are gapless; only the partition owner assigns them.
@@ -30,6 +31,8 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod net;
+pub mod push;
+pub mod ratelimit;
 pub mod runtime;
 pub mod shard;
 pub mod storage;

@@ -130,6 +130,9 @@ pub fn run_with(
     let auth = Arc::new(Authenticator::from_config(&config.auth, &config.storage.data_dir)?);
     let (bound_tcp, listeners) = bind_all(config.server.listen, shards)?;
     let (writer, writer_join) = storage::writer::spawn(storage.clone())?;
+    let limiters = Arc::new(crate::ratelimit::Limiters::new(&config.limits));
+    let webhook = crate::push::Webhook::from_config(&config.push)
+        .map_err(|e| StartError::Io(std::io::Error::other(format!("push webhook: {e}"))))?;
     let config = Arc::new(config);
 
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(MAILBOX_CAPACITY)).unzip();
@@ -142,6 +145,8 @@ pub fn run_with(
             writer: writer.clone(),
             auth: auth.clone(),
             mailboxes: txs.clone(),
+            limiters: limiters.clone(),
+            webhook: webhook.clone(),
         };
         joins.push(
             std::thread::Builder::new()
@@ -156,11 +161,15 @@ pub fn run_with(
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let exit = rt.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        let exit = tokio::select! {
-            _ = tokio::signal::ctrl_c() => Exit::Clean,
-            _ = term.recv() => Exit::Clean,
-            () = handle.stop.notified() => Exit::Clean,
-            () = storage.fatal() => Exit::StorageFailure,
+        let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+        let exit = loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break Exit::Clean,
+                _ = term.recv() => break Exit::Clean,
+                () = handle.stop.notified() => break Exit::Clean,
+                () = storage.fatal() => break Exit::StorageFailure,
+                _ = housekeeping.tick() => limiters.forget_idle(),
+            }
         };
         tracing::info!("shutting down");
         let budget = Duration::from_millis(config.server.shutdown_timeout_ms);
@@ -211,6 +220,7 @@ fn shard_thread(setup: ShardSetup, rx: mpsc::Receiver<ShardMsg>, listener: std::
             }
             Err(e) => tracing::error!(error = %e, "cannot register listener"),
         }
+        tokio::task::spawn_local(shard.clone().run_ticks());
         shard.run(rx).await;
     });
 }

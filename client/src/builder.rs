@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::driver::Driver;
+use crate::driver::{DEFAULT_MAX_PRESENCE_USERS, Driver};
 use crate::error::{BoxError, Error, Result};
 use crate::handshake::{self, ConnectError};
 use crate::state::{DEFAULT_BUFFER_LIMIT, SyncState};
@@ -62,6 +63,7 @@ pub(crate) struct Config {
     pub(crate) client_name: String,
     pub(crate) max_frame_bytes: usize,
     pub(crate) connect_timeout: Duration,
+    pub(crate) auto_delivery_receipts: bool,
 }
 
 /// Options for a [`Client`]; start with [`Client::builder`].
@@ -85,6 +87,8 @@ pub struct ClientBuilder {
     max_frame_bytes: usize,
     connect_timeout: Duration,
     connector: Option<Connector>,
+    auto_delivery_receipts: bool,
+    send_rate_limit_retries: u32,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -96,6 +100,8 @@ impl std::fmt::Debug for ClientBuilder {
             .field("client_name", &self.client_name)
             .field("max_frame_bytes", &self.max_frame_bytes)
             .field("connect_timeout", &self.connect_timeout)
+            .field("auto_delivery_receipts", &self.auto_delivery_receipts)
+            .field("send_rate_limit_retries", &self.send_rate_limit_retries)
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +117,8 @@ impl ClientBuilder {
             max_frame_bytes: MAX_FRAME_CEILING,
             connect_timeout: Duration::from_secs(10),
             connector: None,
+            auto_delivery_receipts: true,
+            send_rate_limit_retries: 3,
         }
     }
 
@@ -171,6 +179,25 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether the client acknowledges delivery on its own (default `true`): for every
+    /// conversation whose messages it hands to the application it sends `MarkDelivered` with
+    /// the highest seq emitted, at most once per 500 ms per conversation, only while connected
+    /// (receipts still pending are sent after the reconnect), never for a seq already
+    /// acknowledged. Messages the application cannot receive (its [`EventStream`] was dropped)
+    /// are not acknowledged. Replies are consumed internally; failures are logged and ignored.
+    pub fn auto_delivery_receipts(mut self, enabled: bool) -> Self {
+        self.auto_delivery_receipts = enabled;
+        self
+    }
+
+    /// How often [`Client::send`] and [`Client::send_with_id`] retry a message the broker
+    /// rejected with `RATE_LIMITED` (default 3; 0 returns the error at once). Each retry waits
+    /// the broker's `retry_after_ms` (at least 50 ms) and reuses the `client_msg_id`.
+    pub fn send_rate_limit_retries(mut self, retries: u32) -> Self {
+        self.send_rate_limit_retries = retries;
+        self
+    }
+
     /// Opens connections with `connect` instead of TCP to the builder's address: for TLS,
     /// proxies, Unix sockets or in-memory tests. Called once per connection attempt.
     pub fn connector<F, Fut, S>(mut self, connect: F) -> Self
@@ -203,6 +230,7 @@ impl ClientBuilder {
             client_name: self.client_name,
             max_frame_bytes: self.max_frame_bytes,
             connect_timeout: self.connect_timeout,
+            auto_delivery_receipts: self.auto_delivery_receipts,
         });
         let hello_id = 1;
         let session = handshake::establish(Arc::clone(&cfg), self.resume.clone(), hello_id, None)
@@ -214,10 +242,25 @@ impl ClientBuilder {
         let state = Arc::new(Mutex::new(SyncState::new(self.resume, DEFAULT_BUFFER_LIMIT)));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let (event_tx, event_rx) = mpsc::unbounded_channel();
-        let driver =
-            Driver::new(cfg, cmd_rx, event_tx, Arc::clone(&state), user_id.clone(), hello_id + 1);
+        let max_presence_users = Arc::new(AtomicU32::new(DEFAULT_MAX_PRESENCE_USERS));
+        let driver = Driver::new(
+            cfg,
+            cmd_rx,
+            event_tx,
+            Arc::clone(&state),
+            Arc::clone(&max_presence_users),
+            user_id.clone(),
+            hello_id + 1,
+        );
         tokio::spawn(driver.run(session));
-        Ok((Client::new(cmd_tx, state, user_id), EventStream::new(event_rx)))
+        let client = Client::new(crate::Inner {
+            cmds: cmd_tx,
+            state,
+            max_presence_users,
+            user_id,
+            send_rate_limit_retries: self.send_rate_limit_retries,
+        });
+        Ok((client, EventStream::new(event_rx)))
     }
 }
 

@@ -6,10 +6,15 @@
 //! written from a queue as long as fewer than `limits.max_inflight` requests are unanswered;
 //! replies are matched by request id; pushes go through the state machine; a sync pass runs
 //! whenever the state needs one (repeated needs coalesce into the next pass).
+//!
+//! The driver also sends requests of its own, whose replies it consumes: automatic delivery
+//! receipts (see [`Delivery`]) once a link has resumed, and after a reconnect the presence
+//! subscriptions of the previous connections.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::mem;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -17,18 +22,24 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use prost::Message as _;
 use switchboard_protocol::{
-    self as pb, ClientFrame, DisconnectReason, FrameError, SendAck, ServerFrame, SyncPage,
-    client_frame, server_frame,
+    self as pb, ClientFrame, DisconnectReason, FeedEventKind, FrameError, SendAck, ServerFrame,
+    SyncPage, client_frame, server_frame,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior, interval_at, sleep, sleep_until, timeout};
 use tracing::{debug, warn};
 
 use crate::builder::Config;
+use crate::delivery::Delivery;
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::handshake::{self, Conn, ConnectError, Session};
 use crate::state::SyncState;
+
+mod frames;
+mod requests;
+
+use requests::{Internal, Outbound, Pending};
 
 /// Heartbeat interval when the Welcome does not say.
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
@@ -36,6 +47,8 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The least wait before retrying a failed sync request.
 const SYNC_RETRY: Duration = Duration::from_secs(1);
+/// `Limits.max_presence_users` when the Welcome does not say.
+pub(crate) const DEFAULT_MAX_PRESENCE_USERS: u32 = 500;
 
 type Reply<T> = oneshot::Sender<Result<T>>;
 
@@ -49,67 +62,6 @@ pub(crate) enum Command {
     Sync { reply: Reply<()> },
     /// Stop; `done` fires after `Event::Closed` was emitted.
     Close { done: oneshot::Sender<()> },
-}
-
-/// The reply kind a request expects.
-#[derive(Debug, Clone, Copy)]
-enum Expect {
-    Pong,
-    History,
-    Conversation,
-    Membership,
-    Conversations,
-    Members,
-    Any,
-}
-
-impl Expect {
-    fn of(kind: &client_frame::Kind) -> Self {
-        use client_frame::Kind as K;
-        match kind {
-            K::Ping(_) => Expect::Pong,
-            K::History(_) => Expect::History,
-            K::CreateConversation(_) => Expect::Conversation,
-            K::AddMembers(_) | K::RemoveMembers(_) | K::Leave(_) => Expect::Membership,
-            K::ListConversations(_) => Expect::Conversations,
-            K::ListMembers(_) => Expect::Members,
-            K::Hello(_) | K::Send(_) | K::Sync(_) => Expect::Any,
-        }
-    }
-
-    fn fits(self, kind: &server_frame::Kind) -> bool {
-        use server_frame::Kind as K;
-        matches!(
-            (self, kind),
-            (Expect::Pong, K::Pong(_))
-                | (Expect::History, K::History(_))
-                | (Expect::Conversation, K::Conversation(_))
-                | (Expect::Membership, K::Membership(_))
-                | (Expect::Conversations, K::Conversations(_))
-                | (Expect::Members, K::Members(_))
-                | (Expect::Any, _)
-        )
-    }
-}
-
-/// A frame waiting for a free in-flight slot.
-enum Outbound {
-    Request {
-        kind: client_frame::Kind,
-        reply: Reply<server_frame::Kind>,
-    },
-    /// The key of an entry of [`Driver::sends`].
-    Send(u64),
-    Sync,
-    Ping,
-}
-
-/// A request written and not answered yet.
-enum Pending {
-    Request { expect: Expect, reply: Reply<server_frame::Kind> },
-    Send(u64),
-    Sync,
-    Ping,
 }
 
 /// Why the connection ended.
@@ -165,8 +117,13 @@ struct Link {
     dead_after: Duration,
     last_read: Instant,
     ping_outstanding: bool,
+    /// The resume pass completed: sends and automatic requests may be written.
     sends_enabled: bool,
     pass: Pass,
+    /// Not the client's first connection.
+    reconnect: bool,
+    /// The most users in one presence request.
+    max_presence_users: usize,
 }
 
 enum Wake {
@@ -174,6 +131,7 @@ enum Wake {
     Frame(Option<Result<ServerFrame, FrameError>>),
     Heartbeat,
     SyncRetry,
+    DeliveryDue,
 }
 
 /// The background task. See the module documentation.
@@ -190,6 +148,11 @@ pub(crate) struct Driver {
     /// `sync_now` callers waiting for the next pass to start.
     sync_waiters: Vec<Reply<()>>,
     closers: Vec<oneshot::Sender<()>>,
+    delivery: Delivery,
+    /// The users the application subscribed to for presence, renewed after every reconnect.
+    presence_subs: BTreeSet<String>,
+    /// `Limits.max_presence_users` of the current connection, shared with the client handles.
+    max_presence_users: Arc<AtomicU32>,
 }
 
 fn millis_or(ms: u32, default: Duration) -> Duration {
@@ -202,9 +165,11 @@ impl Driver {
         cmds: mpsc::UnboundedReceiver<Command>,
         events: mpsc::UnboundedSender<Event>,
         state: Arc<Mutex<SyncState>>,
+        max_presence_users: Arc<AtomicU32>,
         user_id: String,
         next_id: u64,
     ) -> Self {
+        let delivery = Delivery::new(cfg.auto_delivery_receipts);
         Self {
             cfg,
             cmds,
@@ -216,6 +181,9 @@ impl Driver {
             next_send: 0,
             sync_waiters: Vec::new(),
             closers: Vec::new(),
+            delivery,
+            presence_subs: BTreeSet::new(),
+            max_presence_users,
         }
     }
 
@@ -246,12 +214,26 @@ impl Driver {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn emit(&self, event: Event) {
-        // The application may have dropped its EventStream; the client keeps working.
+    fn emit(&mut self, event: Event) {
+        // The application may have dropped its EventStream; the client keeps working, but
+        // what it does not receive is not acknowledged as delivered.
+        if self.events.is_closed() {
+            return;
+        }
+        match &event {
+            Event::Message(m) => self.delivery.emitted(&m.conversation_id, m.seq),
+            Event::Revoked { conversation_id } | Event::CursorReset { conversation_id, .. } => {
+                self.delivery.forget(conversation_id);
+            }
+            Event::Feed(f) if f.kind == FeedEventKind::Removed as i32 => {
+                self.delivery.forget(&f.conversation_id);
+            }
+            _ => {}
+        }
         let _ = self.events.send(event);
     }
 
-    fn emit_all(&self, events: Vec<Event>) {
+    fn emit_all(&mut self, events: Vec<Event>) {
         for event in events {
             self.emit(event);
         }
@@ -323,6 +305,15 @@ impl Driver {
                         self.closers.push(done);
                         return None;
                     }
+                    // Subscriptions end with the session: there is nothing to unsubscribe from
+                    // but the renewal after reconnecting.
+                    Some(Command::Request {
+                        kind: client_frame::Kind::PresenceUnsubscribe(u),
+                        reply,
+                    }) => {
+                        self.forget_subscriptions(&u.users);
+                        let _ = reply.send(Ok(server_frame::Kind::Ack(pb::Ack {})));
+                    }
                     Some(Command::Request { reply, .. }) => {
                         let _ = reply.send(Err(Error::ConnectionLost));
                     }
@@ -348,6 +339,11 @@ impl Driver {
             0 => self.cfg.max_frame_bytes,
             n => n.min(self.cfg.max_frame_bytes),
         };
+        let max_presence = match limits.max_presence_users {
+            0 => DEFAULT_MAX_PRESENCE_USERS,
+            n => n,
+        };
+        self.max_presence_users.store(max_presence, Ordering::Relaxed);
         debug!(session = %welcome.session_id, reconnect, "connected");
         self.emit(Event::Connected {
             user_id: welcome.user_id,
@@ -366,6 +362,8 @@ impl Driver {
             ping_outstanding: false,
             sends_enabled: false,
             pass: Pass { resume: true, ..Pass::default() },
+            reconnect,
+            max_presence_users: usize::try_from(max_presence).unwrap_or(usize::MAX),
         };
         match welcome.resumed {
             Some(page) => {
@@ -389,6 +387,7 @@ impl Driver {
                 break stop;
             }
             let retry_at = link.pass.retry_at;
+            let delivery_at = if link.sends_enabled { self.delivery.next_due() } else { None };
             let wake = tokio::select! {
                 cmd = self.cmds.recv() => Wake::Command(cmd),
                 frame = link.framed.next() => Wake::Frame(frame),
@@ -396,6 +395,8 @@ impl Driver {
                 () = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
                     Wake::SyncRetry
                 }
+                () = sleep_until(delivery_at.unwrap_or_else(Instant::now)),
+                    if delivery_at.is_some() => Wake::DeliveryDue,
             };
             step = match wake {
                 Wake::Command(None) => Err(Stop::Closed),
@@ -418,6 +419,8 @@ impl Driver {
                     link.pass.retry_at = None;
                     Ok(())
                 }
+                // `pump` queues the receipts that are due.
+                Wake::DeliveryDue => Ok(()),
             };
             if step.is_ok() {
                 step = self.pump(&mut link).await;
@@ -443,6 +446,7 @@ impl Driver {
 
     /// Fails what the link had in flight; sends stay for the next link.
     fn drop_link(&mut self, link: Link, error: impl Fn() -> Error) {
+        self.delivery.connection_lost();
         for pending in link.pending.into_values() {
             if let Pending::Request { reply, .. } = pending {
                 let _ = reply.send(Err(error()));
@@ -461,7 +465,17 @@ impl Driver {
     fn on_command(&mut self, link: &mut Link, cmd: Command) {
         match cmd {
             Command::Request { kind, reply } => {
-                link.queue.push_back(Outbound::Request { kind, reply })
+                // The subscriptions to renew follow the application's requests in order.
+                match &kind {
+                    client_frame::Kind::PresenceSubscribe(s) => {
+                        self.presence_subs.extend(s.users.iter().cloned());
+                    }
+                    client_frame::Kind::PresenceUnsubscribe(u) => {
+                        self.forget_subscriptions(&u.users);
+                    }
+                    _ => {}
+                }
+                link.queue.push_back(Outbound::Request { kind, reply });
             }
             Command::Send { send, reply } => {
                 let key = self.add_send(send, reply);
@@ -486,18 +500,32 @@ impl Driver {
         Ok(())
     }
 
-    /// Starts a sync pass if one is needed, then writes queued frames while in-flight slots
-    /// are free.
+    fn forget_subscriptions(&mut self, users: &[String]) {
+        for user in users {
+            self.presence_subs.remove(user);
+        }
+    }
+
+    /// Starts a sync pass if one is needed and queues the delivery receipts that are due, then
+    /// writes queued frames while in-flight slots are free.
     async fn pump(&mut self, link: &mut Link) -> Result<(), Stop> {
         self.maybe_start_pass(link);
+        if link.sends_enabled {
+            for (conversation_id, seq) in self.delivery.due(Instant::now()) {
+                let kind =
+                    client_frame::Kind::MarkDelivered(pb::MarkDelivered { conversation_id, seq });
+                link.queue.push_back(Outbound::Internal { kind, purpose: Internal::Delivered });
+            }
+        }
         let mut wrote = false;
         while link.max_inflight == 0 || link.pending.len() < link.max_inflight {
             let Some(out) = link.queue.pop_front() else { break };
             let (kind, pending) = match out {
                 Outbound::Request { kind, reply } => {
-                    let expect = Expect::of(&kind);
-                    (kind, Pending::Request { expect, reply })
+                    let pending = Pending::request(&kind, reply);
+                    (kind, pending)
                 }
+                Outbound::Internal { kind, purpose } => (kind, Pending::Internal(purpose)),
                 Outbound::Send(key) => {
                     let Some((send, _)) = self.sends.get(&key) else { continue };
                     (client_frame::Kind::Send(send.clone()), Pending::Send(key))
@@ -535,7 +563,8 @@ impl Driver {
     /// Fails a request without closing the connection.
     fn reject(&mut self, link: &mut Link, pending: Pending, error: impl Fn() -> Error) {
         match pending {
-            Pending::Request { reply, .. } => {
+            Pending::Request { reply, subscribed, .. } => {
+                self.forget_subscriptions(&subscribed);
                 let _ = reply.send(Err(error()));
             }
             Pending::Send(key) => {
@@ -545,6 +574,7 @@ impl Driver {
             }
             Pending::Sync => self.fail_pass(link, 0, error),
             Pending::Ping => link.ping_outstanding = false,
+            Pending::Internal(purpose) => warn!(?purpose, error = %error(), "request dropped"),
         }
     }
 
@@ -600,108 +630,21 @@ impl Driver {
     }
 
     /// After the first pass of a link, resend every unanswered send (same `client_msg_id`)
-    /// and let new ones through.
+    /// and let new ones through; after a reconnect, renew the presence subscriptions.
     fn end_resume_pass(&mut self, link: &mut Link) {
-        if mem::take(&mut link.pass.resume) {
-            link.sends_enabled = true;
-            link.queue.extend(self.sends.keys().map(|k| Outbound::Send(*k)));
+        if !mem::take(&mut link.pass.resume) {
+            return;
         }
-    }
-
-    fn on_frame(&mut self, link: &mut Link, frame: ServerFrame) -> Result<(), Stop> {
-        use server_frame::Kind as K;
-        let ServerFrame { request_id, kind } = frame;
-        let Some(kind) = kind else {
-            // A frame type this client does not know (a newer broker): fail its request.
-            if let Some(pending) = link.pending.remove(&request_id) {
-                self.reject(link, pending, || Error::Protocol("unknown reply type".into()));
+        link.sends_enabled = true;
+        link.queue.extend(self.sends.keys().map(|k| Outbound::Send(*k)));
+        if link.reconnect && !self.presence_subs.is_empty() {
+            let users: Vec<String> = self.presence_subs.iter().cloned().collect();
+            for chunk in users.chunks(link.max_presence_users.max(1)) {
+                let kind = client_frame::Kind::PresenceSubscribe(pb::PresenceSubscribe {
+                    users: chunk.to_vec(),
+                });
+                link.queue.push_back(Outbound::Internal { kind, purpose: Internal::Resubscribe });
             }
-            return Ok(());
-        };
-        match kind {
-            K::Disconnect(d) => Err(Stop::Lost(Lost {
-                reason: Some(DisconnectReason::try_from(d.reason).unwrap_or_default()),
-                message: d.message,
-                retry_after: Duration::from_millis(d.retry_after_ms),
-            })),
-            K::Message(m) if request_id == 0 => {
-                let events = self.lock().apply_message(m);
-                self.emit_all(events);
-                Ok(())
-            }
-            K::FeedEvent(f) if request_id == 0 => {
-                let events = self.lock().apply_feed_event(f);
-                self.emit_all(events);
-                Ok(())
-            }
-            K::Error(e) if request_id == 0 => {
-                let message = e.message;
-                warn!(code = e.code, %message, "connection-level error from the broker");
-                Ok(())
-            }
-            _ if request_id == 0 => Err(Stop::violation("a reply without request id")),
-            kind => match link.pending.remove(&request_id) {
-                Some(pending) => self.on_reply(link, pending, kind),
-                None => Err(Stop::violation(format!("a reply to unknown request {request_id}"))),
-            },
-        }
-    }
-
-    fn on_reply(
-        &mut self,
-        link: &mut Link,
-        pending: Pending,
-        kind: server_frame::Kind,
-    ) -> Result<(), Stop> {
-        use server_frame::Kind as K;
-        match (pending, kind) {
-            (Pending::Ping, K::Pong(_)) => link.ping_outstanding = false,
-            (Pending::Ping, K::Error(e)) => {
-                link.ping_outstanding = false;
-                warn!(code = e.code, message = %e.message, "heartbeat ping failed");
-            }
-            (Pending::Sync, K::Sync(page)) => self.on_sync_page(link, page),
-            (Pending::Sync, K::Error(e)) => {
-                warn!(code = e.code, message = %e.message, "sync failed; retrying");
-                self.fail_pass(link, e.retry_after_ms, || Error::from_wire(e.clone()));
-            }
-            (Pending::Send(key), K::SendAck(ack)) => {
-                if let Some((send, reply)) = self.sends.remove(&key) {
-                    let events = self.lock().apply_own_ack(&self.user_id, &send, &ack);
-                    self.emit_all(events);
-                    let _ = reply.send(Ok(ack));
-                }
-            }
-            (Pending::Send(key), K::Error(e)) => {
-                if let Some((_, reply)) = self.sends.remove(&key) {
-                    let _ = reply.send(Err(Error::from_wire(e)));
-                }
-            }
-            (Pending::Request { reply, .. }, K::Error(e)) => {
-                let _ = reply.send(Err(Error::from_wire(e)));
-            }
-            (Pending::Request { expect, reply }, kind) if expect.fits(&kind) => {
-                self.observe(&kind);
-                let _ = reply.send(Ok(kind));
-            }
-            (pending, _) => {
-                self.reject(link, pending, || Error::Protocol("unexpected reply type".into()));
-                return Err(Stop::violation("a reply of the wrong type"));
-            }
-        }
-        Ok(())
-    }
-
-    /// Replies that reveal log entries this session may not be pushed make the state sync.
-    fn observe(&self, kind: &server_frame::Kind) {
-        match kind {
-            server_frame::Kind::Conversation(c) => {
-                self.lock().expect_seq(&c.conversation_id, c.last_seq);
-            }
-            server_frame::Kind::Membership(m) if m.seq > 0 => {
-                self.lock().expect_seq(&m.conversation_id, m.seq);
-            }
-            _ => {}
         }
     }
 }

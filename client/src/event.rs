@@ -4,14 +4,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use switchboard_protocol::{DisconnectReason, FeedEvent, Message};
+use switchboard_protocol::{DisconnectReason, FeedEvent, Message, Presence, Receipt, TypingEvent};
 use tokio::sync::mpsc;
 
 /// Something that happened on the client's connection or in the user's conversations.
 ///
 /// Per conversation, [`Event::Message`]s form the complete log in increasing `seq` order, each
 /// entry exactly once, including the user's own sends (built from their acks) and system
-/// entries. [`Event::Feed`]s arrive in `user_seq` order without gaps.
+/// entries. [`Event::Feed`]s arrive in `user_seq` order without gaps. Presence, typing and
+/// receipt events are ephemeral: nothing is replayed after a reconnect except the presence of
+/// the users subscribed to with [`Client::subscribe_presence`](crate::Client::subscribe_presence).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
@@ -39,6 +41,18 @@ pub enum Event {
         /// The newest seq in the conversation.
         last_seq: u64,
     },
+    /// A user's presence: a change pushed by the broker (for direct-conversation peers and
+    /// subscribed users), or after a reconnect the current presence of every subscribed user.
+    Presence(Presence),
+    /// Another user started or stopped typing in a conversation. Show the indicator for at
+    /// most `expires_in_ms` unless another event renews it. Events about the client's own
+    /// user (typing on another device) are not emitted.
+    Typing(TypingEvent),
+    /// A member's delivered/read watermarks in a conversation advanced: another member's, or
+    /// the user's own from another device (compare `user_id` with
+    /// [`Client::user_id`](crate::Client::user_id)). The broker sends at most one per member
+    /// and conversation per second.
+    Receipt(Receipt),
     /// The user is no longer a member of the conversation; its cursor was dropped.
     Revoked {
         /// The conversation.

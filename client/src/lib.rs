@@ -8,7 +8,9 @@
 //!   (including the user's own sends), syncing whenever it notices a gap,
 //! - reconnects with full-jitter exponential backoff, resumes from the last position and
 //!   re-sends unanswered messages with their original `client_msg_id` (the broker
-//!   deduplicates them), so nothing is lost or duplicated across a reconnect.
+//!   deduplicates them), so nothing is lost or duplicated across a reconnect,
+//! - acknowledges delivery of what it hands to the application and renews presence
+//!   subscriptions after a reconnect.
 //!
 //! ```no_run
 //! use switchboard_client::{Client, Content, Event};
@@ -26,11 +28,54 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Receipts, typing and presence
+//! - **Delivered**: the client sends `MarkDelivered` on its own for the highest seq of each
+//!   conversation it emitted as [`Event::Message`], at most once per 500 ms per conversation
+//!   and only while connected; turn it off with [`ClientBuilder::auto_delivery_receipts`].
+//! - **Read**: call [`Client::mark_read`] with the last seq the user has seen; other members
+//!   (and the user's other devices) receive [`Event::Receipt`]. [`Client::receipts`] pages
+//!   through every member's watermarks.
+//! - **Typing**: [`Client::typing`] while the user types; others receive [`Event::Typing`]
+//!   (never about the client's own user). Typing updates are rate-limited and never retried.
+//! - **Presence**: [`Client::presence`] asks once; [`Client::subscribe_presence`] also
+//!   delivers changes as [`Event::Presence`] (direct-conversation peers' presence arrives
+//!   without subscribing). The broker ends subscriptions with the connection; the client
+//!   renews them after every reconnect and emits the users' current presence then.
+//!
+//! ```no_run
+//! use switchboard_client::{Client, Event};
+//!
+//! # async fn demo(client: Client, mut events: switchboard_client::EventStream)
+//! # -> Result<(), switchboard_client::Error> {
+//! client.subscribe_presence(["bob", "carol"]).await?;
+//! while let Some(event) = events.next().await {
+//!     match event {
+//!         // Marking every message is simplest; coalescing (the last of a batch) is cheaper.
+//!         Event::Message(m) => {
+//!             client.mark_read(&m.conversation_id, m.seq).await?;
+//!         }
+//!         Event::Typing(t) if t.active => println!("{} is typing", t.user_id),
+//!         Event::Receipt(r) => println!("{} read up to #{}", r.user_id, r.read_seq),
+//!         Event::Presence(p) => println!("{} online: {}", p.user_id, p.online),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! ## Requests while disconnected
 //! [`Client::send`] and [`Client::send_with_id`] wait: the message is sent once the client has
 //! reconnected and resumed, and the call returns its ack. All other requests fail fast with
 //! [`Error::ConnectionLost`], as do requests that were in flight when the connection dropped
-//! (a send in flight is instead re-sent with the same key).
+//! (a send in flight is instead re-sent with the same key), except
+//! [`Client::unsubscribe_presence`], which succeeds (the broker already ended the
+//! subscriptions).
+//!
+//! ## Rate limits
+//! A send the broker rejects with `RATE_LIMITED` was not stored; [`Client::send`] waits the
+//! `retry_after_ms` the broker asked for (at least 50 ms) and retries with the same
+//! `client_msg_id`, up to [`ClientBuilder::send_rate_limit_retries`] times (default 3). Other
+//! requests return the error ([`Error::Server`] carries `retry_after_ms`).
 //!
 //! ## Persisting the position
 //! [`Client::position`] is the position after every event emitted so far (possibly not yet
@@ -38,19 +83,23 @@
 //! When a conversation is left or revoked its cursor is dropped, and if the user is added again
 //! its readable log is delivered again from the start.
 
+mod awareness;
 mod backoff;
 mod builder;
+mod delivery;
 mod driver;
 mod error;
 mod event;
 mod handshake;
 mod state;
 
+use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use switchboard_protocol::{self as pb, client_frame, server_frame};
 use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
 
 pub use backoff::ReconnectPolicy;
 pub use builder::ClientBuilder;
@@ -61,7 +110,8 @@ pub use switchboard_protocol as protocol;
 pub use switchboard_protocol::{
     Content, Conversation, ConversationKind, ConversationList, ConversationSummary, Cursor,
     DisconnectReason, ErrorCode, FeedEvent, FeedEventKind, HistoryPage, HistoryVisibility, Member,
-    MemberList, MembershipResult, Message, Role, SendAck, SyncPosition, SystemEvent,
+    MemberList, MembershipResult, Message, Presence, Receipt, ReceiptList, Role, SendAck,
+    SyncPosition, SystemEvent, TypingEvent,
 };
 
 use driver::Command;
@@ -85,10 +135,17 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    cmds: mpsc::UnboundedSender<Command>,
-    state: Arc<Mutex<SyncState>>,
-    user_id: String,
+/// The least wait before retrying a rate-limited send.
+const MIN_SEND_RETRY: Duration = Duration::from_millis(50);
+
+/// What the clones of a [`Client`] share.
+pub(crate) struct Inner {
+    pub(crate) cmds: mpsc::UnboundedSender<Command>,
+    pub(crate) state: Arc<Mutex<SyncState>>,
+    /// `Limits.max_presence_users` of the current connection (kept up to date by the driver).
+    pub(crate) max_presence_users: Arc<AtomicU32>,
+    pub(crate) user_id: String,
+    pub(crate) send_rate_limit_retries: u32,
 }
 
 impl std::fmt::Debug for Client {
@@ -111,12 +168,8 @@ impl Client {
         ClientBuilder::new(addr.into())
     }
 
-    pub(crate) fn new(
-        cmds: mpsc::UnboundedSender<Command>,
-        state: Arc<Mutex<SyncState>>,
-        user_id: String,
-    ) -> Self {
-        Self { inner: Arc::new(Inner { cmds, state, user_id }) }
+    pub(crate) fn new(inner: Inner) -> Self {
+        Self { inner: Arc::new(inner) }
     }
 
     /// The authenticated user's id.
@@ -291,10 +344,17 @@ impl Client {
     /// reconnecting and the call returns the (deduplicated) ack. While disconnected the call
     /// waits for the reconnect. The message also appears in the event stream, in order.
     ///
+    /// The broker limits how fast a user sends; a rejected message was not stored. The call
+    /// then waits the broker's `retry_after_ms` (at least 50 ms) and sends it again with the
+    /// same `client_msg_id`, up to [`ClientBuilder::send_rate_limit_retries`] times (default
+    /// 3) before returning the `RATE_LIMITED` error. Messages sent meanwhile by other tasks
+    /// may be stored before a retried one.
+    ///
     /// # Errors
-    /// [`Error::Server`] (e.g. `NOT_FOUND`, `TOO_LARGE`, `RATE_LIMITED`), [`Error::Frame`]
-    /// when the frame exceeds the broker's limit, [`Error::Closed`] when the client closes
-    /// first, [`Error::ConnectionLost`] when the connection drops and reconnecting is disabled.
+    /// [`Error::Server`] (e.g. `NOT_FOUND`, `TOO_LARGE`, `RATE_LIMITED` once the retries are
+    /// used up), [`Error::Frame`] when the frame exceeds the broker's limit, [`Error::Closed`]
+    /// when the client closes first, [`Error::ConnectionLost`] when the connection drops and
+    /// reconnecting is disabled.
     pub async fn send(&self, conversation_id: &str, content: Content) -> Result<SendAck> {
         let key: [u8; 16] = rand::random();
         let client_msg_id: String = key.iter().map(|b| format!("{b:02x}")).collect();
@@ -303,6 +363,7 @@ impl Client {
 
     /// Sends a message with an application-chosen idempotency key. Repeating a key in the same
     /// conversation returns the original ack (`duplicate == true`) and stores nothing.
+    /// Rate-limited sends are retried as described for [`Client::send`].
     ///
     /// # Errors
     /// See [`Client::send`].
@@ -317,9 +378,22 @@ impl Client {
             client_msg_id: client_msg_id.into(),
             content: Some(content),
         };
-        let (reply, rx) = oneshot::channel();
-        self.command(Command::Send { send, reply })?;
-        rx.await.map_err(|_| Error::Closed)?
+        let mut retries_left = self.inner.send_rate_limit_retries;
+        loop {
+            let (reply, rx) = oneshot::channel();
+            self.command(Command::Send { send: send.clone(), reply })?;
+            match rx.await.map_err(|_| Error::Closed)? {
+                Err(Error::Server { code: ErrorCode::RateLimited, retry_after_ms, .. })
+                    if retries_left > 0 =>
+                {
+                    retries_left -= 1;
+                    let wait = Duration::from_millis(retry_after_ms).max(MIN_SEND_RETRY);
+                    debug!(?wait, key = %send.client_msg_id, "send rate limited; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                outcome => return outcome,
+            }
+        }
     }
 
     /// A page of a conversation's log (this does not move the client's cursor).

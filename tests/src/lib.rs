@@ -142,6 +142,20 @@ impl Broker {
             .arg(&self.opts.durability)
             .arg("--jwt-secret")
             .arg(SECRET)
+            // Tests drive load no user would: lift the per-user and per-address rates (tests
+            // of the limits set their own, after these).
+            .args([
+                "--set",
+                "limits.send_rate_per_sec=1000000",
+                "--set",
+                "limits.send_burst=1000000",
+            ])
+            .args([
+                "--set",
+                "limits.connect_rate_per_ip=1000000",
+                "--set",
+                "limits.connect_burst_per_ip=1000000",
+            ])
             .args(&self.opts.args)
             .env(
                 "SWITCHBOARD_LOG",
@@ -546,4 +560,101 @@ pub fn read_all(path: &Path) -> Vec<u8> {
         let _ = f.read_to_end(&mut v);
     }
     v
+}
+
+/// One request received by a [`WebhookReceiver`].
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Header names (lower case) and values.
+    pub headers: std::collections::HashMap<String, String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// The body as JSON.
+    ///
+    /// # Panics
+    /// When it is not JSON.
+    #[must_use]
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("JSON body")
+    }
+}
+
+/// A local HTTP endpoint for push-webhook tests: records every POST and answers with the
+/// status currently set (200 by default).
+pub struct WebhookReceiver {
+    /// `http://127.0.0.1:<port>/hook`
+    pub url: String,
+    received: tokio::sync::mpsc::UnboundedReceiver<Received>,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+}
+
+impl WebhookReceiver {
+    /// Starts listening on a free loopback port.
+    ///
+    /// # Panics
+    /// When it cannot bind.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+        let (tx, received) = tokio::sync::mpsc::unbounded_channel();
+        let status = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let st = status.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (tx, st) = (tx.clone(), st.clone());
+                tokio::spawn(async move {
+                    let _ = serve_http(stream, tx, st).await;
+                });
+            }
+        });
+        Self { url, received, status }
+    }
+
+    /// Makes later requests fail (e.g. 503) or succeed (200).
+    pub fn respond_with(&self, status: u16) {
+        self.status.store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next request, if one arrives within `within`.
+    pub async fn next(&mut self, within: Duration) -> Option<Received> {
+        tokio::time::timeout(within, self.received.recv()).await.ok().flatten()
+    }
+}
+
+/// Minimal HTTP/1.1 server loop for the tests: `Content-Length` bodies, keep-alive.
+async fn serve_http(
+    stream: TcpStream,
+    tx: tokio::sync::mpsc::UnboundedSender<Received>,
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::io::BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let mut headers = std::collections::HashMap::new();
+        loop {
+            let mut h = String::new();
+            stream.read_line(&mut h).await?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+            }
+        }
+        let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let mut body = vec![0; len];
+        stream.read_exact(&mut body).await?;
+        let code = status.load(std::sync::atomic::Ordering::SeqCst);
+        let _ = tx.send(Received { headers, body });
+        let reply = format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
+        stream.get_mut().write_all(reply.as_bytes()).await?;
+    }
 }

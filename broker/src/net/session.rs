@@ -147,6 +147,19 @@ impl Session {
         Flow::Close
     }
 
+    /// Refuses a connection over the per-address rate: error, `Disconnect`, close.
+    pub fn refuse(&self, wait: std::time::Duration) {
+        let retry = crate::ratelimit::retry_after_ms(wait);
+        self.out.replace_and_close(&[
+            crate::shard::rate_limited_frame(0, "connection", wait),
+            ServerFrame::disconnect(
+                DisconnectReason::RateLimited,
+                "too many new connections",
+                retry,
+            ),
+        ]);
+    }
+
     /// The broker asked the connection to close (shutdown, or the queue overflowed).
     pub fn on_cancel(&self) {
         self.close(DisconnectReason::Shutdown, "broker shutting down; reconnect");

@@ -40,7 +40,10 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
         tracing::debug!("connected");
         let (rd, wr) = stream.into_split();
         let writer = tokio::task::spawn_local(write_loop(wr, session.out.clone()));
-        read_loop(&session, rd).await;
+        match session.shard.limiters.connect.check(&peer.ip()) {
+            Ok(()) => read_loop(&session, rd).await,
+            Err(wait) => session.refuse(wait),
+        }
         session.finish();
         if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer).await.is_err() {
             tracing::debug!("writer did not finish in time");

@@ -1,53 +1,631 @@
-//! The home-shard role: where each user's sessions are, so membership events reach all of a
-//! user's devices. (Presence will live here too.)
+//! The home-shard role, for the users hashed to this shard (`xxh3(user) mod shards`):
+//!
+//! - **sessions**: where each user's sessions are, so membership events reach every device;
+//! - **presence**: one record per user (online, devices, last seen) in a moka cache. An online
+//!   record lives for a lease (2 × the presence TTL) that the shards hosting the user's sessions
+//!   renew every heartbeat interval in one batched message; a record whose lease lapses (a host
+//!   that stopped renewing) turns offline: the safety net. Only session up/down and those
+//!   batched renewals reach this shard; client heartbeats never leave the accepting shard. A
+//!   user whose last session closes stays online for a grace period, so a quick reconnect does
+//!   not flap. Changes go to the user's direct-conversation peers and to explicit subscribers.
+//!   Last-seen times are written in batches;
+//! - **push notifications**: messages for users with no session are coalesced per user and
+//!   conversation over a window, persisted, and handed to the webhook delivery task.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use super::SessionRef;
+use bytes::Bytes;
+use prost::Message as _;
+use switchboard_protocol::{
+    ConversationKind, Presence, ServerFrame, encode_frame, server_frame, validate,
+};
+use tokio::sync::oneshot;
+
 use super::mailbox::{HomeMsg, LocalMsg, Outgoing};
+use super::{SessionRef, home_shard};
+use crate::config::Config;
+use crate::push::{Notification, summary};
+use crate::shard::owner::now_ms;
+use crate::storage::{Ks, Storage, StoredPush, StoredUser, WriteOp, keys};
 
-/// Sessions per user, for the users hashed to this shard.
-#[derive(Debug, Default)]
+/// Offline records are kept this long before a query falls back to storage.
+const OFFLINE_RECORD_TTL: Duration = Duration::from_secs(3600);
+/// Direct peers loaded per user.
+const MAX_PEERS: usize = 10_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Record {
+    online: bool,
+    devices: u32,
+    /// Online: since when. Offline: last seen.
+    at_ms: u64,
+}
+
+struct RecordExpiry {
+    lease: Duration,
+}
+
+impl moka::Expiry<Arc<str>, Record> for RecordExpiry {
+    fn expire_after_create(
+        &self,
+        _: &Arc<str>,
+        v: &Record,
+        _: std::time::Instant,
+    ) -> Option<Duration> {
+        Some(if v.online { self.lease } else { OFFLINE_RECORD_TTL })
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &Arc<str>,
+        v: &Record,
+        _: std::time::Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(if v.online { self.lease } else { OFFLINE_RECORD_TTL })
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    count: u64,
+    latest_sender: Arc<str>,
+    first_seq: u64,
+    last_seq: u64,
+    name: String,
+    kind: i32,
+    window_start_ms: u64,
+    due_ms: u64,
+    due: Instant,
+}
+
+impl Pending {
+    fn stored(&self) -> StoredPush {
+        StoredPush {
+            count: self.count,
+            latest_sender: self.latest_sender.to_string(),
+            first_seq: self.first_seq,
+            last_seq: self.last_seq,
+            conversation_name: self.name.clone(),
+            conversation_kind: self.kind,
+            window_start_ms: self.window_start_ms,
+            due_ms: self.due_ms,
+        }
+    }
+}
+
+/// A notification ready for the webhook.
+#[derive(Debug, Clone)]
+pub struct PushJob {
+    /// Who.
+    pub user: Arc<str>,
+    /// Where.
+    pub conversation: Arc<str>,
+    /// The body (its `sent_at_ms` is refreshed per attempt).
+    pub notification: Notification,
+    /// Attempts made so far.
+    pub attempts: u32,
+}
+
+/// Home-shard state.
 pub struct Home {
-    users: HashMap<Arc<str>, Vec<SessionRef>>,
+    grace: Duration,
+    window: Duration,
+    max_sessions: usize,
+    push: bool,
+    max_attempts: u32,
+    storage: Arc<Storage>,
+    shards: usize,
+    sessions: HashMap<Arc<str>, Vec<SessionRef>>,
+    records: moka::sync::Cache<Arc<str>, Record>,
+    expired: Arc<Mutex<Vec<Arc<str>>>>,
+    in_grace: HashMap<Arc<str>, (u64, u64)>,
+    grace_queue: VecDeque<(Instant, Arc<str>, u64)>,
+    next_epoch: u64,
+    subscribers: HashMap<Arc<str>, Vec<SessionRef>>,
+    peers: HashMap<Arc<str>, Vec<Arc<str>>>,
+    last_seen_dirty: HashMap<Arc<str>, u64>,
+    pending: HashMap<Arc<str>, HashMap<Arc<str>, Pending>>,
+    push_dirty: HashSet<(Arc<str>, Arc<str>)>,
+    push_deleted: Vec<(Arc<str>, Arc<str>)>,
+    ready: VecDeque<(Instant, PushJob)>,
+}
+
+impl std::fmt::Debug for Home {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Home").field("users", &self.sessions.len()).finish_non_exhaustive()
+    }
+}
+
+fn presence(user: &str, r: Option<Record>) -> Presence {
+    match r {
+        Some(r) => Presence {
+            user_id: user.to_owned(),
+            online: r.online,
+            devices: r.devices,
+            last_seen_ms: r.at_ms,
+        },
+        None => Presence { user_id: user.to_owned(), online: false, devices: 0, last_seen_ms: 0 },
+    }
+}
+
+fn group_by_shard(sessions: &[SessionRef]) -> HashMap<usize, Vec<u64>> {
+    let mut by: HashMap<usize, Vec<u64>> = HashMap::new();
+    for s in sessions {
+        by.entry(s.shard).or_default().push(s.id);
+    }
+    by
 }
 
 impl Home {
+    /// The home role of one shard.
+    #[must_use]
+    pub fn new(config: &Config, storage: Arc<Storage>, shards: usize) -> Self {
+        let expired: Arc<Mutex<Vec<Arc<str>>>> = Arc::default();
+        let sink = expired.clone();
+        let lease = Duration::from_millis(config.server.idle_timeout_ms.saturating_mul(2));
+        let records = moka::sync::Cache::builder()
+            .max_capacity(1 << 22)
+            .expire_after(RecordExpiry { lease })
+            .eviction_listener(move |user: Arc<Arc<str>>, record: Record, cause| {
+                if record.online && cause == moka::notification::RemovalCause::Expired {
+                    sink.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push((*user).clone());
+                }
+            })
+            .build();
+        Self {
+            grace: Duration::from_millis(config.presence.grace_ms),
+            window: Duration::from_millis(config.push.window_ms),
+            max_sessions: config.limits.max_connections_per_user,
+            push: config.push.webhook_url.is_some(),
+            max_attempts: config.push.max_attempts,
+            storage,
+            shards,
+            sessions: HashMap::new(),
+            records,
+            expired,
+            in_grace: HashMap::new(),
+            grace_queue: VecDeque::new(),
+            next_epoch: 1,
+            subscribers: HashMap::new(),
+            peers: HashMap::new(),
+            last_seen_dirty: HashMap::new(),
+            pending: HashMap::new(),
+            push_dirty: HashSet::new(),
+            push_deleted: Vec::new(),
+            ready: VecDeque::new(),
+        }
+    }
+
     /// Handles a home message.
     pub fn handle(&mut self, msg: HomeMsg, out: &mut Outgoing) {
         match msg {
-            HomeMsg::SessionUp { user, session, ack } => {
-                self.users.entry(user).or_default().push(session);
-                let _ = ack.send(());
-            }
-            HomeMsg::SessionDown { user, session } => {
-                if let Some(sessions) = self.users.get_mut(&user) {
-                    sessions.retain(|s| *s != session);
-                    if sessions.is_empty() {
-                        self.users.remove(&user);
+            HomeMsg::SessionUp { user, session, ack } => self.session_up(user, session, ack, out),
+            HomeMsg::SessionDown { user, session } => self.session_down(&user, session),
+            HomeMsg::UserEvent { user, event } => {
+                if event.added
+                    && event.conversation.starts_with(validate::DIRECT_PREFIX)
+                    && let Some(peers) = self.peers.get_mut(&user)
+                {
+                    let pair = event.conversation.trim_start_matches(validate::DIRECT_PREFIX);
+                    if let Some(peer) = pair.split(':').find(|p| *p != &*user) {
+                        peers.push(Arc::from(peer));
                     }
                 }
-            }
-            HomeMsg::UserEvent { user, event } => {
-                let Some(sessions) = self.users.get(&user) else { return };
-                let mut by_shard: HashMap<usize, Vec<u64>> = HashMap::new();
-                for s in sessions {
-                    by_shard.entry(s.shard).or_default().push(s.id);
-                }
-                for (shard, sessions) in by_shard {
+                let Some(sessions) = self.sessions.get(&user) else { return };
+                for (shard, sessions) in group_by_shard(sessions) {
                     out.push_local(
                         shard,
                         LocalMsg::UserEvent { sessions, user: user.clone(), event: event.clone() },
                     );
                 }
             }
+            HomeMsg::Renew { users } => {
+                for user in users {
+                    if let Some(r) = self.records.get(&user)
+                        && r.online
+                    {
+                        self.records.insert(user, r);
+                    }
+                }
+            }
+            HomeMsg::PresenceQuery { users, reply } => {
+                let answer = users.iter().map(|u| self.current(u)).collect();
+                let _ = reply.send(answer);
+            }
+            HomeMsg::PresenceSubscribe { session, users, reply } => {
+                let answer = users.iter().map(|u| self.current(u)).collect();
+                for u in users {
+                    let subs = self.subscribers.entry(u).or_default();
+                    if !subs.contains(&session) {
+                        subs.push(session);
+                    }
+                }
+                let _ = reply.send(answer);
+            }
+            HomeMsg::PresenceUnsubscribe { session, users } => {
+                for u in users {
+                    if let Some(subs) = self.subscribers.get_mut(&u) {
+                        subs.retain(|s| *s != session);
+                        if subs.is_empty() {
+                            self.subscribers.remove(&u);
+                        }
+                    }
+                }
+            }
+            HomeMsg::PresenceNotify { users, frame } => {
+                for u in users {
+                    if let Some(sessions) = self.sessions.get(&u) {
+                        for (shard, sessions) in group_by_shard(sessions) {
+                            out.push_local(
+                                shard,
+                                LocalMsg::Push { sessions, frame: frame.clone(), droppable: false },
+                            );
+                        }
+                    }
+                }
+            }
+            HomeMsg::Notify(n) => self.notify(&n),
+            HomeMsg::Read { user, conversation, read_seq } => {
+                if let Some(convs) = self.pending.get_mut(&user)
+                    && convs.get(&conversation).is_some_and(|p| p.last_seq <= read_seq)
+                {
+                    convs.remove(&conversation);
+                    self.push_dirty.remove(&(user.clone(), conversation.clone()));
+                    self.push_deleted.push((user, conversation));
+                }
+            }
         }
+    }
+
+    /// Presence as a home shard knows it; `None` when it has no record (the caller may look
+    /// up the stored last-seen time).
+    fn current(&self, user: &Arc<str>) -> Option<Presence> {
+        if let Some(s) = self.sessions.get(user) {
+            let r = self.records.get(user);
+            let at = r.map_or_else(now_ms, |r| r.at_ms);
+            return Some(presence(
+                user,
+                Some(Record { online: true, devices: len_u32(s.len()), at_ms: at }),
+            ));
+        }
+        if self.in_grace.contains_key(user) {
+            return Some(presence(
+                user,
+                self.records.get(user).map(|r| Record { devices: 0, ..r }),
+            ));
+        }
+        self.records.get(user).map(|r| presence(user, Some(r)))
+    }
+
+    fn session_up(
+        &mut self,
+        user: Arc<str>,
+        session: SessionRef,
+        ack: oneshot::Sender<bool>,
+        out: &mut Outgoing,
+    ) {
+        let count = self.sessions.get(&user).map_or(0, Vec::len);
+        if count >= self.max_sessions {
+            let _ = ack.send(false);
+            return;
+        }
+        self.sessions.entry(user.clone()).or_default().push(session);
+        let _ = ack.send(true);
+        self.cancel_pushes(&user);
+        let devices = len_u32(count + 1);
+        let was_online = count > 0 || self.in_grace.remove(&user).is_some();
+        let at_ms = if was_online {
+            self.records.get(&user).map_or_else(now_ms, |r| r.at_ms)
+        } else {
+            now_ms()
+        };
+        let record = Record { online: true, devices, at_ms };
+        self.records.insert(user.clone(), record);
+        if !was_online {
+            if !self.peers.contains_key(&user) {
+                let peers = self
+                    .storage
+                    .reader()
+                    .direct_peers(&user, MAX_PEERS)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| Arc::from(p.as_str()))
+                    .collect();
+                self.peers.insert(user.clone(), peers);
+            }
+            self.broadcast(&user, record, out);
+        }
+    }
+
+    fn session_down(&mut self, user: &Arc<str>, session: SessionRef) {
+        let Some(sessions) = self.sessions.get_mut(user) else { return };
+        sessions.retain(|s| *s != session);
+        if !sessions.is_empty() {
+            let devices = len_u32(sessions.len());
+            if let Some(r) = self.records.get(user) {
+                self.records.insert(user.clone(), Record { devices, ..r });
+            }
+            return;
+        }
+        self.sessions.remove(user);
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.in_grace.insert(user.clone(), (epoch, now_ms()));
+        self.grace_queue.push_back((Instant::now() + self.grace, user.clone(), epoch));
+    }
+
+    fn go_offline(&mut self, user: &Arc<str>, last_seen_ms: u64, out: &mut Outgoing) {
+        let record = Record { online: false, devices: 0, at_ms: last_seen_ms };
+        self.records.insert(user.clone(), record);
+        self.last_seen_dirty.insert(user.clone(), last_seen_ms);
+        self.broadcast(user, record, out);
+        self.peers.remove(user);
+    }
+
+    /// Pushes a presence change to the user's subscribers and direct peers.
+    fn broadcast(&self, user: &Arc<str>, record: Record, out: &mut Outgoing) {
+        let frame: Bytes = encode_frame(&ServerFrame::push(server_frame::Kind::Presence(
+            presence(user, Some(record)),
+        )));
+        if let Some(subs) = self.subscribers.get(user) {
+            for (shard, sessions) in group_by_shard(subs) {
+                out.push_local(
+                    shard,
+                    LocalMsg::Push { sessions, frame: frame.clone(), droppable: false },
+                );
+            }
+        }
+        let Some(peers) = self.peers.get(user) else { return };
+        let mut by_home: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
+        for p in peers {
+            by_home.entry(home_shard(p, self.shards)).or_default().push(p.clone());
+        }
+        for (_, users) in by_home {
+            if let Some(first) = users.first().cloned() {
+                out.home.push((first, HomeMsg::PresenceNotify { users, frame: frame.clone() }));
+            }
+        }
+    }
+
+    fn notify(&mut self, n: &super::mailbox::NotifyMsg) {
+        if !self.push {
+            return;
+        }
+        let now = Instant::now();
+        let now_wall = now_ms();
+        let window = self.window;
+        for user in &n.users {
+            if self.sessions.contains_key(user) {
+                continue;
+            }
+            let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+            let p = self
+                .pending
+                .entry(user.clone())
+                .or_default()
+                .entry(n.conversation.clone())
+                .or_insert_with(|| Pending {
+                    count: 0,
+                    latest_sender: n.sender.clone(),
+                    first_seq: n.seq,
+                    last_seq: n.seq,
+                    name: n.name.clone(),
+                    kind: n.kind,
+                    window_start_ms: now_wall,
+                    due_ms: now_wall + window_ms,
+                    due: now + window,
+                });
+            p.count += 1;
+            p.last_seq = p.last_seq.max(n.seq);
+            p.latest_sender = n.sender.clone();
+            self.push_dirty.insert((user.clone(), n.conversation.clone()));
+        }
+    }
+
+    fn cancel_pushes(&mut self, user: &Arc<str>) {
+        if let Some(convs) = self.pending.remove(user) {
+            for conv in convs.into_keys() {
+                self.push_dirty.remove(&(user.clone(), conv.clone()));
+                self.push_deleted.push((user.clone(), conv));
+            }
+        }
+        let before = self.ready.len();
+        let deleted = &mut self.push_deleted;
+        self.ready.retain(|(_, job)| {
+            let keep = job.user != *user;
+            if !keep {
+                deleted.push((job.user.clone(), job.conversation.clone()));
+            }
+            keep
+        });
+        if before != self.ready.len() {
+            tracing::debug!(%user, "cancelled push notifications: user came online");
+        }
+    }
+
+    /// Loads pending push notifications of this shard's users after a restart.
+    pub fn restore_pushes(&mut self, shard: usize) {
+        if !self.push {
+            return;
+        }
+        let rows = match self.storage.reader().pending_pushes() {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load pending push notifications");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let now_wall = now_ms();
+        for (user, conv, p) in rows {
+            if home_shard(&user, self.shards) != shard {
+                continue;
+            }
+            let due = now + Duration::from_millis(p.due_ms.saturating_sub(now_wall));
+            self.pending.entry(Arc::from(user.as_str())).or_default().insert(
+                Arc::from(conv.as_str()),
+                Pending {
+                    count: p.count,
+                    latest_sender: Arc::from(p.latest_sender.as_str()),
+                    first_seq: p.first_seq,
+                    last_seq: p.last_seq,
+                    name: p.conversation_name,
+                    kind: p.conversation_kind,
+                    window_start_ms: p.window_start_ms,
+                    due_ms: p.due_ms,
+                    due,
+                },
+            );
+        }
+    }
+
+    /// Periodic work: grace periods, lapsed leases, due notifications. Returns writes for the
+    /// shard's next batch when `flush` (last seen, pending notifications).
+    pub fn tick(&mut self, now: Instant, flush: bool, out: &mut Outgoing) -> Vec<WriteOp> {
+        while let Some((due, _, _)) = self.grace_queue.front() {
+            if *due > now {
+                break;
+            }
+            let Some((_, user, epoch)) = self.grace_queue.pop_front() else { break };
+            if let Some(&(e, dropped_at)) = self.in_grace.get(&user)
+                && e == epoch
+            {
+                self.in_grace.remove(&user);
+                self.go_offline(&user, dropped_at, out);
+            }
+        }
+        if flush {
+            self.records.run_pending_tasks();
+            let lapsed: Vec<Arc<str>> = std::mem::take(
+                &mut *self.expired.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
+            for user in lapsed {
+                if self.records.get(&user).is_none_or(|r| r.online) {
+                    tracing::warn!(%user, "presence lease lapsed; marking offline");
+                    self.sessions.remove(&user);
+                    self.go_offline(&user, now_ms(), out);
+                }
+            }
+        }
+        let mut due = Vec::new();
+        for (user, convs) in &mut self.pending {
+            convs.retain(|conv, p| {
+                if p.due <= now {
+                    due.push((user.clone(), conv.clone(), p.clone()));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.pending.retain(|_, convs| !convs.is_empty());
+        let mut ops = Vec::new();
+        for (user, conv, p) in due {
+            // Persist it now if the window closed before it was ever written, so a retrying
+            // delivery survives a restart.
+            if self.push_dirty.remove(&(user.clone(), conv.clone())) {
+                ops.push(WriteOp::Put(
+                    Ks::Push,
+                    keys::push_key(&user, &conv),
+                    p.stored().encode_to_vec(),
+                ));
+            }
+            let kind = if p.kind == ConversationKind::Group as i32 { "group" } else { "direct" };
+            let notification = Notification {
+                id: format!("{user}/{conv}/{}", p.last_seq),
+                user_id: user.to_string(),
+                conversation_id: conv.to_string(),
+                conversation_kind: kind,
+                conversation_name: p.name.clone(),
+                count: p.count,
+                latest_sender: p.latest_sender.to_string(),
+                first_seq: p.first_seq,
+                last_seq: p.last_seq,
+                text: summary(p.count, &p.latest_sender, &p.name),
+                window_start_ms: p.window_start_ms,
+                sent_at_ms: 0,
+            };
+            self.ready
+                .push_back((now, PushJob { user, conversation: conv, notification, attempts: 0 }));
+        }
+        if flush {
+            ops.extend(self.flush_writes());
+        }
+        ops
+    }
+
+    fn flush_writes(&mut self) -> Vec<WriteOp> {
+        let mut ops = Vec::new();
+        for (user, last_seen_ms) in self.last_seen_dirty.drain() {
+            ops.push(WriteOp::Put(
+                Ks::Users,
+                keys::user_key(&user),
+                StoredUser { last_seen_ms }.encode_to_vec(),
+            ));
+        }
+        for (user, conv) in self.push_dirty.drain() {
+            if let Some(p) = self.pending.get(&user).and_then(|c| c.get(&conv)) {
+                ops.push(WriteOp::Put(
+                    Ks::Push,
+                    keys::push_key(&user, &conv),
+                    p.stored().encode_to_vec(),
+                ));
+            }
+        }
+        for (user, conv) in self.push_deleted.drain(..) {
+            ops.push(WriteOp::Delete(Ks::Push, keys::push_key(&user, &conv)));
+        }
+        ops
+    }
+
+    /// Marks every online user as last seen now (graceful shutdown); returns the writes.
+    pub fn shutdown_writes(&mut self) -> Vec<WriteOp> {
+        let now = now_ms();
+        let users: Vec<Arc<str>> =
+            self.sessions.keys().chain(self.in_grace.keys()).cloned().collect();
+        for user in users {
+            self.last_seen_dirty.insert(user, now);
+        }
+        self.flush_writes()
+    }
+
+    /// Notifications whose next attempt is due.
+    pub fn take_ready(&mut self, now: Instant) -> Vec<PushJob> {
+        let mut jobs = Vec::new();
+        let mut later = VecDeque::new();
+        while let Some((at, job)) = self.ready.pop_front() {
+            if at <= now { jobs.push(job) } else { later.push_back((at, job)) }
+        }
+        self.ready = later;
+        jobs
+    }
+
+    /// Records the outcome of a delivery attempt.
+    pub fn push_done(&mut self, mut job: PushJob, delivered: bool) {
+        job.attempts += 1;
+        if delivered || job.attempts >= self.max_attempts {
+            if !delivered {
+                tracing::error!(user = %job.user, conversation = %job.conversation, attempts = job.attempts, "giving up on a push notification");
+            }
+            self.push_deleted.push((job.user, job.conversation));
+            return;
+        }
+        let at = Instant::now() + crate::push::backoff(job.attempts);
+        self.ready.push_back((at, job));
     }
 
     /// Number of sessions of `user` (all shards).
     #[must_use]
     pub fn session_count(&self, user: &str) -> usize {
-        self.users.get(user).map_or(0, Vec::len)
+        self.sessions.get(user).map_or(0, Vec::len)
     }
+}
+
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }

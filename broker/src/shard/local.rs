@@ -29,6 +29,8 @@ pub struct LocalSession {
     /// Outbound frames (shared with the connection's writer).
     pub out: Rc<Outbound>,
     convs: RefCell<HashSet<Arc<str>>>,
+    /// Users this session receives presence pushes for (explicit subscriptions).
+    pub presence_subs: RefCell<HashSet<Arc<str>>>,
     inflight: Cell<usize>,
     inflight_changed: Notify,
     cancel: CancellationToken,
@@ -43,6 +45,7 @@ impl LocalSession {
             user,
             out,
             convs: RefCell::default(),
+            presence_subs: RefCell::default(),
             inflight: Cell::new(0),
             inflight_changed: Notify::new(),
             cancel,
@@ -186,6 +189,12 @@ impl Local {
         Some((s.user.clone(), empty))
     }
 
+    /// Users with a session here (for the batched presence lease renewal).
+    #[must_use]
+    pub fn users(&self) -> HashSet<Arc<str>> {
+        self.sessions.values().map(|s| s.user.clone()).collect()
+    }
+
     fn sessions_of(&self, conv: &str, user: &str) -> Vec<u64> {
         let Some(interest) = self.interest.get(conv) else { return Vec::new() };
         interest
@@ -214,7 +223,7 @@ pub(crate) fn apply(shard: &Rc<Shard>, msg: LocalMsg) {
                 }
             }
         }
-        LocalMsg::Deliver { conversation, frame, skip } => {
+        LocalMsg::Deliver { conversation, frame, skip, droppable } => {
             let local = shard.local.borrow();
             let Some(interest) = local.interest.get(&conversation) else { return };
             let skip = skip.filter(|s| s.shard == shard.id).map(|s| s.id);
@@ -223,7 +232,23 @@ pub(crate) fn apply(shard: &Rc<Shard>, msg: LocalMsg) {
                     continue;
                 }
                 if let Some(s) = local.sessions.get(id) {
-                    s.out.push(frame.clone());
+                    if droppable {
+                        s.out.push_droppable(frame.clone());
+                    } else {
+                        s.out.push(frame.clone());
+                    }
+                }
+            }
+        }
+        LocalMsg::Push { sessions, frame, droppable } => {
+            let local = shard.local.borrow();
+            for id in sessions {
+                if let Some(s) = local.sessions.get(&id) {
+                    if droppable {
+                        s.out.push_droppable(frame.clone());
+                    } else {
+                        s.out.push(frame.clone());
+                    }
                 }
             }
         }
@@ -330,8 +355,18 @@ pub(crate) async fn subscribe(
     accepted
 }
 
-/// Unregisters a closed session and tells the owners and the home shard.
+/// Unregisters a closed session and tells the owners and the home shards.
 pub(crate) fn close_session(shard: &Rc<Shard>, id: u64) {
+    let subs: Vec<Arc<str>> = shard
+        .local
+        .borrow()
+        .get(id)
+        .map(|s| s.presence_subs.borrow_mut().drain().collect())
+        .unwrap_or_default();
+    let me = SessionRef { shard: shard.id, id };
+    for (home, users) in super::group_by_home(subs, shard.count) {
+        shard.send_home_at(home, HomeMsg::PresenceUnsubscribe { session: me, users });
+    }
     let removed = shard.local.borrow_mut().remove_session(id);
     if let Some((user, empty)) = removed {
         for conv in empty {

@@ -46,6 +46,14 @@ pub enum OwnerOp {
     RemoveMembers(switchboard_protocol::RemoveMembers),
     /// Leave a group.
     Leave(switchboard_protocol::Leave),
+    /// Advance the read (and delivered) watermark.
+    MarkRead(switchboard_protocol::MarkRead),
+    /// Advance the delivered watermark.
+    MarkDelivered(switchboard_protocol::MarkDelivered),
+    /// A typing indicator.
+    Typing(switchboard_protocol::Typing),
+    /// Every member's watermarks.
+    GetReceipts(switchboard_protocol::GetReceipts),
 }
 
 /// Messages for a partition owner.
@@ -87,14 +95,15 @@ pub enum OwnerMsg {
 /// Messages for a user's home shard.
 #[derive(Debug)]
 pub enum HomeMsg {
-    /// A session of `user` started; `ack` fires once it is registered.
+    /// A session of `user` started; `ack` answers whether it is registered (false: the user
+    /// has the maximum number of sessions).
     SessionUp {
         /// The user.
         user: Arc<str>,
         /// The session.
         session: SessionRef,
-        /// Fired when registered.
-        ack: oneshot::Sender<()>,
+        /// Fired when decided.
+        ack: oneshot::Sender<bool>,
     },
     /// A session of `user` ended.
     SessionDown {
@@ -110,6 +119,69 @@ pub enum HomeMsg {
         /// The feed event.
         event: Arc<UserEvent>,
     },
+    /// These users still have sessions on the sending shard (lease renewal, batched).
+    Renew {
+        /// Users homed on the receiving shard.
+        users: Vec<Arc<str>>,
+    },
+    /// Current presence of `users`; `None` where this shard has no record.
+    PresenceQuery {
+        /// Users homed on the receiving shard.
+        users: Vec<Arc<str>>,
+        /// One answer per user.
+        reply: oneshot::Sender<Vec<Option<switchboard_protocol::Presence>>>,
+    },
+    /// `session` wants presence pushes for `users`; answered like a query.
+    PresenceSubscribe {
+        /// The subscribing session.
+        session: SessionRef,
+        /// Users homed on the receiving shard.
+        users: Vec<Arc<str>>,
+        /// One answer per user.
+        reply: oneshot::Sender<Vec<Option<switchboard_protocol::Presence>>>,
+    },
+    /// `session` no longer wants presence pushes for `users`.
+    PresenceUnsubscribe {
+        /// The session.
+        session: SessionRef,
+        /// Users homed on the receiving shard.
+        users: Vec<Arc<str>>,
+    },
+    /// A presence change for these users' sessions (they are the changed user's direct peers).
+    PresenceNotify {
+        /// Users homed on the receiving shard.
+        users: Vec<Arc<str>>,
+        /// The encoded `presence` push.
+        frame: Bytes,
+    },
+    /// A durable message: queue push notifications for those of `users` with no session.
+    Notify(Box<NotifyMsg>),
+    /// `user` read `conversation` up to `read_seq`: cancel a pending notification it covers.
+    Read {
+        /// The user.
+        user: Arc<str>,
+        /// The conversation.
+        conversation: Arc<str>,
+        /// The new read watermark.
+        read_seq: u64,
+    },
+}
+
+/// A message that may need push notifications.
+#[derive(Debug)]
+pub struct NotifyMsg {
+    /// The conversation.
+    pub conversation: Arc<str>,
+    /// Its name (groups).
+    pub name: String,
+    /// Its kind (`ConversationKind`).
+    pub kind: i32,
+    /// The message's seq.
+    pub seq: u64,
+    /// The sender.
+    pub sender: Arc<str>,
+    /// Members other than the sender, all homed on the receiving shard.
+    pub users: Vec<Arc<str>>,
 }
 
 /// A membership feed event ready for delivery.
@@ -143,6 +215,17 @@ pub enum LocalMsg {
         frame: Bytes,
         /// The sending session, which gets an ack instead.
         skip: Option<SessionRef>,
+        /// Ephemeral (typing): dropped rather than queued when a queue is under pressure.
+        droppable: bool,
+    },
+    /// A frame for some sessions here (presence).
+    Push {
+        /// Session ids on this shard.
+        sessions: Vec<u64>,
+        /// The encoded frame.
+        frame: Bytes,
+        /// Dropped rather than queued under pressure.
+        droppable: bool,
     },
     /// `user` is no longer a member: stop delivering `conversation` to their sessions.
     Revoke {
@@ -208,17 +291,38 @@ pub(crate) struct Peer {
     forwarding: Rc<Cell<bool>>,
 }
 
+impl ShardMsg {
+    /// Whether losing this message loses nothing that matters (typing indicators).
+    fn is_droppable(&self) -> bool {
+        match self {
+            Self::Local(bundle) => bundle.iter().all(|m| {
+                matches!(
+                    m,
+                    LocalMsg::Deliver { droppable: true, .. }
+                        | LocalMsg::Push { droppable: true, .. }
+                )
+            }),
+            _ => false,
+        }
+    }
+}
+
 impl Peer {
     pub(crate) fn new(tx: mpsc::Sender<ShardMsg>) -> Self {
         Self { tx, overflow: Rc::default(), forwarding: Rc::default() }
     }
 
     pub(crate) fn send(&self, msg: ShardMsg) {
+        // Under pressure ephemeral messages go first: never queued behind a full mailbox.
+        if msg.is_droppable() && !self.overflow.borrow().is_empty() {
+            return;
+        }
         let msg = if self.overflow.borrow().is_empty() {
             match self.tx.try_send(msg) {
                 Ok(()) => return,
                 Err(mpsc::error::TrySendError::Closed(_)) => return,
-                Err(mpsc::error::TrySendError::Full(msg)) => msg,
+                Err(mpsc::error::TrySendError::Full(msg)) if !msg.is_droppable() => msg,
+                Err(mpsc::error::TrySendError::Full(_)) => return,
             }
         } else {
             msg

@@ -28,8 +28,10 @@ pub mod outbound;
 pub mod owner;
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -37,9 +39,14 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::push::Webhook;
+use crate::ratelimit::Limiters;
 use crate::storage::{Storage, WriteBatch, WriterHandle};
 
 pub use mailbox::{HomeMsg, LocalMsg, OwnerMsg, OwnerOp, ShardMsg};
+
+/// Period of the shard's housekeeping tick.
+pub const TICK: Duration = Duration::from_millis(100);
 
 /// Number of partitions; fixed forever (part of the on-disk key layout).
 pub const PARTITIONS: u64 = 1024;
@@ -70,6 +77,19 @@ pub fn home_shard(user: &str, shards: usize) -> usize {
     s
 }
 
+/// Groups users by their home shard.
+#[must_use]
+pub fn group_by_home(
+    users: impl IntoIterator<Item = Arc<str>>,
+    shards: usize,
+) -> HashMap<usize, Vec<Arc<str>>> {
+    let mut by: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
+    for u in users {
+        by.entry(home_shard(&u, shards)).or_default().push(u);
+    }
+    by
+}
+
 /// How long a client should wait before retrying after `UNAVAILABLE`.
 pub const UNAVAILABLE_RETRY_MS: u64 = 1_000;
 
@@ -86,6 +106,26 @@ pub fn error_frame(
         && let Some(Kind::Error(e)) = frame.kind.as_mut()
     {
         e.retry_after_ms = UNAVAILABLE_RETRY_MS;
+    }
+    frame
+}
+
+/// A `RATE_LIMITED` error reply telling the client how long to wait.
+#[must_use]
+pub fn rate_limited_frame(
+    request_id: u64,
+    what: &str,
+    wait: std::time::Duration,
+) -> switchboard_protocol::ServerFrame {
+    use switchboard_protocol::{ErrorCode, server_frame::Kind};
+    let retry = crate::ratelimit::retry_after_ms(wait);
+    let mut frame = switchboard_protocol::ServerFrame::error(
+        request_id,
+        ErrorCode::RateLimited,
+        format!("{what} rate limit exceeded; retry after {retry} ms"),
+    );
+    if let Some(Kind::Error(e)) = frame.kind.as_mut() {
+        e.retry_after_ms = retry;
     }
     frame
 }
@@ -113,6 +153,10 @@ pub struct ShardSetup {
     pub auth: Arc<Authenticator>,
     /// Every shard's mailbox sender, indexed by shard.
     pub mailboxes: Vec<mpsc::Sender<ShardMsg>>,
+    /// Rate limiters, shared by all shards.
+    pub limiters: Arc<Limiters>,
+    /// The push webhook, when configured.
+    pub webhook: Option<Webhook>,
 }
 
 /// A shard: its roles' state and its links to the others. Lives on its own thread.
@@ -127,6 +171,9 @@ pub struct Shard {
     pub storage: Arc<Storage>,
     /// Token verification.
     pub auth: Arc<Authenticator>,
+    /// Rate limiters, shared by all shards.
+    pub limiters: Arc<Limiters>,
+    webhook: Option<Webhook>,
     writer: WriterHandle,
     peers: Vec<mailbox::Peer>,
     commit_sink: crate::storage::CommitSink,
@@ -163,6 +210,8 @@ impl Shard {
             }
         });
         let owner = owner::Owner::new(setup.id, count, setup.storage.clone(), &setup.config);
+        let mut home = home::Home::new(&setup.config, setup.storage.clone(), count);
+        home.restore_pushes(setup.id);
         Rc::new(Self {
             id: setup.id,
             count,
@@ -170,10 +219,12 @@ impl Shard {
             config: setup.config,
             storage: setup.storage,
             auth: setup.auth,
+            limiters: setup.limiters,
+            webhook: setup.webhook,
             writer: setup.writer,
             commit_sink,
             owner: RefCell::new(owner),
-            home: RefCell::new(home::Home::default()),
+            home: RefCell::new(home),
             local: RefCell::new(local::Local::default()),
             flush_scheduled: Cell::new(false),
             next_session: Cell::new(1),
@@ -251,7 +302,11 @@ impl Shard {
 
     /// Sends a message to the home shard of `user` (handled in place when that is this shard).
     pub fn to_home(self: &Rc<Self>, user: &str, msg: HomeMsg) {
-        let target = home_shard(user, self.count);
+        self.send_home_at(home_shard(user, self.count), msg);
+    }
+
+    /// Sends a message to home shard `target` (handled in place when that is this shard).
+    pub(crate) fn send_home_at(self: &Rc<Self>, target: usize, msg: HomeMsg) {
         if target == self.id {
             self.handle_home(msg);
         } else {
@@ -343,8 +398,66 @@ impl Shard {
     fn begin_shutdown(self: &Rc<Self>, done: oneshot::Sender<()>) {
         *self.shutdown.borrow_mut() = Some(Shutdown { done: Some(done) });
         local::disconnect_all(self);
+        let ops = self.home.borrow_mut().shutdown_writes();
+        self.owner.borrow_mut().append_ops(ops);
         self.flush();
         self.check_drained();
+    }
+
+    /// Periodic work, every [`TICK`]: presence grace periods and leases, push windows, receipt
+    /// coalescing; and, every `presence.last_seen_flush_ms`, batched writes. Also renews the
+    /// presence leases of users with sessions here, every heartbeat interval.
+    pub async fn run_ticks(self: Rc<Self>) {
+        let flush_every = Duration::from_millis(self.config.presence.last_seen_flush_ms);
+        let renew_every = Duration::from_millis(self.config.server.heartbeat_interval_ms);
+        let mut interval = tokio::time::interval(TICK);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_flush = tokio::time::Instant::now();
+        let mut last_renew = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return,
+                _ = interval.tick() => {}
+            }
+            let now = tokio::time::Instant::now();
+            let flush = now.duration_since(last_flush) >= flush_every;
+            if flush {
+                last_flush = now;
+            }
+            let mut out = mailbox::Outgoing::new(self.count);
+            let ops = self.home.borrow_mut().tick(now.into_std(), flush, &mut out);
+            self.owner.borrow_mut().tick(now.into_std(), &mut out);
+            if !ops.is_empty() {
+                self.owner.borrow_mut().append_ops(ops);
+                out.flush = true;
+            }
+            self.dispatch(out);
+            if now.duration_since(last_renew) >= renew_every {
+                last_renew = now;
+                let users = self.local.borrow().users();
+                for (home, users) in group_by_home(users, self.count) {
+                    self.send_home_at(home, HomeMsg::Renew { users });
+                }
+            }
+            self.deliver_pushes(now.into_std());
+        }
+    }
+
+    /// Starts delivery of the push notifications that are due.
+    fn deliver_pushes(self: &Rc<Self>, now: std::time::Instant) {
+        let Some(webhook) = self.webhook.clone() else { return };
+        for mut job in self.home.borrow_mut().take_ready(now) {
+            let shard = self.clone();
+            let webhook = webhook.clone();
+            tokio::task::spawn_local(async move {
+                job.notification.sent_at_ms = owner::now_ms();
+                let result = webhook.deliver(&job.notification).await;
+                if let Err(e) = &result {
+                    tracing::warn!(user = %job.user, error = %e, attempt = job.attempts + 1, "push delivery failed");
+                }
+                shard.home.borrow_mut().push_done(job, result.is_ok());
+            });
+        }
     }
 
     /// Once shutting down: reports drained when no write is in flight and no session is left.

@@ -75,6 +75,15 @@ impl Outbound {
         true
     }
 
+    /// Queues an ephemeral frame (typing) only while the queue is less than half full; under
+    /// pressure it is dropped, never the reason for a slow-consumer disconnect.
+    pub fn push_droppable(&self, frame: Bytes) -> bool {
+        if self.bytes.get() + frame.len() > self.limit / 2 {
+            return false;
+        }
+        self.push(frame)
+    }
+
     /// Replaces whatever is queued with `frame`, then closes. Used for slow consumers and for
     /// errors after which nothing else should be sent.
     pub fn close_with(&self, frame: ServerFrame) {

@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -23,12 +23,18 @@ use switchboard_protocol::{
 };
 
 use super::SessionRef;
-use super::mailbox::{HomeMsg, LocalMsg, Outgoing, OwnerMsg, OwnerOp, UserEvent};
+use super::mailbox::{HomeMsg, LocalMsg, NotifyMsg, Outgoing, OwnerMsg, OwnerOp, UserEvent};
 use crate::config::{Config, Durability, LimitsConfig};
 use crate::storage::{
     Committed, Ks, LoadedConversation, Storage, StorageError, StoredConversation, StoredEntry,
     StoredMember, WriteOp, encode_dedupe, keys,
 };
+
+/// Receipts (writes and pushes) and typing updates: at most one per member and conversation
+/// per this interval.
+const RECEIPT_INTERVAL: Duration = Duration::from_secs(1);
+/// Largest `GetReceipts` page.
+const MAX_RECEIPTS_PAGE: usize = 500;
 
 /// The epoch a single node writes.
 pub const SINGLE_NODE_EPOCH: u64 = 1;
@@ -85,6 +91,10 @@ struct Conv {
     pending: HashMap<PendingKey, Pending>,
     /// Replies released once `durable_seq` reaches their seq.
     waiting: Vec<(u64, SessionRef, Bytes)>,
+    /// When each member's receipt was last written and pushed (coalescing).
+    receipt_flushed: HashMap<Arc<str>, Instant>,
+    /// Each member's last forwarded typing state.
+    typing: HashMap<Arc<str>, (Instant, bool)>,
 }
 
 impl Conv {
@@ -102,6 +112,8 @@ impl Conv {
             interested: 0,
             pending: HashMap::new(),
             waiting: Vec::new(),
+            receipt_flushed: HashMap::new(),
+            typing: HashMap::new(),
         }
     }
 
@@ -160,6 +172,13 @@ enum Effect {
         skip: Option<SessionRef>,
         pending: Option<PendingKey>,
         revoke: Vec<Arc<str>>,
+        /// The sender of a user message (push notifications for offline members).
+        notify: Option<Arc<str>>,
+    },
+    /// A frame for every interested session once durable (receipt changes).
+    Broadcast {
+        conv: Arc<str>,
+        frame: Bytes,
     },
     Feed {
         user: Arc<str>,
@@ -183,6 +202,7 @@ impl OpenBatch {
         skip: Option<SessionRef>,
         pending: Option<PendingKey>,
         revoke: Vec<Arc<str>>,
+        notify: Option<Arc<str>>,
     ) {
         let encoded = msg.encode_to_vec();
         let frame = encode_message_push(&encoded);
@@ -205,7 +225,24 @@ impl OpenBatch {
             skip,
             pending,
             revoke,
+            notify,
         });
+    }
+
+    /// Writes a member's watermarks and pushes them to the conversation once durable.
+    fn flush_receipt(&mut self, conv: &mut Conv, user: &Arc<str>, now: Instant) {
+        let Some(m) = conv.members.get(user) else { return };
+        self.put_member(conv, user, m);
+        self.dirty_members.remove(&(conv.id.clone(), user.clone()));
+        let frame =
+            encode_frame(&ServerFrame::push(server_frame::Kind::ReceiptEvent(pb::Receipt {
+                conversation_id: conv.id.to_string(),
+                user_id: user.to_string(),
+                delivered_seq: m.delivered_seq,
+                read_seq: m.read_seq,
+            })));
+        self.effects.push(Effect::Broadcast { conv: conv.id.clone(), frame });
+        conv.receipt_flushed.insert(user.clone(), now);
     }
 
     fn put_conversation(&mut self, conv: &mut Conv) {
@@ -284,6 +321,11 @@ pub struct Owner {
     next_token: u64,
     inflight: VecDeque<(u64, Vec<Effect>)>,
     poisoned: bool,
+    /// Receipts changed within a second of their last flush: (conversation, user).
+    pending_receipts: HashSet<(Arc<str>, Arc<str>)>,
+    /// Push notifications: conversations up to this size notify offline members.
+    push_group_max: Option<usize>,
+    typing_expires_ms: u32,
 }
 
 impl std::fmt::Debug for Owner {
@@ -381,6 +423,44 @@ impl Owner {
             next_token: 1,
             inflight: VecDeque::new(),
             poisoned: false,
+            pending_receipts: HashSet::new(),
+            push_group_max: config.push.webhook_url.as_ref().map(|_| config.push.max_group_size),
+            typing_expires_ms: u32::try_from(config.presence.typing_expires_ms).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Adds writes that carry no effects (presence last-seen, push queue) to the open batch.
+    pub fn append_ops(&mut self, ops: Vec<WriteOp>) {
+        self.open.ops.extend(ops);
+    }
+
+    /// Periodic work: receipts whose coalescing second has passed are written and pushed;
+    /// stale typing states are forgotten.
+    pub fn tick(&mut self, now: Instant, out: &mut Outgoing) {
+        let due: Vec<(Arc<str>, Arc<str>)> = self
+            .pending_receipts
+            .iter()
+            .filter(|(conv, user)| {
+                self.convs
+                    .get(conv)
+                    .and_then(|c| c.receipt_flushed.get(user))
+                    .is_none_or(|t| now.duration_since(*t) >= RECEIPT_INTERVAL)
+            })
+            .cloned()
+            .collect();
+        for key in due {
+            self.pending_receipts.remove(&key);
+            let (conv_id, user) = key;
+            if let Some(conv) = self.convs.get_mut(&conv_id) {
+                self.open.flush_receipt(conv, &user, now);
+                out.flush = true;
+            }
+        }
+        let expiry = Duration::from_millis(u64::from(self.typing_expires_ms));
+        for conv in self.convs.values_mut() {
+            if !conv.typing.is_empty() {
+                conv.typing.retain(|_, (at, _)| now.duration_since(*at) < expiry);
+            }
         }
     }
 
@@ -427,6 +507,28 @@ impl Owner {
                             true,
                             out,
                         ),
+                        OwnerOp::MarkRead(req) => self.mark(
+                            from,
+                            &user,
+                            request_id,
+                            &req.conversation_id,
+                            req.seq,
+                            true,
+                            out,
+                        ),
+                        OwnerOp::MarkDelivered(req) => self.mark(
+                            from,
+                            &user,
+                            request_id,
+                            &req.conversation_id,
+                            req.seq,
+                            false,
+                            out,
+                        ),
+                        OwnerOp::Typing(req) => self.typing(from, &user, request_id, &req, out),
+                        OwnerOp::GetReceipts(req) => {
+                            self.receipts(from, &user, request_id, &req, out)
+                        }
                     }
                 };
                 if let Err(e) = result {
@@ -500,7 +602,7 @@ impl Owner {
             keys::dedupe_key(&conv.id, user, &key.1),
             encode_dedupe(seq, ts),
         ));
-        self.open.entry(conv, &msg, Some(from), Some(key.clone()), Vec::new());
+        self.open.entry(conv, &msg, Some(from), Some(key.clone()), Vec::new(), Some(user.clone()));
         // A member's own send marks everything up to it as read (written once per batch).
         if let Some(m) = conv.members.get_mut(user) {
             m.read_seq = m.read_seq.max(seq);
@@ -573,6 +675,8 @@ impl Owner {
             interested: 0,
             pending: HashMap::new(),
             waiting: Vec::new(),
+            receipt_flushed: HashMap::new(),
+            typing: HashMap::new(),
         });
         let open = &mut self.open;
         for m in &members {
@@ -596,7 +700,7 @@ impl Owner {
                 visibility: visibility as i32,
             }),
         );
-        open.entry(conv, &msg, None, None, Vec::new());
+        open.entry(conv, &msg, None, None, Vec::new(), None);
         for m in &members {
             open.feed(conv, m, FeedEventKind::Added, 1, user, ts);
         }
@@ -650,7 +754,7 @@ impl Owner {
             ts,
             system_event::Kind::MembersAdded(pb::MembersAdded { users: names(&added) }),
         );
-        open.entry(conv, &msg, None, None, Vec::new());
+        open.entry(conv, &msg, None, None, Vec::new(), None);
         for u in &added {
             open.feed(conv, u, FeedEventKind::Added, seq, user, ts);
         }
@@ -705,12 +809,179 @@ impl Owner {
         }
         open.put_conversation(conv);
         let msg = system_message(&conv.id, seq, user, ts, kind);
-        open.entry(conv, &msg, None, None, removed.clone());
+        open.entry(conv, &msg, None, None, removed.clone(), None);
         for u in &removed {
             open.feed(conv, u, FeedEventKind::Removed, seq, user, ts);
         }
         conv.waiting.push((seq, from, membership_frame(request_id, &conv.id, seq, &removed)));
         out.flush = true;
+        Ok(())
+    }
+
+    /// `MarkRead` / `MarkDelivered`: watermarks only move forward, never past the durable log,
+    /// and read implies delivered. The reply is immediate; the write and the push to the
+    /// conversation are coalesced to one per member and conversation per second (the first
+    /// change after a quiet second goes out at once, later ones at the end of the second).
+    #[allow(clippy::too_many_arguments)]
+    fn mark(
+        &mut self,
+        from: SessionRef,
+        user: &Arc<str>,
+        request_id: u64,
+        conv_id: &str,
+        seq: u64,
+        read: bool,
+        out: &mut Outgoing,
+    ) -> Result<(), OpError> {
+        let Some(conv) = load(&mut self.convs, &self.storage, conv_id)? else {
+            return Err(OpError::not_found());
+        };
+        let seq = seq.min(conv.durable_seq);
+        let Some(m) = conv.members.get_mut(user) else { return Err(OpError::not_found()) };
+        let mut changed = false;
+        if read && seq > m.read_seq {
+            m.read_seq = seq;
+            changed = true;
+        }
+        let delivered = seq.max(m.read_seq);
+        if delivered > m.delivered_seq {
+            m.delivered_seq = delivered;
+            changed = true;
+        }
+        let receipt = pb::Receipt {
+            conversation_id: conv.id.to_string(),
+            user_id: user.to_string(),
+            delivered_seq: m.delivered_seq,
+            read_seq: m.read_seq,
+        };
+        let read_seq = m.read_seq;
+        if changed {
+            let now = Instant::now();
+            let quiet = conv
+                .receipt_flushed
+                .get(user)
+                .is_none_or(|t| now.duration_since(*t) >= RECEIPT_INTERVAL);
+            if quiet {
+                self.open.flush_receipt(conv, user, now);
+                out.flush = true;
+            } else {
+                self.pending_receipts.insert((conv.id.clone(), user.clone()));
+            }
+            if read && self.push_group_max.is_some() {
+                out.home.push((
+                    user.clone(),
+                    HomeMsg::Read { user: user.clone(), conversation: conv.id.clone(), read_seq },
+                ));
+            }
+        }
+        out.to_session(
+            from,
+            encode_frame(&ServerFrame::reply(request_id, server_frame::Kind::Receipt(receipt))),
+            true,
+        );
+        Ok(())
+    }
+
+    /// `Typing`: forwarded to the members online now, at most once per second per member while
+    /// typing continues; a stop is forwarded once. Never stored.
+    fn typing(
+        &mut self,
+        from: SessionRef,
+        user: &Arc<str>,
+        request_id: u64,
+        req: &pb::Typing,
+        out: &mut Outgoing,
+    ) -> Result<(), OpError> {
+        let Some(conv) = load(&mut self.convs, &self.storage, &req.conversation_id)? else {
+            return Err(OpError::not_found());
+        };
+        conv.require_member(user)?;
+        let now = Instant::now();
+        let forward = match conv.typing.get(user) {
+            Some((at, active)) if *active == req.active => {
+                req.active && now.duration_since(*at) >= RECEIPT_INTERVAL
+            }
+            Some(_) => true,
+            None => req.active,
+        };
+        if forward {
+            conv.typing.insert(user.clone(), (now, req.active));
+            let frame =
+                encode_frame(&ServerFrame::push(server_frame::Kind::Typing(pb::TypingEvent {
+                    conversation_id: conv.id.to_string(),
+                    user_id: user.to_string(),
+                    active: req.active,
+                    expires_in_ms: self.typing_expires_ms,
+                })));
+            for shard in (0..self.shards).filter(|s| conv.interested & (1 << s) != 0) {
+                out.push_local(
+                    shard,
+                    LocalMsg::Deliver {
+                        conversation: conv.id.clone(),
+                        frame: frame.clone(),
+                        skip: Some(from),
+                        droppable: true,
+                    },
+                );
+            }
+        }
+        out.to_session(
+            from,
+            encode_frame(&ServerFrame::reply(request_id, server_frame::Kind::Ack(pb::Ack {}))),
+            true,
+        );
+        Ok(())
+    }
+
+    /// `GetReceipts`: every member's current watermarks, by user id, paged.
+    fn receipts(
+        &mut self,
+        from: SessionRef,
+        user: &Arc<str>,
+        request_id: u64,
+        req: &pb::GetReceipts,
+        out: &mut Outgoing,
+    ) -> Result<(), OpError> {
+        let Some(conv) = load(&mut self.convs, &self.storage, &req.conversation_id)? else {
+            return Err(OpError::not_found());
+        };
+        conv.require_member(user)?;
+        let limit = match req.limit as usize {
+            0 => MAX_RECEIPTS_PAGE,
+            n => n.min(MAX_RECEIPTS_PAGE),
+        };
+        let mut users: Vec<&Arc<str>> =
+            conv.members.keys().filter(|u| u.as_ref() > req.after.as_str()).collect();
+        users.sort();
+        let has_more = users.len() > limit;
+        users.truncate(limit);
+        let receipts: Vec<pb::Receipt> = users
+            .iter()
+            .filter_map(|u| {
+                conv.members.get(*u).map(|m| pb::Receipt {
+                    conversation_id: String::new(),
+                    user_id: u.to_string(),
+                    delivered_seq: m.delivered_seq,
+                    read_seq: m.read_seq,
+                })
+            })
+            .collect();
+        let next_after = if has_more {
+            users.last().map(ToString::to_string).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let list = pb::ReceiptList {
+            conversation_id: conv.id.to_string(),
+            receipts,
+            has_more,
+            next_after,
+        };
+        out.to_session(
+            from,
+            encode_frame(&ServerFrame::reply(request_id, server_frame::Kind::Receipts(list))),
+            true,
+        );
         Ok(())
     }
 
@@ -759,7 +1030,21 @@ impl Owner {
         let shards = self.shards;
         for effect in effects {
             match effect {
-                Effect::Entry { conv, seq, frame, skip, pending, revoke } => {
+                Effect::Broadcast { conv, frame } => {
+                    let Some(c) = self.convs.get(&conv) else { continue };
+                    for shard in (0..shards).filter(|s| c.interested & (1 << s) != 0) {
+                        out.push_local(
+                            shard,
+                            LocalMsg::Deliver {
+                                conversation: conv.clone(),
+                                frame: frame.clone(),
+                                skip: None,
+                                droppable: false,
+                            },
+                        );
+                    }
+                }
+                Effect::Entry { conv, seq, frame, skip, pending, revoke, notify } => {
                     let Some(c) = self.convs.get_mut(&conv) else { continue };
                     c.durable_seq = c.durable_seq.max(seq);
                     let interested: Vec<usize> =
@@ -771,6 +1056,7 @@ impl Owner {
                                 conversation: conv.clone(),
                                 frame: frame.clone(),
                                 skip,
+                                droppable: false,
                             },
                         );
                         for user in &revoke {
@@ -801,6 +1087,25 @@ impl Owner {
                             true
                         }
                     });
+                    if let (Some(sender), Some(max)) = (notify, self.push_group_max)
+                        && c.members.len() <= max
+                    {
+                        let others = c.members.keys().filter(|u| **u != sender).cloned();
+                        for (_, users) in super::group_by_home(others, shards) {
+                            let Some(first) = users.first().cloned() else { continue };
+                            out.home.push((
+                                first,
+                                HomeMsg::Notify(Box::new(NotifyMsg {
+                                    conversation: conv.clone(),
+                                    name: c.record.name.clone(),
+                                    kind: c.record.kind,
+                                    seq,
+                                    sender: sender.clone(),
+                                    users,
+                                })),
+                            ));
+                        }
+                    }
                 }
                 Effect::Feed { user, mut event } => {
                     event.user_seq = seqs.next().unwrap_or(0);

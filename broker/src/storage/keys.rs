@@ -11,6 +11,7 @@
 //! | memberships   | len · user · conversation                        |
 //! | feeds         | len · user · user_seq u64                        |
 //! | users         | user                                             |
+//! | push          | len · user · conversation                        |
 //! | meta          | name                                             |
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
@@ -108,6 +109,29 @@ pub fn feed_key(user: &str, user_seq: u64) -> Vec<u8> {
     k
 }
 
+/// Key in `users`.
+#[must_use]
+pub fn user_key(user: &str) -> Vec<u8> {
+    user.as_bytes().to_vec()
+}
+
+/// Key in `push`: a pending notification of `user` for `conversation`.
+#[must_use]
+pub fn push_key(user: &str, conversation: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + user.len() + conversation.len());
+    push_str(&mut k, user);
+    k.extend_from_slice(conversation.as_bytes());
+    k
+}
+
+/// Splits a `push` key into (user, conversation).
+#[must_use]
+pub fn split_push_key(key: &[u8]) -> Option<(&str, &str)> {
+    let (&len, rest) = key.split_first()?;
+    let (user, conv) = rest.split_at_checked(usize::from(len))?;
+    Some((std::str::from_utf8(user).ok()?, std::str::from_utf8(conv).ok()?))
+}
+
 /// The part of `key` after `prefix`, as UTF-8 (an id).
 #[must_use]
 pub fn suffix_str<'a>(key: &'a [u8], prefix: &[u8]) -> Option<&'a str> {
@@ -131,6 +155,12 @@ mod tests {
         assert!(message_key(0, "c", 255) < message_key(0, "c", 256));
         assert_eq!(trailing_u64(&message_key(3, "c", 42)), Some(42));
         assert_eq!(trailing_u64(b"short"), None);
+    }
+
+    #[test]
+    fn given_push_key_should_split_back_into_user_and_conversation() {
+        assert_eq!(split_push_key(&push_key("bob", "dm:a:bob")), Some(("bob", "dm:a:bob")));
+        assert_eq!(split_push_key(&[9, b'x']), None);
     }
 
     #[test]

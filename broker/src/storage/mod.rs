@@ -28,7 +28,7 @@ pub mod records {
     include!(concat!(env!("OUT_DIR"), "/switchboard.storage.v1.rs"));
 }
 
-pub use records::{StoredConversation, StoredEntry, StoredMember};
+pub use records::{StoredConversation, StoredEntry, StoredMember, StoredPush, StoredUser};
 
 /// The storage layout version written to `meta/format_version`.
 pub const FORMAT_VERSION: u64 = 1;
@@ -84,6 +84,7 @@ pub enum Ks {
     Memberships,
     Feeds,
     Users,
+    Push,
     Meta,
 }
 
@@ -98,6 +99,7 @@ pub struct Keyspaces {
     pub memberships: Keyspace,
     pub feeds: Keyspace,
     pub users: Keyspace,
+    pub push: Keyspace,
     pub meta: Keyspace,
 }
 
@@ -111,6 +113,7 @@ impl Keyspaces {
             Ks::Memberships => &self.memberships,
             Ks::Feeds => &self.feeds,
             Ks::Users => &self.users,
+            Ks::Push => &self.push,
             Ks::Meta => &self.meta,
         }
     }
@@ -167,6 +170,7 @@ impl Storage {
             memberships: open("memberships")?,
             feeds: open("feeds")?,
             users: open("users")?,
+            push: open("push")?,
             meta: open("meta")?,
         };
         match ks.meta.get("format_version")? {
@@ -387,6 +391,19 @@ impl Reader {
         Ok(out)
     }
 
+    /// How many conversations `user` belongs to, counting up to `cap`.
+    ///
+    /// # Errors
+    /// On an engine error.
+    pub fn count_memberships(&self, user: &str, cap: usize) -> Result<usize> {
+        let mut n = 0;
+        for kv in self.snap.prefix(&self.ks.memberships, keys::membership_prefix(user)).take(cap) {
+            kv.key()?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     /// The newest entry of a conversation: (seq, entry).
     ///
     /// # Errors
@@ -461,6 +478,61 @@ impl Reader {
             out.push(
                 switchboard_protocol::FeedEvent::decode(&*v).map_err(|e| corrupt("feeds", e))?,
             );
+        }
+        Ok(out)
+    }
+
+    /// When `user` was last online, if ever recorded.
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn last_seen(&self, user: &str) -> Result<Option<u64>> {
+        self.snap
+            .get(&self.ks.users, keys::user_key(user))?
+            .map(|v| {
+                StoredUser::decode(&*v).map(|u| u.last_seen_ms).map_err(|e| corrupt("users", e))
+            })
+            .transpose()
+    }
+
+    /// The direct-conversation peers of `user` (from the `dm:` ids in the membership index).
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn direct_peers(&self, user: &str, limit: usize) -> Result<Vec<String>> {
+        let prefix = keys::membership_prefix(user);
+        let mut lo = prefix.clone();
+        lo.extend_from_slice(switchboard_protocol::validate::DIRECT_PREFIX.as_bytes());
+        let hi = prefix_end(&lo);
+        let mut out = Vec::new();
+        for kv in self.snap.range(&self.ks.memberships, lo..hi).take(limit) {
+            let k = kv.key()?;
+            let conv =
+                keys::suffix_str(&k, &prefix).ok_or_else(|| corrupt("memberships", "key"))?;
+            let peer = conv
+                .strip_prefix(switchboard_protocol::validate::DIRECT_PREFIX)
+                .and_then(|pair| pair.split(':').find(|p| *p != user).or(Some(user)));
+            if let Some(peer) = peer {
+                out.push(peer.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every pending push notification: (user, conversation, record).
+    ///
+    /// # Errors
+    /// On an engine error or a corrupt record.
+    pub fn pending_pushes(&self) -> Result<Vec<(String, String, StoredPush)>> {
+        let mut out = Vec::new();
+        for kv in self.snap.iter(&self.ks.push) {
+            let (k, v) = kv.into_inner()?;
+            let (user, conv) = keys::split_push_key(&k).ok_or_else(|| corrupt("push", "key"))?;
+            out.push((
+                user.to_owned(),
+                conv.to_owned(),
+                StoredPush::decode(&*v).map_err(|e| corrupt("push", e))?,
+            ));
         }
         Ok(out)
     }

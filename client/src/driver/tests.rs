@@ -37,7 +37,14 @@ impl Net {
         Peer(Framed::new(server, ServerCodec::default()))
     }
 
+    /// A builder without automatic delivery receipts, so that scripts see only the frames
+    /// they are about.
     fn builder(&self) -> ClientBuilder {
+        self.default_builder().auto_delivery_receipts(false)
+    }
+
+    /// A builder with the default options.
+    fn default_builder(&self) -> ClientBuilder {
         let rx = Arc::clone(&self.rx);
         Client::builder("unused:0").token("tok").connector(move || {
             let rx = Arc::clone(&rx);
@@ -80,12 +87,16 @@ impl Peer {
 
     /// Reads Hello and answers Welcome; returns the Hello.
     async fn accept(&mut self, max_inflight: u32, resumed: SyncPage) -> (u64, pb::Hello) {
+        self.accept_with(welcome(max_inflight, resumed)).await
+    }
+
+    /// Reads Hello and answers `welcome`; returns the Hello.
+    async fn accept_with(&mut self, welcome: pb::Welcome) -> (u64, pb::Hello) {
         let frame = self.recv().await;
         let Some(client_frame::Kind::Hello(hello)) = frame.kind else {
             panic!("expected Hello, got {frame:?}")
         };
-        self.reply(frame.request_id, server_frame::Kind::Welcome(welcome(max_inflight, resumed)))
-            .await;
+        self.reply(frame.request_id, server_frame::Kind::Welcome(welcome)).await;
         (frame.request_id, hello)
     }
 }
@@ -545,3 +556,5 @@ async fn given_nothing_listening_when_connecting_should_fail_without_retrying() 
     let err = Client::builder(addr).token("tok").connect().await.unwrap_err();
     assert!(matches!(err, Error::Io(_)), "{err:?}");
 }
+
+mod awareness;

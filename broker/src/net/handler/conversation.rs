@@ -11,16 +11,42 @@ use switchboard_protocol::{
 use super::{Ctx, Reject};
 use crate::shard::OwnerOp;
 
-/// Handles `CreateConversation`.
+/// Handles `CreateConversation`. A user already in `limits.max_conversations_per_user`
+/// conversations (in the durable view) cannot create another.
 pub fn create(ctx: &Ctx<'_>, request_id: u64, mut req: CreateConversation) {
-    match resolve(ctx, &mut req) {
-        Ok(id) => ctx.to_owner(
-            &id.clone(),
-            request_id,
-            OwnerOp::Create { conversation_id: id, request: req },
-        ),
-        Err(r) => ctx.reject(request_id, r),
-    }
+    let id = match resolve(ctx, &mut req) {
+        Ok(id) => id,
+        Err(r) => return ctx.reject(request_id, r),
+    };
+    ctx.session.request_started();
+    let (shard, session, me) = (ctx.shard.clone(), ctx.session.clone(), ctx.me);
+    let max = shard.config.limits.max_conversations_per_user;
+    tokio::task::spawn_local(async move {
+        let storage = shard.storage.clone();
+        let user = session.user.clone();
+        let count =
+            tokio::task::spawn_blocking(move || storage.reader().count_memberships(&user, max))
+                .await
+                .unwrap_or(Ok(0))
+                .unwrap_or(0);
+        let ctx = Ctx { shard: &shard, session: &session, me };
+        if count >= max {
+            ctx.reject(
+                request_id,
+                Reject::new(
+                    ErrorCode::LimitExceeded,
+                    format!("a user belongs to at most {max} conversations"),
+                ),
+            );
+        } else {
+            ctx.to_owner(
+                &id.clone(),
+                request_id,
+                OwnerOp::Create { conversation_id: id, request: req },
+            );
+        }
+        session.request_done();
+    });
 }
 
 /// Validates a create request and decides the conversation id.

@@ -25,8 +25,19 @@ use crate::shard::{HomeMsg, SessionRef};
 use crate::storage::Reader;
 
 /// Capabilities announced in `Welcome`.
-pub const CAPABILITIES: &[&str] =
-    &["direct", "groups", "history", "sync", "idempotent-send", "membership-feed", "multi-device"];
+pub const CAPABILITIES: &[&str] = &[
+    "direct",
+    "groups",
+    "history",
+    "sync",
+    "idempotent-send",
+    "membership-feed",
+    "multi-device",
+    "receipts",
+    "typing",
+    "presence",
+    "rate-limits",
+];
 
 /// Conversations read from the membership index at a time.
 const MEMBERSHIP_PAGE: usize = 10_000;
@@ -94,7 +105,17 @@ pub async fn handshake(
     shard.to_home(&user, HomeMsg::SessionUp { user: user.clone(), session: me, ack });
 
     let result: Result<Welcome, Reject> = async {
-        registered.await.map_err(|_| Reject::new(ErrorCode::Unavailable, "shutting down"))?;
+        let accepted =
+            registered.await.map_err(|_| Reject::new(ErrorCode::Unavailable, "shutting down"))?;
+        if !accepted {
+            return Err(Reject::new(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "at most {} sessions per user",
+                    shard.config.limits.max_connections_per_user
+                ),
+            ));
+        }
         let u = user.clone();
         let conversations = read(session, move |r| {
             let mut all: Vec<String> = Vec::new();
@@ -143,10 +164,15 @@ pub async fn handshake(
         }
         Err(r) => {
             close_session(shard, id);
+            let (reason, retry) = if r.code == ErrorCode::LimitExceeded {
+                (DisconnectReason::ConnectionLimit, 0)
+            } else {
+                (DisconnectReason::ServerError, 1_000)
+            };
             // Drop deliveries held during the handshake: the client never got a Welcome.
             session.out.replace_and_close(&[
                 crate::shard::error_frame(request_id, r.code, &r.message),
-                ServerFrame::disconnect(DisconnectReason::ServerError, "handshake failed", 1_000),
+                ServerFrame::disconnect(reason, &r.message, retry),
             ]);
             None
         }
@@ -180,6 +206,10 @@ fn welcome(
             max_members_per_request: clamp(l.max_members_per_request),
             max_id_bytes: clamp(validate::MAX_USER_ID_BYTES),
             max_conversation_id_bytes: clamp(validate::MAX_CONVERSATION_ID_BYTES),
+            max_presence_users: clamp(l.max_presence_users),
+            max_presence_subscriptions: clamp(l.max_presence_subscriptions),
+            send_rate_per_sec: l.send_rate_per_sec,
+            send_burst: l.send_burst,
         }),
         capabilities: CAPABILITIES.iter().map(ToString::to_string).collect(),
         feed_position,

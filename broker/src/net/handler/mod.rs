@@ -6,8 +6,11 @@ pub mod conversation;
 pub mod hello;
 pub mod history;
 pub mod list;
+pub mod presence;
+pub mod receipts;
 pub mod send;
 pub mod sync;
+pub mod typing;
 
 use std::rc::Rc;
 
@@ -144,6 +147,13 @@ pub fn dispatch(shard: &Rc<Shard>, session: &Rc<LocalSession>, me: SessionRef, f
         client_frame::Kind::Sync(req) => sync::handle(&ctx, rid, req),
         client_frame::Kind::ListConversations(req) => list::conversations(&ctx, rid, req),
         client_frame::Kind::ListMembers(req) => list::members(&ctx, rid, req),
+        client_frame::Kind::MarkRead(req) => receipts::mark_read(&ctx, rid, req),
+        client_frame::Kind::MarkDelivered(req) => receipts::mark_delivered(&ctx, rid, req),
+        client_frame::Kind::GetReceipts(req) => receipts::get_receipts(&ctx, rid, req),
+        client_frame::Kind::Typing(req) => typing::handle(&ctx, rid, req),
+        client_frame::Kind::PresenceQuery(req) => presence::query(&ctx, rid, req),
+        client_frame::Kind::PresenceSubscribe(req) => presence::subscribe(&ctx, rid, req),
+        client_frame::Kind::PresenceUnsubscribe(req) => presence::unsubscribe(&ctx, rid, req),
     }
 }
 

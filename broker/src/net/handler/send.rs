@@ -11,6 +11,10 @@ pub fn handle(ctx: &Ctx<'_>, request_id: u64, req: switchboard_protocol::Send) {
         ctx.reject(request_id, r);
         return;
     }
+    if let Err(wait) = ctx.shard.limiters.send.check(&ctx.session.user) {
+        ctx.session.send(&crate::shard::rate_limited_frame(request_id, "send", wait));
+        return;
+    }
     let conversation = req.conversation_id.clone();
     ctx.to_owner(&conversation, request_id, OwnerOp::Send(req));
 }
