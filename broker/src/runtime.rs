@@ -189,7 +189,8 @@ pub fn run_with(
     })?;
     writer.shutdown();
     for tx in &txs {
-        let _ = tx.try_send(ShardMsg::Exit);
+        // Blocking: a shard whose mailbox is full still gets told to leave.
+        let _ = tx.blocking_send(ShardMsg::Exit);
     }
     for j in joins {
         let _ = j.join();

@@ -160,8 +160,15 @@ impl SyncState {
     }
 
     /// Applies a live `FeedEvent` push.
+    ///
+    /// The broker pushes ADDED only once this session receives the conversation live; a sync
+    /// made before that (which may already have applied the event) can have missed entries
+    /// committed in between. So a live ADDED always asks for a sync, even as a duplicate.
     pub(crate) fn apply_feed_event(&mut self, event: FeedEvent) -> Vec<Event> {
         let mut out = Vec::new();
+        if event.kind == FeedEventKind::Added as i32 {
+            self.need_sync = true;
+        }
         self.offer_feed(event, &mut out);
         out
     }
@@ -507,6 +514,16 @@ mod tests {
         let mut s = at(4, &[]);
         assert_eq!(s.apply_feed_event(feed(5, FeedEventKind::Added, "g")).len(), 1);
         assert!(s.needs_sync());
+    }
+
+    #[test]
+    fn given_live_added_already_applied_by_a_sync_should_still_need_sync() {
+        let mut s = at(5, &[("g", 1)]);
+        s.begin_pass();
+        s.end_pass();
+        assert!(!s.needs_sync());
+        assert!(s.apply_feed_event(feed(5, FeedEventKind::Added, "g")).is_empty(), "a duplicate");
+        assert!(s.needs_sync(), "entries committed before the live subscription must be fetched");
     }
 
     #[test]

@@ -267,3 +267,29 @@ async fn given_invalid_fields_should_get_typed_errors_and_keep_the_connection() 
     let pong = c.request(client_frame::Kind::Ping(switchboard_protocol::Ping {})).await;
     assert!(matches!(pong, server_frame::Kind::Pong(_)));
 }
+
+#[tokio::test]
+async fn given_forged_sync_continuation_should_not_crash_the_broker() {
+    let broker = Broker::start();
+    let (mut alice, _) = broker.raw_as("alice").await;
+    let conv = alice.create_direct("bob").await;
+    // version 1, the conversation, and seq u64::MAX.
+    let mut token = vec![1u8, u8::try_from(conv.len()).expect("short id")];
+    token.extend_from_slice(conv.as_bytes());
+    token.extend_from_slice(&u64::MAX.to_be_bytes());
+    for continuation in [token, vec![1, 200, 1, 2, 3], vec![7; 40]] {
+        let req = client_frame::Kind::Sync(switchboard_protocol::Sync {
+            position: Some(switchboard_protocol::SyncPosition::default()),
+            limit: 0,
+            continuation: continuation.into(),
+        });
+        match alice.request(req).await {
+            server_frame::Kind::Sync(_) => {}
+            server_frame::Kind::Error(e) => assert_eq!(e.code, ErrorCode::BadRequest as i32),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Still serving.
+    let pong = alice.request(client_frame::Kind::Ping(switchboard_protocol::Ping {})).await;
+    assert!(matches!(pong, server_frame::Kind::Pong(_)));
+}

@@ -19,7 +19,8 @@ async fn next_matching<T>(events: &mut EventStream, f: impl Fn(&Event) -> Option
 }
 
 #[tokio::test]
-async fn given_client_handing_messages_to_the_app_should_ack_delivery_and_the_sender_should_hear_of_reads() {
+async fn given_client_handing_messages_to_the_app_should_ack_delivery_and_the_sender_should_hear_of_reads()
+ {
     let broker = Broker::start();
     let (alice, mut alice_events) = broker.client("alice").await;
     let conv = alice.create_direct("bob").await.expect("create").conversation_id;
@@ -44,7 +45,8 @@ async fn given_client_handing_messages_to_the_app_should_ack_delivery_and_the_se
     })
     .await;
     let list = alice.receipts(&conv, None, 0).await.expect("receipts");
-    let read_by = list.receipts.iter().filter(|r| r.user_id != "alice" && r.read_seq >= ack.seq).count();
+    let read_by =
+        list.receipts.iter().filter(|r| r.user_id != "alice" && r.read_seq >= ack.seq).count();
     assert_eq!(read_by, 1, "read by 1 of 1");
 }
 

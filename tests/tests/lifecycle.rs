@@ -115,3 +115,34 @@ async fn given_port_zero_should_print_a_ready_line_with_the_bound_address() {
     let pong = c.request(client_frame::Kind::Ping(switchboard_protocol::Ping {})).await;
     assert!(matches!(pong, server_frame::Kind::Pong(p) if p.server_time_ms > 0));
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(Iterator::count).unwrap_or(0)
+}
+
+#[tokio::test]
+async fn given_clients_that_disconnect_should_release_their_sockets() {
+    let broker = Broker::start();
+    let pid = broker.pid().expect("pid");
+    // Warm up (blocking-pool threads, listener state), then measure.
+    drop(broker.raw_as("warmup").await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = open_fds(pid);
+    for round in 0..5 {
+        let mut conns = Vec::new();
+        for i in 0..20 {
+            conns.push(broker.raw_as(&format!("u{round}-{i}")).await.0);
+        }
+        drop(conns);
+    }
+    // Promptly: well before the 5 s a stuck writer would be given.
+    let mut after = usize::MAX;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = open_fds(pid);
+        if after <= before + 2 {
+            break;
+        }
+    }
+    assert!(after <= before + 2, "fds before {before}, after 100 closed connections {after}");
+}

@@ -45,8 +45,13 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
             Err(wait) => session.refuse(wait),
         }
         session.finish();
-        if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer).await.is_err() {
-            tracing::debug!("writer did not finish in time");
+        // Whatever ended the reading (the peer closed, an error, a Disconnect already queued),
+        // the writer flushes what is queued and then closes the socket.
+        session.out.close();
+        let mut writer = writer;
+        if tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, &mut writer).await.is_err() {
+            tracing::debug!("writer did not finish in time; dropping the connection");
+            writer.abort();
         }
         tracing::debug!("disconnected");
     }

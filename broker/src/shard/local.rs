@@ -5,6 +5,11 @@
 //! go to `active` only. A session is added to `pending` *before* the owner is asked, so the
 //! shard never tells the owner it lost interest while an answer is on its way. The owner is
 //! told when a conversation's lists become empty (`Unsubscribe`).
+//!
+//! The owner's answer (`Subscribed`) travels in the same FIFO bundle as its deliveries and
+//! revocations, so the three are applied in the order the owner decided them: deliveries after
+//! the answer reach the session; a `Revoke` applies to the sessions active at that point (a
+//! pending session's answer, coming later, reflects membership after the revocation).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -15,7 +20,7 @@ use switchboard_protocol::{ServerFrame, encode_frame};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::mailbox::{HomeMsg, LocalMsg, OwnerMsg};
+use super::mailbox::{HomeMsg, LocalMsg, Membership, OwnerMsg};
 use super::outbound::Outbound;
 use super::{SessionRef, Shard, owner_shard, partition};
 
@@ -104,6 +109,9 @@ impl Interest {
 pub struct Local {
     sessions: HashMap<u64, Rc<LocalSession>>,
     interest: HashMap<Arc<str>, Interest>,
+    /// Subscriptions waiting for the owner's answer, by token.
+    waiters: HashMap<u64, oneshot::Sender<Vec<Membership>>>,
+    next_token: u64,
 }
 
 impl Local {
@@ -130,23 +138,26 @@ impl Local {
         self.sessions.len()
     }
 
-    fn add_pending(&mut self, id: u64, conv: &Arc<str>) -> bool {
-        let Some(s) = self.sessions.get(&id) else { return false };
-        if !s.convs.borrow_mut().insert(conv.clone()) {
-            return false; // already pending or active
+    /// Registers `id` as waiting for `conv` (no-op when it already waits or receives it).
+    fn add_pending(&mut self, id: u64, conv: &Arc<str>) {
+        let Some(s) = self.sessions.get(&id) else { return };
+        if s.convs.borrow_mut().insert(conv.clone()) {
+            self.interest.entry(conv.clone()).or_default().pending.push(id);
         }
-        self.interest.entry(conv.clone()).or_default().pending.push(id);
-        true
     }
 
-    fn resolve(&mut self, id: u64, conv: &Arc<str>, accepted: bool) -> bool {
+    /// Applies the owner's answer for `id` and `conv`: a member becomes (or stays) active; a
+    /// non-member stops receiving. Returns whether nobody here receives `conv` any more.
+    fn resolve(&mut self, id: u64, conv: &Arc<str>, member: bool) -> bool {
         let Some(interest) = self.interest.get_mut(conv) else { return false };
-        let Some(pos) = interest.pending.iter().position(|s| *s == id) else { return false };
-        interest.pending.swap_remove(pos);
-        if accepted {
-            interest.active.push(id);
+        if member {
+            if let Some(pos) = interest.pending.iter().position(|s| *s == id) {
+                interest.pending.swap_remove(pos);
+                interest.active.push(id);
+            }
             return false;
         }
+        interest.remove(id);
         if let Some(s) = self.sessions.get(&id) {
             s.convs.borrow_mut().remove(conv);
         }
@@ -195,12 +206,12 @@ impl Local {
         self.sessions.values().map(|s| s.user.clone()).collect()
     }
 
-    fn sessions_of(&self, conv: &str, user: &str) -> Vec<u64> {
+    /// Active sessions of `user` receiving `conv`.
+    fn active_sessions_of(&self, conv: &str, user: &str) -> Vec<u64> {
         let Some(interest) = self.interest.get(conv) else { return Vec::new() };
         interest
             .active
             .iter()
-            .chain(&interest.pending)
             .copied()
             .filter(|id| self.sessions.get(id).is_some_and(|s| &*s.user == user))
             .collect()
@@ -255,18 +266,46 @@ pub(crate) fn apply(shard: &Rc<Shard>, msg: LocalMsg) {
         LocalMsg::Revoke { conversation, user } => {
             let empty = {
                 let mut local = shard.local.borrow_mut();
-                let ids = local.sessions_of(&conversation, &user);
+                let ids = local.active_sessions_of(&conversation, &user);
                 local.remove_interest(&conversation, &ids)
             };
             if empty {
                 unsubscribe(shard, conversation);
             }
         }
+        LocalMsg::Subscribed { token, sessions, conversations, outcomes } => {
+            let (empty, waiter) = {
+                let mut local = shard.local.borrow_mut();
+                let mut empty = Vec::new();
+                for (conv, outcome) in conversations.iter().zip(&outcomes) {
+                    let member = *outcome == Membership::Member;
+                    let mut now_empty = false;
+                    for id in &sessions {
+                        now_empty |= local.resolve(*id, conv, member);
+                    }
+                    if now_empty {
+                        empty.push(conv.clone());
+                    }
+                }
+                (empty, local.waiters.remove(&token))
+            };
+            for conv in empty {
+                unsubscribe(shard, conv);
+            }
+            if let Some(w) = waiter {
+                let _ = w.send(outcomes);
+            }
+        }
         LocalMsg::UserEvent { sessions, user, event } => {
             if event.added {
                 let shard = shard.clone();
                 tokio::task::spawn_local(async move {
-                    subscribe(&shard, &user, &sessions, vec![event.conversation.clone()]).await;
+                    if subscribe(&shard, &user, &sessions, vec![event.conversation.clone()])
+                        .await
+                        .is_err()
+                    {
+                        tracing::error!(conversation = %event.conversation, "could not subscribe a new member's sessions");
+                    }
                     let local = shard.local.borrow();
                     for id in &sessions {
                         if let Some(s) = local.get(*id) {
@@ -275,85 +314,87 @@ pub(crate) fn apply(shard: &Rc<Shard>, msg: LocalMsg) {
                     }
                 });
             } else {
-                let empty = {
-                    let mut local = shard.local.borrow_mut();
-                    for id in &sessions {
-                        if let Some(s) = local.get(*id) {
-                            s.out.push(event.frame.clone());
-                        }
+                // Delivery stops through the owner's `Revoke`, ordered with its deliveries; this
+                // event (via the home shard) may arrive before or after that, so it only informs.
+                let local = shard.local.borrow();
+                for id in &sessions {
+                    if let Some(s) = local.get(*id) {
+                        s.out.push(event.frame.clone());
                     }
-                    local.remove_interest(&event.conversation, &sessions)
-                };
-                if empty {
-                    unsubscribe(shard, event.conversation.clone());
                 }
             }
         }
     }
 }
 
-/// Makes `sessions` (all of `user`, hosted here) receive `convs`, as far as the owners agree.
-/// Returns the conversations the owners accepted.
+/// Makes `sessions` (all of `user`, hosted here) receive `convs`, as far as the owners agree,
+/// and waits until every owner's answer has been applied (in order with its deliveries).
+/// Conversations already pending or active for a session are asked again, so the caller knows
+/// they are settled. Returns the conversations the owners accepted.
+///
+/// # Errors
+/// When an owner could not tell (storage failed).
 pub(crate) async fn subscribe(
     shard: &Rc<Shard>,
     user: &Arc<str>,
     sessions: &[u64],
     convs: Vec<Arc<str>>,
-) -> Vec<Arc<str>> {
+) -> Result<Vec<Arc<str>>, Unavailable> {
     // Register as pending first, so a concurrent close cannot make us unsubscribe while an
     // answer is on its way.
     let mut by_owner: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
     {
         let mut local = shard.local.borrow_mut();
         for conv in convs {
-            let mut any = false;
             for id in sessions {
-                any |= local.add_pending(*id, &conv);
+                local.add_pending(*id, &conv);
             }
-            if any {
-                by_owner.entry(owner_shard(partition(&conv), shard.count)).or_default().push(conv);
-            }
+            by_owner.entry(owner_shard(partition(&conv), shard.count)).or_default().push(conv);
         }
     }
     let mut waits = Vec::with_capacity(by_owner.len());
     for (owner, conversations) in by_owner {
         let (tx, rx) = oneshot::channel();
+        let token = {
+            let mut local = shard.local.borrow_mut();
+            local.next_token += 1;
+            let token = local.next_token;
+            local.waiters.insert(token, tx);
+            token
+        };
         shard.send_owner_at(
             owner,
             OwnerMsg::Subscribe {
                 shard: shard.id,
                 user: user.clone(),
+                sessions: sessions.to_vec(),
                 conversations: conversations.clone(),
-                reply: tx,
+                token,
             },
         );
-        waits.push(async move { (conversations, rx.await.unwrap_or_default()) });
+        waits.push(async move { (conversations, rx.await) });
     }
     let mut accepted = Vec::new();
-    for (conversations, flags) in futures::future::join_all(waits).await {
-        let mut empty = Vec::new();
-        {
-            let mut local = shard.local.borrow_mut();
-            for (i, conv) in conversations.into_iter().enumerate() {
-                let ok = flags.get(i).copied().unwrap_or(false);
-                let mut now_empty = false;
-                for id in sessions {
-                    now_empty |= local.resolve(*id, &conv, ok);
-                }
-                if now_empty {
-                    empty.push(conv.clone());
-                }
-                if ok {
-                    accepted.push(conv);
-                }
+    let mut failed = false;
+    for (conversations, outcomes) in futures::future::join_all(waits).await {
+        let Ok(outcomes) = outcomes else {
+            failed = true;
+            continue;
+        };
+        for (conv, outcome) in conversations.into_iter().zip(outcomes) {
+            match outcome {
+                Membership::Member => accepted.push(conv),
+                Membership::NotMember => {}
+                Membership::Unavailable => failed = true,
             }
         }
-        for conv in empty {
-            unsubscribe(shard, conv);
-        }
     }
-    accepted
+    if failed { Err(Unavailable) } else { Ok(accepted) }
 }
+
+/// An owner could not answer a subscription (storage failure or shutdown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unavailable;
 
 /// Unregisters a closed session and tells the owners and the home shards.
 pub(crate) fn close_session(shard: &Rc<Shard>, id: u64) {

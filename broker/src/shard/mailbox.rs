@@ -70,18 +70,21 @@ pub enum OwnerMsg {
         /// What to do.
         op: OwnerOp,
     },
-    /// A session shard asks to receive `conversations` for sessions of `user`. The owner
-    /// answers, per conversation, whether the user is a member; for each yes it adds `shard` to
-    /// the conversation's interested shards.
+    /// A session shard asks to receive `conversations` for `sessions` of `user`. The owner
+    /// answers with `LocalMsg::Subscribed`, per conversation whether the user is a member, in
+    /// its FIFO bundle to that shard (so the answer is ordered with deliveries and
+    /// revocations); for each member it adds `shard` to the conversation's interested shards.
     Subscribe {
         /// The asking shard.
         shard: usize,
         /// Whose sessions.
         user: Arc<str>,
+        /// The sessions, on the asking shard.
+        sessions: Vec<u64>,
         /// Which conversations.
         conversations: Vec<Arc<str>>,
-        /// One flag per conversation.
-        reply: oneshot::Sender<Vec<bool>>,
+        /// Echoed in the answer.
+        token: u64,
     },
     /// `shard` has no session left interested in `conversation`.
     Unsubscribe {
@@ -227,6 +230,17 @@ pub enum LocalMsg {
         /// Dropped rather than queued under pressure.
         droppable: bool,
     },
+    /// The owner's answer to `OwnerMsg::Subscribe`.
+    Subscribed {
+        /// The request's token.
+        token: u64,
+        /// The sessions.
+        sessions: Vec<u64>,
+        /// The conversations asked about.
+        conversations: Vec<Arc<str>>,
+        /// One outcome per conversation.
+        outcomes: Vec<Membership>,
+    },
     /// `user` is no longer a member: stop delivering `conversation` to their sessions.
     Revoke {
         /// The conversation.
@@ -243,6 +257,17 @@ pub enum LocalMsg {
         /// The event.
         event: Arc<UserEvent>,
     },
+}
+
+/// Whether a user is a member of a conversation, as its owner decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// A member: deliveries follow.
+    Member,
+    /// Not a member (or no such conversation).
+    NotMember,
+    /// The owner could not tell (storage failed).
+    Unavailable,
 }
 
 /// What a role produced while handling a message: routed by [`super::Shard::dispatch`].

@@ -125,6 +125,18 @@ impl Outbound {
         self.closing.cancel();
     }
 
+    /// Stops accepting frames; the writer sends what is queued, then closes. No-op when
+    /// already closing.
+    pub fn close(&self) {
+        if self.state.get() != State::Open {
+            return;
+        }
+        self.held.set(false);
+        self.state.set(State::Closing);
+        self.notify.notify_one();
+        self.closing.cancel();
+    }
+
     /// Holds queued frames back from the writer until [`Self::release_after`].
     pub fn hold(&self) {
         self.held.set(true);

@@ -23,7 +23,9 @@ use switchboard_protocol::{
 };
 
 use super::SessionRef;
-use super::mailbox::{HomeMsg, LocalMsg, NotifyMsg, Outgoing, OwnerMsg, OwnerOp, UserEvent};
+use super::mailbox::{
+    HomeMsg, LocalMsg, Membership, NotifyMsg, Outgoing, OwnerMsg, OwnerOp, UserEvent,
+};
 use crate::config::{Config, Durability, LimitsConfig};
 use crate::storage::{
     Committed, Ks, LoadedConversation, Storage, StorageError, StoredConversation, StoredEntry,
@@ -539,18 +541,22 @@ impl Owner {
                     );
                 }
             }
-            OwnerMsg::Subscribe { shard, user, conversations, reply } => {
-                let flags = conversations
+            OwnerMsg::Subscribe { shard, user, sessions, conversations, token } => {
+                let outcomes = conversations
                     .iter()
                     .map(|id| match load(&mut self.convs, &self.storage, id) {
                         Ok(Some(c)) if c.members.contains_key(&user) => {
                             c.interested |= 1 << shard;
-                            true
+                            Membership::Member
                         }
-                        _ => false,
+                        Ok(_) => Membership::NotMember,
+                        Err(_) => Membership::Unavailable,
                     })
                     .collect();
-                let _ = reply.send(flags);
+                out.push_local(
+                    shard,
+                    LocalMsg::Subscribed { token, sessions, conversations, outcomes },
+                );
             }
             OwnerMsg::Unsubscribe { shard, conversation } => {
                 if let Some(c) = self.convs.get_mut(&conversation) {

@@ -131,7 +131,9 @@ pub async fn handshake(
         })
         .await?;
         let conversations = conversations.into_iter().map(|c| Arc::from(c.as_str())).collect();
-        subscribe(shard, &user, &[id], conversations).await;
+        subscribe(shard, &user, &[id], conversations)
+            .await
+            .map_err(|_| Reject::new(ErrorCode::Unavailable, "storage unavailable"))?;
         let limits = shard.config.limits.clone();
         let u = user.clone();
         let (feed_position, resumed) = read(session, move |r| {

@@ -183,7 +183,7 @@ pub fn page(
             if let Some((tc, ts)) = &token
                 && *tc == conv
             {
-                from = from.max(ts + 1);
+                from = from.max(ts.saturating_add(1));
             }
             for item in r.entries(a.partition, &conv, from, last + 1, false) {
                 let (seq, entry) = item?;
