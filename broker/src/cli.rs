@@ -149,9 +149,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 impl RunArgs {
     fn load(&self) -> Result<Config, crate::config::ConfigError> {
-        let mut assignments = env_assignments();
-        assignments.extend(self.set.iter().cloned());
-        let mut config = Config::load(self.config.as_deref(), &assignments)?;
+        let mut config = Config::load(self.config.as_deref(), &env_assignments())?;
         config.apply(Overrides {
             listen: self.listen,
             shards: self.shards,
@@ -171,6 +169,8 @@ impl RunArgs {
             jwt_audience: self.jwt_audience.clone(),
             jwt_issuer: self.jwt_issuer.clone(),
         });
+        // `--set` comes last: it wins over the dedicated flags and every variable.
+        let config = config.assign(&self.set)?;
         config.validate()?;
         Ok(config)
     }

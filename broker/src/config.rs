@@ -397,14 +397,35 @@ impl Config {
         file: Option<&Path>,
         assignments: &[(String, String)],
     ) -> Result<Self, ConfigError> {
-        let (text, origin) = match file {
-            Some(path) => (
-                std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?,
-                path.to_owned(),
-            ),
-            None => (String::new(), PathBuf::from("<defaults>")),
-        };
+        match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                Self::load_text(&text, path.to_owned(), assignments)
+            }
+            None => Self::load_text("", PathBuf::from("<defaults>"), assignments),
+        }
+    }
+
+    /// Applies `section.key=value` assignments over this configuration.
+    ///
+    /// # Errors
+    /// When a key is unknown or a value has the wrong type.
+    pub fn assign(self, assignments: &[(String, String)]) -> Result<Self, ConfigError> {
+        if assignments.is_empty() {
+            return Ok(self);
+        }
+        let origin = PathBuf::from("<--set>");
+        let text = toml::to_string(&self)
+            .map_err(|e| ConfigError::Parse { path: origin.clone(), message: e.to_string() })?;
+        Self::load_text(&text, origin, assignments)
+    }
+
+    fn load_text(
+        text: &str,
+        origin: PathBuf,
+        assignments: &[(String, String)],
+    ) -> Result<Self, ConfigError> {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
             ConfigError::Parse { path: origin.clone(), message: e.to_string() }
         })?;
@@ -570,6 +591,12 @@ impl Config {
         if l.max_presence_users == 0 {
             return Err(invalid("limits.max_presence_users", "must be at least 1"));
         }
+        if l.max_presence_subscriptions == 0 {
+            return Err(invalid("limits.max_presence_subscriptions", "must be at least 1"));
+        }
+        if l.max_conversations_per_user == 0 {
+            return Err(invalid("limits.max_conversations_per_user", "must be at least 1"));
+        }
         if self.presence.typing_expires_ms == 0 || self.presence.last_seen_flush_ms == 0 {
             return Err(invalid("presence.typing_expires_ms", "timings must be at least 1 ms"));
         }
@@ -613,9 +640,9 @@ impl Config {
         let l = &d.limits;
         format!(
             r#"# Switchboard configuration. Every key is optional; shown are the defaults.
-# Precedence: command-line flags and --set section.key=value > SWITCHBOARD_* environment
-# variables (SWITCHBOARD_<SECTION>__<KEY>, e.g. SWITCHBOARD_LIMITS__SEND_RATE_PER_SEC=50)
-# > this file > defaults.
+# Precedence: --set section.key=value > other command-line flags > SWITCHBOARD_* environment
+# variables (the dedicated ones such as SWITCHBOARD_SHARDS, and SWITCHBOARD_<SECTION>__<KEY>,
+# e.g. SWITCHBOARD_LIMITS__SEND_RATE_PER_SEC=50) > this file > defaults.
 
 [server]
 # Binary protocol listener (TCP). Port 0 picks a free port, printed in the ready line.
@@ -783,6 +810,15 @@ mod tests {
         let err =
             Config::load(None, &[set("limits.send_burst", "\"many\"")]).unwrap_err().to_string();
         assert!(err.contains("send_burst"), "{err}");
+    }
+
+    #[test]
+    fn given_assign_after_overrides_should_win() {
+        let mut c = Config::default();
+        c.apply(Overrides { shards: Some(3), ..Default::default() });
+        let c = c.assign(&[("server.shards".to_owned(), "4".to_owned())]).unwrap();
+        assert_eq!(c.server.shards, 4);
+        assert_eq!(c.storage.durability, Durability::Sync, "untouched keys survive the round trip");
     }
 
     #[test]

@@ -140,3 +140,12 @@ async fn given_user_in_too_many_conversations_should_not_create_another() {
     });
     assert_eq!(error(alice.request(req).await).code, ErrorCode::LimitExceeded as i32);
 }
+
+#[tokio::test]
+async fn given_user_at_the_conversation_limit_should_still_reopen_one_they_are_in() {
+    let broker =
+        Broker::start_with(Options::with_args(&["--set", "limits.max_conversations_per_user=1"]));
+    let (mut alice, _) = broker.raw_as("alice").await;
+    let first = alice.create_direct("bob").await;
+    assert_eq!(alice.create_direct("bob").await, first);
+}

@@ -206,3 +206,48 @@ async fn given_typing_should_reach_online_members_only_coalesced_and_never_be_st
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn given_own_send_should_count_as_delivered_and_read_and_marks_should_not_echo() {
+    let broker = Broker::start();
+    let (mut alice, _) = broker.raw_as("alice").await;
+    let conv = alice.create_direct("bob").await;
+    alice.request(send(&conv, "m1")).await; // seq 2
+    let list = match alice
+        .request(client_frame::Kind::GetReceipts(switchboard_protocol::GetReceipts {
+            conversation_id: conv.clone(),
+            ..Default::default()
+        }))
+        .await
+    {
+        server_frame::Kind::Receipts(l) => l,
+        other => panic!("{other:?}"),
+    };
+    let mine = list.receipts.iter().find(|r| r.user_id == "alice").expect("alice");
+    assert_eq!((mine.delivered_seq, mine.read_seq), (2, 2), "read implies delivered");
+    let (mut bob, _) = broker.raw_as("bob").await;
+    mark_read(&mut bob, &conv, 2).await;
+    assert!(
+        pushes(&mut bob, Duration::from_millis(400), receipt_of("bob")).await.is_empty(),
+        "no echo"
+    );
+}
+
+#[tokio::test]
+async fn given_coalesced_receipt_when_broker_stops_gracefully_should_be_kept() {
+    let mut broker = Broker::start();
+    let (mut alice, _) = broker.raw_as("alice").await;
+    let conv = alice.create_direct("bob").await;
+    for i in 0..3 {
+        alice.request(send(&conv, &format!("m{i}"))).await; // 2..=4
+    }
+    let (mut bob, _) = broker.raw_as("bob").await;
+    mark_read(&mut bob, &conv, 2).await; // written at once
+    mark_read(&mut bob, &conv, 4).await; // waits for its second
+    drop((alice, bob));
+    assert!(broker.terminate().success());
+    broker.restart();
+    let (mut bob, _) = broker.raw_as("bob").await;
+    assert_eq!(unread(&mut bob, &conv).await, 0);
+    assert_eq!(mark_read(&mut bob, &conv, 0).await.read_seq, 4);
+}

@@ -129,7 +129,8 @@ pub struct Home {
     last_seen_dirty: HashMap<Arc<str>, u64>,
     pending: HashMap<Arc<str>, HashMap<Arc<str>, Pending>>,
     push_dirty: HashSet<(Arc<str>, Arc<str>)>,
-    push_deleted: Vec<(Arc<str>, Arc<str>)>,
+    /// Rows to delete: (user, conversation, first_seq).
+    push_deleted: Vec<(Arc<str>, Arc<str>, u64)>,
     ready: VecDeque<(Instant, PushJob)>,
 }
 
@@ -273,10 +274,10 @@ impl Home {
             HomeMsg::Read { user, conversation, read_seq } => {
                 if let Some(convs) = self.pending.get_mut(&user)
                     && convs.get(&conversation).is_some_and(|p| p.last_seq <= read_seq)
+                    && let Some(p) = convs.remove(&conversation)
                 {
-                    convs.remove(&conversation);
                     self.push_dirty.remove(&(user.clone(), conversation.clone()));
-                    self.push_deleted.push((user, conversation));
+                    self.push_deleted.push((user, conversation, p.first_seq));
                 }
             }
         }
@@ -429,9 +430,9 @@ impl Home {
 
     fn cancel_pushes(&mut self, user: &Arc<str>) {
         if let Some(convs) = self.pending.remove(user) {
-            for conv in convs.into_keys() {
+            for (conv, p) in convs {
                 self.push_dirty.remove(&(user.clone(), conv.clone()));
-                self.push_deleted.push((user.clone(), conv));
+                self.push_deleted.push((user.clone(), conv, p.first_seq));
             }
         }
         let before = self.ready.len();
@@ -439,7 +440,11 @@ impl Home {
         self.ready.retain(|(_, job)| {
             let keep = job.user != *user;
             if !keep {
-                deleted.push((job.user.clone(), job.conversation.clone()));
+                deleted.push((
+                    job.user.clone(),
+                    job.conversation.clone(),
+                    job.notification.first_seq,
+                ));
             }
             keep
         });
@@ -531,7 +536,7 @@ impl Home {
             if self.push_dirty.remove(&(user.clone(), conv.clone())) {
                 ops.push(WriteOp::Put(
                     Ks::Push,
-                    keys::push_key(&user, &conv),
+                    keys::push_key(&user, &conv, p.first_seq),
                     p.stored().encode_to_vec(),
                 ));
             }
@@ -572,13 +577,13 @@ impl Home {
             if let Some(p) = self.pending.get(&user).and_then(|c| c.get(&conv)) {
                 ops.push(WriteOp::Put(
                     Ks::Push,
-                    keys::push_key(&user, &conv),
+                    keys::push_key(&user, &conv, p.first_seq),
                     p.stored().encode_to_vec(),
                 ));
             }
         }
-        for (user, conv) in self.push_deleted.drain(..) {
-            ops.push(WriteOp::Delete(Ks::Push, keys::push_key(&user, &conv)));
+        for (user, conv, first_seq) in self.push_deleted.drain(..) {
+            ops.push(WriteOp::Delete(Ks::Push, keys::push_key(&user, &conv, first_seq)));
         }
         ops
     }
@@ -608,11 +613,12 @@ impl Home {
     /// Records the outcome of a delivery attempt.
     pub fn push_done(&mut self, mut job: PushJob, delivered: bool) {
         job.attempts += 1;
-        if delivered || job.attempts >= self.max_attempts {
-            if !delivered {
+        let online = self.sessions.contains_key(&job.user);
+        if delivered || online || job.attempts >= self.max_attempts {
+            if !delivered && !online {
                 tracing::error!(user = %job.user, conversation = %job.conversation, attempts = job.attempts, "giving up on a push notification");
             }
-            self.push_deleted.push((job.user, job.conversation));
+            self.push_deleted.push((job.user, job.conversation, job.notification.first_seq));
             return;
         }
         let at = Instant::now() + crate::push::backoff(job.attempts);

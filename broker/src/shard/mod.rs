@@ -399,7 +399,10 @@ impl Shard {
         *self.shutdown.borrow_mut() = Some(Shutdown { done: Some(done) });
         local::disconnect_all(self);
         let ops = self.home.borrow_mut().shutdown_writes();
-        self.owner.borrow_mut().append_ops(ops);
+        let mut owner = self.owner.borrow_mut();
+        owner.flush_all_receipts();
+        owner.append_ops(ops);
+        drop(owner);
         self.flush();
         self.check_drained();
     }

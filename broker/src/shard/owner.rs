@@ -177,10 +177,11 @@ enum Effect {
         /// The sender of a user message (push notifications for offline members).
         notify: Option<Arc<str>>,
     },
-    /// A frame for every interested session once durable (receipt changes).
+    /// A frame for every interested session but `skip` once durable (receipt changes).
     Broadcast {
         conv: Arc<str>,
         frame: Bytes,
+        skip: Option<SessionRef>,
     },
     Feed {
         user: Arc<str>,
@@ -232,7 +233,13 @@ impl OpenBatch {
     }
 
     /// Writes a member's watermarks and pushes them to the conversation once durable.
-    fn flush_receipt(&mut self, conv: &mut Conv, user: &Arc<str>, now: Instant) {
+    fn flush_receipt(
+        &mut self,
+        conv: &mut Conv,
+        user: &Arc<str>,
+        now: Instant,
+        skip: Option<SessionRef>,
+    ) {
         let Some(m) = conv.members.get(user) else { return };
         self.put_member(conv, user, m);
         self.dirty_members.remove(&(conv.id.clone(), user.clone()));
@@ -243,7 +250,7 @@ impl OpenBatch {
                 delivered_seq: m.delivered_seq,
                 read_seq: m.read_seq,
             })));
-        self.effects.push(Effect::Broadcast { conv: conv.id.clone(), frame });
+        self.effects.push(Effect::Broadcast { conv: conv.id.clone(), frame, skip });
         conv.receipt_flushed.insert(user.clone(), now);
     }
 
@@ -431,6 +438,16 @@ impl Owner {
         }
     }
 
+    /// Writes every receipt still waiting for its coalescing second (graceful shutdown).
+    pub fn flush_all_receipts(&mut self) {
+        let now = Instant::now();
+        for (conv_id, user) in std::mem::take(&mut self.pending_receipts) {
+            if let Some(conv) = self.convs.get_mut(&conv_id) {
+                self.open.flush_receipt(conv, &user, now, None);
+            }
+        }
+    }
+
     /// Adds writes that carry no effects (presence last-seen, push queue) to the open batch.
     pub fn append_ops(&mut self, ops: Vec<WriteOp>) {
         self.open.ops.extend(ops);
@@ -454,7 +471,7 @@ impl Owner {
             self.pending_receipts.remove(&key);
             let (conv_id, user) = key;
             if let Some(conv) = self.convs.get_mut(&conv_id) {
-                self.open.flush_receipt(conv, &user, now);
+                self.open.flush_receipt(conv, &user, now, None);
                 out.flush = true;
             }
         }
@@ -612,6 +629,7 @@ impl Owner {
         // A member's own send marks everything up to it as read (written once per batch).
         if let Some(m) = conv.members.get_mut(user) {
             m.read_seq = m.read_seq.max(seq);
+            m.delivered_seq = m.delivered_seq.max(seq);
             self.open.dirty_members.insert((conv.id.clone(), user.clone()));
         }
         conv.pending
@@ -868,7 +886,7 @@ impl Owner {
                 .get(user)
                 .is_none_or(|t| now.duration_since(*t) >= RECEIPT_INTERVAL);
             if quiet {
-                self.open.flush_receipt(conv, user, now);
+                self.open.flush_receipt(conv, user, now, Some(from));
                 out.flush = true;
             } else {
                 self.pending_receipts.insert((conv.id.clone(), user.clone()));
@@ -1036,7 +1054,7 @@ impl Owner {
         let shards = self.shards;
         for effect in effects {
             match effect {
-                Effect::Broadcast { conv, frame } => {
+                Effect::Broadcast { conv, frame, skip } => {
                     let Some(c) = self.convs.get(&conv) else { continue };
                     for shard in (0..shards).filter(|s| c.interested & (1 << s) != 0) {
                         out.push_local(
@@ -1044,7 +1062,7 @@ impl Owner {
                             LocalMsg::Deliver {
                                 conversation: conv.clone(),
                                 frame: frame.clone(),
-                                skip: None,
+                                skip,
                                 droppable: false,
                             },
                         );

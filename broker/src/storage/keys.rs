@@ -11,7 +11,7 @@
 //! | memberships   | len · user · conversation                        |
 //! | feeds         | len · user · user_seq u64                        |
 //! | users         | user                                             |
-//! | push          | len · user · conversation                        |
+//! | push          | len · user · len · conversation · first_seq u64  |
 //! | meta          | name                                             |
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
@@ -115,21 +115,26 @@ pub fn user_key(user: &str) -> Vec<u8> {
     user.as_bytes().to_vec()
 }
 
-/// Key in `push`: a pending notification of `user` for `conversation`.
+/// Key in `push`: the notification of `user` for `conversation` whose window opened at
+/// `first_seq` (a later window of the same conversation is another notification).
 #[must_use]
-pub fn push_key(user: &str, conversation: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + user.len() + conversation.len());
+pub fn push_key(user: &str, conversation: &str, first_seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + user.len() + conversation.len() + 8);
     push_str(&mut k, user);
-    k.extend_from_slice(conversation.as_bytes());
+    push_str(&mut k, conversation);
+    k.extend_from_slice(&first_seq.to_be_bytes());
     k
 }
 
-/// Splits a `push` key into (user, conversation).
+/// Splits a `push` key into (user, conversation, first_seq).
 #[must_use]
-pub fn split_push_key(key: &[u8]) -> Option<(&str, &str)> {
+pub fn split_push_key(key: &[u8]) -> Option<(&str, &str, u64)> {
     let (&len, rest) = key.split_first()?;
-    let (user, conv) = rest.split_at_checked(usize::from(len))?;
-    Some((std::str::from_utf8(user).ok()?, std::str::from_utf8(conv).ok()?))
+    let (user, rest) = rest.split_at_checked(usize::from(len))?;
+    let (&len, rest) = rest.split_first()?;
+    let (conv, seq) = rest.split_at_checked(usize::from(len))?;
+    let seq = u64::from_be_bytes(seq.try_into().ok()?);
+    Some((std::str::from_utf8(user).ok()?, std::str::from_utf8(conv).ok()?, seq))
 }
 
 /// The part of `key` after `prefix`, as UTF-8 (an id).
@@ -159,7 +164,7 @@ mod tests {
 
     #[test]
     fn given_push_key_should_split_back_into_user_and_conversation() {
-        assert_eq!(split_push_key(&push_key("bob", "dm:a:bob")), Some(("bob", "dm:a:bob")));
+        assert_eq!(split_push_key(&push_key("bob", "dm:a:bob", 7)), Some(("bob", "dm:a:bob", 7)));
         assert_eq!(split_push_key(&[9, b'x']), None);
     }
 

@@ -527,7 +527,7 @@ impl Reader {
         let mut out = Vec::new();
         for kv in self.snap.iter(&self.ks.push) {
             let (k, v) = kv.into_inner()?;
-            let (user, conv) = keys::split_push_key(&k).ok_or_else(|| corrupt("push", "key"))?;
+            let (user, conv, _) = keys::split_push_key(&k).ok_or_else(|| corrupt("push", "key"))?;
             out.push((
                 user.to_owned(),
                 conv.to_owned(),

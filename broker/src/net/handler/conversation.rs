@@ -12,7 +12,8 @@ use super::{Ctx, Reject};
 use crate::shard::OwnerOp;
 
 /// Handles `CreateConversation`. A user already in `limits.max_conversations_per_user`
-/// conversations (in the durable view) cannot create another.
+/// conversations (in the durable view) cannot create another (asking again for one they are
+/// already in is fine).
 pub fn create(ctx: &Ctx<'_>, request_id: u64, mut req: CreateConversation) {
     let id = match resolve(ctx, &mut req) {
         Ok(id) => id,
@@ -23,27 +24,28 @@ pub fn create(ctx: &Ctx<'_>, request_id: u64, mut req: CreateConversation) {
     let max = shard.config.limits.max_conversations_per_user;
     tokio::task::spawn_local(async move {
         let storage = shard.storage.clone();
-        let user = session.user.clone();
-        let count =
-            tokio::task::spawn_blocking(move || storage.reader().count_memberships(&user, max))
-                .await
-                .unwrap_or(Ok(0))
-                .unwrap_or(0);
+        let (user, conv) = (session.user.clone(), id.clone());
+        let full = tokio::task::spawn_blocking(move || -> Result<bool, Reject> {
+            let r = storage.reader();
+            Ok(r.member(&conv, &user)?.is_none() && r.count_memberships(&user, max)? >= max)
+        })
+        .await
+        .unwrap_or_else(|_| Err(Reject::new(ErrorCode::Internal, "internal error")));
         let ctx = Ctx { shard: &shard, session: &session, me };
-        if count >= max {
-            ctx.reject(
+        match full {
+            Ok(false) => ctx.to_owner(
+                &id.clone(),
+                request_id,
+                OwnerOp::Create { conversation_id: id, request: req },
+            ),
+            Ok(true) => ctx.reject(
                 request_id,
                 Reject::new(
                     ErrorCode::LimitExceeded,
                     format!("a user belongs to at most {max} conversations"),
                 ),
-            );
-        } else {
-            ctx.to_owner(
-                &id.clone(),
-                request_id,
-                OwnerOp::Create { conversation_id: id, request: req },
-            );
+            ),
+            Err(r) => ctx.reject(request_id, r),
         }
         session.request_done();
     });
