@@ -635,3 +635,98 @@ impl Home {
 fn len_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Durability, StorageConfig};
+
+    fn home(grace_ms: u64) -> (Home, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(&StorageConfig {
+            data_dir: dir.path().to_owned(),
+            durability: Durability::Buffered,
+            cache_mb: 8,
+        })
+        .unwrap();
+        let mut config = Config::default();
+        config.presence.grace_ms = grace_ms;
+        (Home::new(&config, storage, 1), dir)
+    }
+
+    fn up(h: &mut Home, user: &Arc<str>, id: u64, out: &mut Outgoing) -> bool {
+        let (tx, mut rx) = oneshot::channel();
+        h.handle(
+            HomeMsg::SessionUp {
+                user: user.clone(),
+                session: SessionRef { shard: 0, id },
+                ack: tx,
+            },
+            out,
+        );
+        rx.try_recv().unwrap()
+    }
+
+    fn subscribe(h: &mut Home, who: &Arc<str>, out: &mut Outgoing) {
+        let (tx, _rx) = oneshot::channel();
+        let session = SessionRef { shard: 0, id: 99 };
+        h.handle(HomeMsg::PresenceSubscribe { session, users: vec![who.clone()], reply: tx }, out);
+    }
+
+    fn pushes(out: &Outgoing) -> usize {
+        out.local.iter().flatten().filter(|m| matches!(m, LocalMsg::Push { .. })).count()
+    }
+
+    #[test]
+    fn given_reconnect_within_grace_should_not_flap_and_after_grace_should_go_offline_once() {
+        let (mut h, _dir) = home(5_000);
+        let alice: Arc<str> = Arc::from("alice");
+        let mut out = Outgoing::new(1);
+        subscribe(&mut h, &alice, &mut out);
+        assert!(up(&mut h, &alice, 1, &mut out));
+        assert_eq!(pushes(&out), 1, "online");
+
+        let mut out = Outgoing::new(1);
+        h.handle(
+            HomeMsg::SessionDown { user: alice.clone(), session: SessionRef { shard: 0, id: 1 } },
+            &mut out,
+        );
+        let t0 = Instant::now();
+        h.tick(t0 + Duration::from_millis(4_000), false, &mut out);
+        assert!(up(&mut h, &alice, 2, &mut out), "back within the grace period");
+        h.tick(t0 + Duration::from_millis(6_000), false, &mut out);
+        assert_eq!(pushes(&out), 0, "no offline/online flap");
+        assert!(h.current(&alice).is_some_and(|p| p.online && p.devices == 1));
+
+        h.handle(
+            HomeMsg::SessionDown { user: alice.clone(), session: SessionRef { shard: 0, id: 2 } },
+            &mut out,
+        );
+        let t1 = Instant::now();
+        h.tick(t1 + Duration::from_millis(4_999), false, &mut out);
+        assert_eq!(pushes(&out), 0);
+        assert!(
+            h.current(&alice).is_some_and(|p| p.online && p.devices == 0),
+            "online during grace"
+        );
+        let ops = h.tick(t1 + Duration::from_millis(5_001), true, &mut out);
+        assert_eq!(pushes(&out), 1, "one offline push");
+        assert!(h.current(&alice).is_some_and(|p| !p.online && p.last_seen_ms > 0));
+        assert!(
+            ops.iter().any(|op| matches!(op, WriteOp::Put(Ks::Users, k, _) if k == b"alice")),
+            "last seen written"
+        );
+    }
+
+    #[test]
+    fn given_session_cap_should_refuse_the_next_session() {
+        let (mut h, _dir) = home(5_000);
+        h.max_sessions = 2;
+        let bob: Arc<str> = Arc::from("bob");
+        let mut out = Outgoing::new(1);
+        assert!(up(&mut h, &bob, 1, &mut out));
+        assert!(up(&mut h, &bob, 2, &mut out));
+        assert!(!up(&mut h, &bob, 3, &mut out));
+        assert_eq!(h.session_count("bob"), 2);
+    }
+}
