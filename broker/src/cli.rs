@@ -59,6 +59,9 @@ struct RunArgs {
     /// Binary protocol listener address [default: 127.0.0.1:7400].
     #[arg(long, env = "SWITCHBOARD_LISTEN", global = true)]
     listen: Option<SocketAddr>,
+    /// HTTP listener address (WebSocket, metrics, demo) [default: 127.0.0.1:7401].
+    #[arg(long, env = "SWITCHBOARD_HTTP_LISTEN", global = true)]
+    http_listen: Option<SocketAddr>,
     /// Number of shards; 0 = one per core [default: 0].
     #[arg(long, env = "SWITCHBOARD_SHARDS", global = true)]
     shards: Option<usize>,
@@ -152,6 +155,7 @@ impl RunArgs {
         let mut config = Config::load(self.config.as_deref(), &env_assignments())?;
         config.apply(Overrides {
             listen: self.listen,
+            http_listen: self.http_listen,
             shards: self.shards,
             data_dir: self.data_dir.clone(),
             durability: self.durability,

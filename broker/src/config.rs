@@ -48,6 +48,8 @@ pub enum ConfigError {
 pub struct Config {
     /// Listeners, shards and timeouts.
     pub server: ServerConfig,
+    /// The HTTP listener: WebSocket bridge, metrics, health, demo page.
+    pub http: HttpConfig,
     /// Data directory and durability.
     pub storage: StorageConfig,
     /// Per-connection and per-request limits.
@@ -88,6 +90,32 @@ impl Default for ServerConfig {
             heartbeat_interval_ms: 15_000,
             idle_timeout_ms: 30_000,
             shutdown_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// HTTP listener (`/ws`, `/metrics`, `/healthz`, `/readyz`, the demo page at `/`).
+    /// Default `127.0.0.1:7401`; port 0 picks a free port (printed in the ready line).
+    pub listen: SocketAddr,
+    /// Origins allowed to open a WebSocket (`https://chat.example.com`); `*` allows any.
+    /// Empty (the default): only the broker's own origin, and clients that send no `Origin`.
+    pub allowed_origins: Vec<String>,
+    /// Serve `POST /dev/token` (mints a token for any user name, for the demo page) when it is
+    /// safe: every listener on a loopback address and the generated local secret in use.
+    /// Default true; it is never served otherwise.
+    pub dev_tokens: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            allowed_origins: Vec::new(),
+            dev_tokens: true,
         }
     }
 }
@@ -359,6 +387,7 @@ impl<'de> Deserialize<'de> for Durability {
 #[allow(missing_docs)]
 pub struct Overrides {
     pub listen: Option<SocketAddr>,
+    pub http_listen: Option<SocketAddr>,
     pub shards: Option<usize>,
     pub data_dir: Option<PathBuf>,
     pub durability: Option<Durability>,
@@ -472,6 +501,7 @@ impl Config {
             };
         }
         set!(self.server.listen, o.listen);
+        set!(self.http.listen, o.http_listen);
         set!(self.server.shards, o.shards);
         set!(self.server.hello_timeout_ms, o.hello_timeout_ms);
         set!(self.server.heartbeat_interval_ms, o.heartbeat_interval_ms);
@@ -498,6 +528,26 @@ impl Config {
         if o.jwt_issuer.is_some() {
             self.auth.issuer = o.jwt_issuer;
         }
+    }
+
+    /// Whether `POST /dev/token` may be served, and if not, why.
+    ///
+    /// # Errors
+    /// The reason it is off.
+    pub fn dev_tokens(&self) -> Result<(), &'static str> {
+        if !self.http.dev_tokens {
+            return Err("http.dev_tokens is false");
+        }
+        if !self.server.listen.ip().is_loopback() || !self.http.listen.ip().is_loopback() {
+            return Err("a listener is on a non-loopback address");
+        }
+        if self.auth.algorithm != JwtAlgorithm::Hs256
+            || self.auth.secret.is_some()
+            || self.auth.secret_file.is_some()
+        {
+            return Err("a JWT key is configured");
+        }
+        Ok(())
     }
 
     /// The number of shards to run (resolving 0 to the number of cores).
@@ -659,6 +709,16 @@ idle_timeout_ms = {idle}
 # Time budget for a graceful shutdown.
 shutdown_timeout_ms = {shutdown}
 
+[http]
+# HTTP listener: /ws (WebSocket bridge), /metrics, /healthz, /readyz, the demo page at /.
+listen = "{http_listen}"
+# Origins allowed to open a WebSocket, e.g. ["https://chat.example.com"]; "*" allows any.
+# Empty: only the broker's own origin (and clients that send no Origin header).
+allowed_origins = []
+# Serve POST /dev/token for the demo page, but only while every listener is on loopback and
+# the generated local secret is in use.
+dev_tokens = {dev_tokens}
+
 [storage]
 # Database directory (also holds the generated jwt.secret).
 data_dir = "{data_dir}"
@@ -733,6 +793,8 @@ timeout_ms = {timeout}
             hb = d.server.heartbeat_interval_ms,
             idle = d.server.idle_timeout_ms,
             shutdown = d.server.shutdown_timeout_ms,
+            http_listen = d.http.listen,
+            dev_tokens = d.http.dev_tokens,
             data_dir = d.storage.data_dir.display(),
             durability = d.storage.durability,
             cache = d.storage.cache_mb,

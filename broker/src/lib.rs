@@ -6,8 +6,8 @@
 //! Dependencies point down this list; a lower module never imports a higher one.
 //! - [`cli`]: the command line (`switchboard`, `switchboard token`, `switchboard print-config`).
 //! - [`runtime`]: builds storage, the writer thread and the shard threads; signals; shutdown.
-//! - [`net`]: transports ([`net::tcp`]), the session state machine ([`net::session`]) and one
-//!   handler per request ([`net::handler`]).
+//! - [`net`]: transports ([`net::tcp`], [`net::ws`] behind [`net::http`]), the session state
+//!   machine ([`net::session`]), one handler per request ([`net::handler`]), embedded files.
 //! - [`shard`]: per-thread state and the mailboxes between shards: the partition owner
 //!   ([`shard::owner`]), the user home ([`shard::home`]), hosted sessions ([`shard::local`]),
 //!   outbound queues ([`shard::outbound`]).
@@ -30,6 +30,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod net;
 pub mod push;
 pub mod ratelimit;

@@ -52,6 +52,8 @@ pub enum Exit {
 pub struct Bound {
     /// The binary protocol listener.
     pub tcp: SocketAddr,
+    /// The HTTP listener (WebSocket, metrics, demo).
+    pub http: SocketAddr,
     /// Number of shards.
     pub shards: usize,
 }
@@ -105,6 +107,7 @@ pub fn run(config: Config) -> Result<Exit, StartError> {
         let line = serde_json::json!({
             "event": "ready",
             "tcp": bound.tcp.to_string(),
+            "http": bound.http.to_string(),
             "shards": bound.shards,
             "pid": std::process::id(),
         });
@@ -129,6 +132,20 @@ pub fn run_with(
     let storage = Storage::open(&config.storage)?;
     let auth = Arc::new(Authenticator::from_config(&config.auth, &config.storage.data_dir)?);
     let (bound_tcp, listeners) = bind_all(config.server.listen, shards)?;
+    let (bound_http, http_listeners) = bind_all(config.http.listen, shards)?;
+    let metrics = crate::metrics::install();
+    let dev_secret = match config.dev_tokens() {
+        Ok(()) => {
+            tracing::info!(
+                "development tokens enabled at POST /dev/token (loopback listeners, generated secret)"
+            );
+            Some(crate::auth::hs256_secret(&config.auth, &config.storage.data_dir)?)
+        }
+        Err(why) => {
+            tracing::info!(reason = why, "development tokens disabled");
+            None
+        }
+    };
     let (writer, writer_join) = storage::writer::spawn(storage.clone())?;
     let limiters = Arc::new(crate::ratelimit::Limiters::new(&config.limits));
     let webhook = crate::push::Webhook::from_config(&config.push)
@@ -137,7 +154,9 @@ pub fn run_with(
 
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(MAILBOX_CAPACITY)).unzip();
     let mut joins: Vec<JoinHandle<()>> = Vec::with_capacity(shards);
-    for (id, (rx, listener)) in rxs.into_iter().zip(listeners).enumerate() {
+    for (id, ((rx, listener), http)) in
+        rxs.into_iter().zip(listeners).zip(http_listeners).enumerate()
+    {
         let setup = ShardSetup {
             id,
             config: config.clone(),
@@ -147,16 +166,18 @@ pub fn run_with(
             mailboxes: txs.clone(),
             limiters: limiters.clone(),
             webhook: webhook.clone(),
+            metrics: metrics.clone(),
+            dev_secret: dev_secret.clone(),
         };
         joins.push(
             std::thread::Builder::new()
                 .name(format!("sb-shard-{id}"))
-                .spawn(move || shard_thread(setup, rx, listener))?,
+                .spawn(move || shard_thread(setup, rx, listener, http))?,
         );
     }
 
-    tracing::info!(tcp = %bound_tcp, shards, durability = %config.storage.durability, "broker ready");
-    on_ready(&Bound { tcp: bound_tcp, shards });
+    tracing::info!(tcp = %bound_tcp, http = %bound_http, shards, durability = %config.storage.durability, "broker ready");
+    on_ready(&Bound { tcp: bound_tcp, http: bound_http, shards });
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let exit = rt.block_on(async {
@@ -200,7 +221,12 @@ pub fn run_with(
     Ok(exit)
 }
 
-fn shard_thread(setup: ShardSetup, rx: mpsc::Receiver<ShardMsg>, listener: std::net::TcpListener) {
+fn shard_thread(
+    setup: ShardSetup,
+    rx: mpsc::Receiver<ShardMsg>,
+    listener: std::net::TcpListener,
+    http: std::net::TcpListener,
+) {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(8)
@@ -220,6 +246,12 @@ fn shard_thread(setup: ShardSetup, rx: mpsc::Receiver<ShardMsg>, listener: std::
                 tokio::task::spawn_local(crate::net::tcp::accept_loop(shard.clone(), listener));
             }
             Err(e) => tracing::error!(error = %e, "cannot register listener"),
+        }
+        match tokio::net::TcpListener::from_std(http) {
+            Ok(listener) => {
+                tokio::task::spawn_local(crate::net::http::accept_loop(shard.clone(), listener));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot register http listener"),
         }
         tokio::task::spawn_local(shard.clone().run_ticks());
         shard.run(rx).await;

@@ -20,22 +20,27 @@
 //!
 //! ## Layout
 //! - [`codec`]: the `tokio_util` `Decoder`/`Encoder` and encode-once helpers.
+//! - [`json`]: the canonical protobuf JSON mapping (WebSocket JSON subprotocol) and the
+//!   shared encode-once frame.
 //! - [`validate`]: id, name and content rules with typed errors.
 //! - [`pb`]: the generated types, re-exported at the crate root.
 
 pub mod codec;
+pub mod json;
 pub mod validate;
 
 /// Types generated from `switchboard.proto` by prost.
 #[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/switchboard.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/switchboard.v1.serde.rs"));
 }
 
 pub use codec::{
     ClientCodec, FrameCodec, FrameError, ServerCodec, encode_frame, encode_message_push,
     frame_payload,
 };
+pub use json::{Encoded, SharedFrame};
 pub use pb::*;
 
 /// The protocol version this crate implements, sent in `Hello` and `Welcome`.

@@ -64,11 +64,14 @@ pub struct Options {
     pub durability: String,
     /// More flags.
     pub args: Vec<String>,
+    /// Pass `--jwt-secret SECRET` (true by default); without it the broker generates its own
+    /// secret, which also enables its development-token endpoint.
+    pub jwt_secret: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { shards: 3, durability: "buffered".into(), args: Vec::new() }
+        Self { shards: 3, durability: "buffered".into(), args: Vec::new(), jwt_secret: true }
     }
 }
 
@@ -85,6 +88,8 @@ pub struct Broker {
     child: Option<Child>,
     /// The binary protocol address.
     pub addr: SocketAddr,
+    /// The HTTP address (WebSocket bridge, metrics, demo page).
+    pub http: SocketAddr,
     dir: tempfile::TempDir,
     opts: Options,
     starts: usize,
@@ -109,6 +114,7 @@ impl Broker {
         let mut b = Self {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
             dir,
             opts,
             starts: 0,
@@ -134,14 +140,15 @@ impl Broker {
         let mut cmd = Command::new(broker_bin());
         cmd.arg("--listen")
             .arg(self.addr.to_string())
+            .arg("--http-listen")
+            .arg(self.http.to_string())
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--shards")
             .arg(self.opts.shards.to_string())
             .arg("--durability")
             .arg(&self.opts.durability)
-            .arg("--jwt-secret")
-            .arg(SECRET)
+            .args(if self.opts.jwt_secret { vec!["--jwt-secret", SECRET] } else { Vec::new() })
             // Tests drive load no user would: lift the per-user and per-address rates (tests
             // of the limits set their own, after these).
             .args([
@@ -186,6 +193,7 @@ impl Broker {
         };
         assert_eq!(ready["event"], "ready");
         self.addr = ready["tcp"].as_str().and_then(|s| s.parse().ok()).expect("tcp address");
+        self.http = ready["http"].as_str().and_then(|s| s.parse().ok()).expect("http address");
         self.child = Some(child);
     }
 
@@ -657,4 +665,179 @@ async fn serve_http(
         let reply = format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
         stream.get_mut().write_all(reply.as_bytes()).await?;
     }
+}
+
+/// The WebSocket subprotocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsProto {
+    /// `switchboard.v1.proto`
+    Binary,
+    /// `switchboard.v1.json`
+    Json,
+}
+
+impl WsProto {
+    /// The registered name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Binary => "switchboard.v1.proto",
+            Self::Json => "switchboard.v1.json",
+        }
+    }
+}
+
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket connection to the bridge, frame by frame.
+pub struct WsConn {
+    ws: WsStream,
+    proto: WsProto,
+    next_id: u64,
+    /// Pushes received while waiting for replies.
+    pub pushes: Vec<ServerFrame>,
+}
+
+impl WsConn {
+    /// Opens `/ws` with one subprotocol (and optionally an `Origin`).
+    ///
+    /// # Errors
+    /// The handshake failure (e.g. an HTTP 403 for a refused origin).
+    pub async fn connect(
+        http: SocketAddr,
+        proto: WsProto,
+        origin: Option<&str>,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{http}/ws").into_client_request()?;
+        req.headers_mut().insert("Sec-WebSocket-Protocol", proto.name().parse().expect("header"));
+        if let Some(o) = origin {
+            req.headers_mut().insert("Origin", o.parse().expect("header"));
+        }
+        let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
+        assert_eq!(
+            resp.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok()),
+            Some(proto.name())
+        );
+        Ok(Self { ws, proto, next_id: 1, pushes: Vec::new() })
+    }
+
+    /// Sends a frame in the connection's encoding.
+    ///
+    /// # Panics
+    /// When the write fails.
+    pub async fn send(&mut self, frame: &ClientFrame) {
+        use prost::Message as _;
+        use tokio_tungstenite::tungstenite::Message;
+        let msg = match self.proto {
+            WsProto::Binary => Message::Binary(frame.encode_to_vec().into()),
+            WsProto::Json => Message::Text(switchboard_protocol::json::encode(frame).into()),
+        };
+        self.ws.send(msg).await.expect("ws send");
+    }
+
+    /// Sends a raw WebSocket message.
+    pub async fn send_raw(&mut self, msg: tokio_tungstenite::tungstenite::Message) {
+        let _ = self.ws.send(msg).await;
+    }
+
+    /// The next server frame; `None` once the broker closed the connection.
+    ///
+    /// # Panics
+    /// When nothing arrives within [`WAIT`] or a message is not a valid frame.
+    pub async fn recv(&mut self) -> Option<ServerFrame> {
+        use prost::Message as _;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let next = tokio::time::timeout(WAIT, self.ws.next()).await.expect("a frame in time");
+            match next {
+                Some(Ok(Message::Binary(b))) => {
+                    assert_eq!(self.proto, WsProto::Binary, "binary message on a JSON connection");
+                    return Some(ServerFrame::decode(b).expect("protobuf frame"));
+                }
+                Some(Ok(Message::Text(t))) => {
+                    assert_eq!(self.proto, WsProto::Json, "text message on a binary connection");
+                    return Some(
+                        switchboard_protocol::json::decode_server(t.as_str()).expect("JSON frame"),
+                    );
+                }
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return None,
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Reads until the broker closes; returns every frame received.
+    pub async fn until_closed(&mut self) -> Vec<ServerFrame> {
+        let mut frames = Vec::new();
+        while let Some(f) = self.recv().await {
+            frames.push(f);
+        }
+        frames
+    }
+
+    /// Sends a request and returns its reply, keeping pushes.
+    ///
+    /// # Panics
+    /// When the connection closes first.
+    pub async fn request(&mut self, kind: client_frame::Kind) -> server_frame::Kind {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&ClientFrame::request(id, kind)).await;
+        loop {
+            let f = self.recv().await.expect("connection closed before the reply");
+            if f.request_id == id {
+                return f.kind.expect("reply has a kind");
+            }
+            self.pushes.push(f);
+        }
+    }
+
+    /// The next pushed `Message`.
+    ///
+    /// # Panics
+    /// When the connection closes first.
+    pub async fn next_message(&mut self) -> Message {
+        loop {
+            let f = if self.pushes.is_empty() {
+                self.recv().await.expect("connection closed")
+            } else {
+                self.pushes.remove(0)
+            };
+            if let Some(server_frame::Kind::Message(m)) = f.kind {
+                return m;
+            }
+        }
+    }
+}
+
+/// `GET http://<addr><path>`: (status, body).
+///
+/// # Panics
+/// When the request cannot be made.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, "").await
+}
+
+/// A minimal HTTP/1.1 request for tests: (status, body).
+///
+/// # Panics
+/// When the request cannot be made.
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
 }

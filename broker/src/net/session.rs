@@ -13,6 +13,7 @@ use switchboard_protocol::{
 use tokio_util::sync::CancellationToken;
 
 use super::handler;
+use crate::metrics::{ConnectionGauge, Transport};
 use crate::shard::local::{LocalSession, close_session};
 use crate::shard::outbound::Outbound;
 use crate::shard::{SessionRef, Shard};
@@ -38,6 +39,7 @@ pub struct Session {
     pub peer: SocketAddr,
     active: RefCell<Option<Rc<LocalSession>>>,
     span: tracing::Span,
+    _gauge: ConnectionGauge,
 }
 
 impl std::fmt::Debug for Session {
@@ -49,11 +51,18 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// A new, unauthenticated session on `shard`.
     #[must_use]
-    pub fn new(shard: Rc<Shard>, peer: SocketAddr, transport: &'static str) -> Self {
+    pub fn new(shard: Rc<Shard>, peer: SocketAddr, transport: Transport) -> Self {
         let cancel = shard.cancel.child_token();
         let out = Rc::new(Outbound::new(shard.config.limits.outbound_queue_bytes, cancel.clone()));
-        let span = tracing::debug_span!("conn", %peer, transport, shard = shard.id, user = tracing::field::Empty);
-        Self { shard, out, cancel, peer, active: RefCell::new(None), span }
+        let span = tracing::debug_span!(
+            "conn",
+            %peer,
+            transport = transport.label(),
+            shard = shard.id,
+            user = tracing::field::Empty
+        );
+        let gauge = ConnectionGauge::open(transport);
+        Self { shard, out, cancel, peer, active: RefCell::new(None), span, _gauge: gauge }
     }
 
     /// The tracing span of this connection.
@@ -116,6 +125,11 @@ impl Session {
         }
     }
 
+    /// A message whose text is not a valid frame: tell the client why and close.
+    pub fn on_malformed(&self, why: &str) -> Flow {
+        self.fail(0, ErrorCode::BadRequest, why, DisconnectReason::ProtocolError)
+    }
+
     /// The transport could not decode a frame: tell the client why and close.
     pub fn on_frame_error(&self, e: &FrameError) -> Flow {
         match e {
@@ -173,7 +187,7 @@ impl Session {
         message: &str,
         reason: DisconnectReason,
     ) -> Flow {
-        self.out.push(switchboard_protocol::encode_frame(&crate::shard::error_frame(
+        self.out.push(switchboard_protocol::Encoded::of(&crate::shard::error_frame(
             request_id, code, message,
         )));
         self.close(reason, message);

@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use switchboard_protocol::ServerCodec;
+use bytes::BytesMut;
+use switchboard_protocol::{ServerCodec, SharedFrame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -20,6 +20,7 @@ use tokio_util::codec::Decoder;
 use tracing::Instrument;
 
 use super::session::{Flow, Session};
+use crate::metrics::Transport;
 use crate::shard::Shard;
 use crate::shard::outbound::Outbound;
 
@@ -34,12 +35,13 @@ const READ_CHUNK: usize = 8 * 1024;
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
-    let session = Session::new(shard, peer, "tcp");
+    let session = Session::new(shard, peer, Transport::Tcp);
     let span = session.span().clone();
     async move {
         tracing::debug!("connected");
         let (rd, wr) = stream.into_split();
-        let writer = tokio::task::spawn_local(write_loop(wr, session.out.clone()));
+        let writer =
+            tokio::task::spawn_local(write_loop(wr, session.out.clone(), session.shard.clone()));
         match session.shard.limiters.connect.check(&peer.ip()) {
             Ok(()) => read_loop(&session, rd).await,
             Err(wait) => session.refuse(wait),
@@ -70,6 +72,7 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
         loop {
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
+                    session.shard.stats.frame_in(Transport::Tcp);
                     if session.cancel.is_cancelled() {
                         session.on_cancel();
                         return;
@@ -115,17 +118,17 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
     }
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, out: Rc<Outbound>) {
+async fn write_loop(mut wr: OwnedWriteHalf, out: Rc<Outbound>, shard: Rc<Shard>) {
     loop {
         out.ready().await;
         // A fresh vector per write: an idle connection keeps no buffer.
-        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batch: Vec<SharedFrame> = Vec::new();
         out.drain(FRAMES_PER_WRITE, &mut batch);
         if batch.is_empty() {
             break; // closing and fully flushed
         }
         match tokio::time::timeout(WRITE_TIMEOUT, write_all(&mut wr, &batch)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => shard.stats.frames_out(Transport::Tcp, batch.len() as u64),
             Ok(Err(_)) | Err(_) => {
                 // The peer stopped reading (or the socket broke): nothing more can reach it,
                 // so the Disconnect queued here is for the record; closing the queue stops the
@@ -143,14 +146,14 @@ async fn write_loop(mut wr: OwnedWriteHalf, out: Rc<Outbound>) {
 }
 
 /// Writes every buffer, in order, with as few `writev` calls as the socket allows.
-async fn write_all(wr: &mut OwnedWriteHalf, bufs: &[Bytes]) -> std::io::Result<()> {
+async fn write_all(wr: &mut OwnedWriteHalf, bufs: &[SharedFrame]) -> std::io::Result<()> {
     let mut i = 0;
     let mut offset = 0;
     while let Some(first) = bufs.get(i) {
         let rest = bufs.get(i + 1..).unwrap_or_default();
         let slices: Vec<IoSlice<'_>> =
-            std::iter::once(IoSlice::new(first.get(offset..).unwrap_or_default()))
-                .chain(rest.iter().map(|b| IoSlice::new(b)))
+            std::iter::once(IoSlice::new(first.prefixed().get(offset..).unwrap_or_default()))
+                .chain(rest.iter().map(|b| IoSlice::new(b.prefixed())))
                 .collect();
         let mut n = wr.write_vectored(&slices).await?;
         if n == 0 {

@@ -16,10 +16,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use prost::Message as _;
 use switchboard_protocol::{
-    ConversationKind, Presence, ServerFrame, encode_frame, server_frame, validate,
+    ConversationKind, Encoded, Presence, ServerFrame, SharedFrame, server_frame, validate,
 };
 use tokio::sync::oneshot;
 
@@ -370,7 +369,7 @@ impl Home {
 
     /// Pushes a presence change to the user's subscribers and direct peers.
     fn broadcast(&self, user: &Arc<str>, record: Record, out: &mut Outgoing) {
-        let frame: Bytes = encode_frame(&ServerFrame::push(server_frame::Kind::Presence(
+        let frame: SharedFrame = Encoded::of(&ServerFrame::push(server_frame::Kind::Presence(
             presence(user, Some(record)),
         )));
         if let Some(subs) = self.subscribers.get(user) {

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use switchboard_protocol::{ServerFrame, encode_frame};
+use switchboard_protocol::{Encoded, ServerFrame};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -59,7 +59,7 @@ impl LocalSession {
 
     /// Queues an encoded reply or push.
     pub fn send(&self, frame: &ServerFrame) {
-        self.out.push(encode_frame(frame));
+        self.out.push(Encoded::of(frame));
     }
 
     /// Counts a request whose reply is still to come.
@@ -238,6 +238,10 @@ pub(crate) fn apply(shard: &Rc<Shard>, msg: LocalMsg) {
             let local = shard.local.borrow();
             let Some(interest) = local.interest.get(&conversation) else { return };
             let skip = skip.filter(|s| s.shard == shard.id).map(|s| s.id);
+            if !droppable {
+                let n = interest.active.len() as u64 - u64::from(skip.is_some());
+                shard.stats.deliveries.set(shard.stats.deliveries.get() + n);
+            }
             for id in &interest.active {
                 if Some(*id) == skip {
                     continue;

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use switchboard_protocol::SharedFrame;
 use tokio::sync::{mpsc, oneshot};
 
 use super::SessionRef;
@@ -155,7 +155,7 @@ pub enum HomeMsg {
         /// Users homed on the receiving shard.
         users: Vec<Arc<str>>,
         /// The encoded `presence` push.
-        frame: Bytes,
+        frame: SharedFrame,
     },
     /// A durable message: queue push notifications for those of `users` with no session.
     Notify(Box<NotifyMsg>),
@@ -191,7 +191,7 @@ pub struct NotifyMsg {
 #[derive(Debug)]
 pub struct UserEvent {
     /// The encoded `FeedEvent` push frame.
-    pub frame: Bytes,
+    pub frame: SharedFrame,
     /// The conversation it is about.
     pub conversation: Arc<str>,
     /// Added (subscribe the sessions) or removed (unsubscribe them).
@@ -206,7 +206,7 @@ pub enum LocalMsg {
         /// The session's id on this shard.
         session: u64,
         /// The encoded frame.
-        frame: Bytes,
+        frame: SharedFrame,
         /// Whether this answers a request.
         completes: bool,
     },
@@ -215,7 +215,7 @@ pub enum LocalMsg {
         /// The conversation.
         conversation: Arc<str>,
         /// The shared encoded push frame.
-        frame: Bytes,
+        frame: SharedFrame,
         /// The sending session, which gets an ack instead.
         skip: Option<SessionRef>,
         /// Ephemeral (typing): dropped rather than queued when a queue is under pressure.
@@ -226,7 +226,7 @@ pub enum LocalMsg {
         /// Session ids on this shard.
         sessions: Vec<u64>,
         /// The encoded frame.
-        frame: Bytes,
+        frame: SharedFrame,
         /// Dropped rather than queued under pressure.
         droppable: bool,
     },
@@ -281,6 +281,8 @@ pub struct Outgoing {
     pub owner: Vec<(usize, OwnerMsg)>,
     /// The open write batch grew: flush it soon.
     pub flush: bool,
+    /// User messages made durable (for the metrics).
+    pub stored: u64,
 }
 
 impl Outgoing {
@@ -292,11 +294,12 @@ impl Outgoing {
             home: Vec::new(),
             owner: Vec::new(),
             flush: false,
+            stored: 0,
         }
     }
 
     /// Queues a frame for one session.
-    pub fn to_session(&mut self, to: SessionRef, frame: Bytes, completes: bool) {
+    pub fn to_session(&mut self, to: SessionRef, frame: SharedFrame, completes: bool) {
         self.push_local(to.shard, LocalMsg::Frame { session: to.id, frame, completes });
     }
 

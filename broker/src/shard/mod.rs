@@ -157,6 +157,10 @@ pub struct ShardSetup {
     pub limiters: Arc<Limiters>,
     /// The push webhook, when configured.
     pub webhook: Option<Webhook>,
+    /// The metrics recorder's handle, for `/metrics`.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The HS256 secret for `POST /dev/token`, when development tokens are on.
+    pub dev_secret: Option<Vec<u8>>,
 }
 
 /// A shard: its roles' state and its links to the others. Lives on its own thread.
@@ -173,6 +177,12 @@ pub struct Shard {
     pub auth: Arc<Authenticator>,
     /// Rate limiters, shared by all shards.
     pub limiters: Arc<Limiters>,
+    /// The metrics recorder's handle, for `/metrics`.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The HS256 secret for `POST /dev/token`, when development tokens are on.
+    pub dev_secret: Option<Vec<u8>>,
+    /// This shard's counters.
+    pub stats: crate::metrics::ShardStats,
     webhook: Option<Webhook>,
     writer: WriterHandle,
     peers: Vec<mailbox::Peer>,
@@ -220,6 +230,9 @@ impl Shard {
             storage: setup.storage,
             auth: setup.auth,
             limiters: setup.limiters,
+            metrics: setup.metrics,
+            dev_secret: setup.dev_secret,
+            stats: crate::metrics::ShardStats::default(),
             webhook: setup.webhook,
             writer: setup.writer,
             commit_sink,
@@ -334,7 +347,10 @@ impl Shard {
 
     /// Routes what a role produced: bundles to session shards, events to home shards.
     pub(crate) fn dispatch(self: &Rc<Self>, out: mailbox::Outgoing) {
-        let mailbox::Outgoing { local, home, owner, flush } = out;
+        let mailbox::Outgoing { local, home, owner, flush, stored } = out;
+        if stored > 0 {
+            self.stats.messages_stored.set(self.stats.messages_stored.get() + stored);
+        }
         for (shard, bundle) in local.into_iter().enumerate() {
             if bundle.is_empty() {
                 continue;
@@ -443,6 +459,9 @@ impl Shard {
                 }
             }
             self.deliver_pushes(now.into_std());
+            if flush {
+                self.stats.export();
+            }
         }
     }
 

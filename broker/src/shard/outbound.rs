@@ -9,8 +9,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 
-use bytes::Bytes;
-use switchboard_protocol::{DisconnectReason, ServerFrame, encode_frame};
+use switchboard_protocol::{DisconnectReason, Encoded, ServerFrame, SharedFrame};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +25,7 @@ pub enum State {
 /// The queue.
 #[derive(Debug)]
 pub struct Outbound {
-    queue: RefCell<VecDeque<Bytes>>,
+    queue: RefCell<VecDeque<SharedFrame>>,
     bytes: Cell<usize>,
     limit: usize,
     state: Cell<State>,
@@ -55,7 +54,7 @@ impl Outbound {
 
     /// Queues a frame. Returns `false` when the queue is closing or just overflowed (the
     /// connection is then being cut off as a slow consumer).
-    pub fn push(&self, frame: Bytes) -> bool {
+    pub fn push(&self, frame: SharedFrame) -> bool {
         if self.state.get() != State::Open {
             return false;
         }
@@ -77,7 +76,7 @@ impl Outbound {
 
     /// Queues an ephemeral frame (typing) only while the queue is less than half full; under
     /// pressure it is dropped, never the reason for a slow-consumer disconnect.
-    pub fn push_droppable(&self, frame: Bytes) -> bool {
+    pub fn push_droppable(&self, frame: SharedFrame) -> bool {
         if self.bytes.get() + frame.len() > self.limit / 2 {
             return false;
         }
@@ -100,7 +99,7 @@ impl Outbound {
         q.clear();
         let mut bytes = 0;
         for f in frames {
-            let b = encode_frame(f);
+            let b = Encoded::of(f);
             bytes += b.len();
             q.push_back(b);
         }
@@ -116,7 +115,7 @@ impl Outbound {
         if self.state.get() != State::Open {
             return;
         }
-        let bytes = encode_frame(&frame);
+        let bytes = Encoded::of(&frame);
         self.bytes.set(self.bytes.get() + bytes.len());
         self.queue.borrow_mut().push_back(bytes);
         self.held.set(false);
@@ -145,7 +144,7 @@ impl Outbound {
     /// Puts `frame` in front of everything queued while held, and lets the writer go.
     pub fn release_after(&self, frame: &ServerFrame) {
         if self.state.get() == State::Open {
-            let bytes = encode_frame(frame);
+            let bytes = Encoded::of(frame);
             self.bytes.set(self.bytes.get() + bytes.len());
             self.queue.borrow_mut().push_front(bytes);
         }
@@ -172,7 +171,7 @@ impl Outbound {
     }
 
     /// Takes up to `max_frames` queued frames (at least one if any).
-    pub fn drain(&self, max_frames: usize, into: &mut Vec<Bytes>) {
+    pub fn drain(&self, max_frames: usize, into: &mut Vec<SharedFrame>) {
         let mut q = self.queue.borrow_mut();
         let n = q.len().min(max_frames);
         let mut taken = 0;
@@ -197,39 +196,48 @@ impl Outbound {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use prost::Message as _;
+
+    fn frame(len: usize) -> SharedFrame {
+        Encoded::new(Bytes::from(vec![0; len]))
+    }
+
+    fn tagged(tag: u8) -> SharedFrame {
+        Encoded::new(Bytes::from(vec![tag; 10]))
+    }
 
     #[test]
     fn given_queue_over_limit_when_pushing_should_replace_with_slow_consumer_disconnect() {
         let q = Outbound::new(10, CancellationToken::new());
-        assert!(q.push(Bytes::from_static(b"12345")));
-        assert!(q.push(Bytes::from_static(b"12345")));
-        assert!(!q.push(Bytes::from_static(b"1")));
+        assert!(q.push(frame(5)));
+        assert!(q.push(frame(5)));
+        assert!(!q.push(frame(1)));
         assert_eq!(q.state(), State::Closing);
         let mut out = Vec::new();
         q.drain(16, &mut out);
         assert_eq!(out.len(), 1);
-        let frame = ServerFrame::decode(out[0].slice(4..)).unwrap();
-        match frame.kind {
+        let decoded = ServerFrame::decode(out[0].payload()).unwrap();
+        match decoded.kind {
             Some(switchboard_protocol::server_frame::Kind::Disconnect(d)) => {
                 assert_eq!(d.reason, DisconnectReason::SlowConsumer as i32);
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(!q.push(Bytes::from_static(b"x")), "closed queues accept nothing");
+        assert!(!q.push(frame(1)), "closed queues accept nothing");
     }
 
     #[test]
     fn given_frames_when_drained_should_keep_order_and_free_budget() {
         let q = Outbound::new(100, CancellationToken::new());
         for i in 0..5u8 {
-            assert!(q.push(Bytes::from(vec![i; 10])));
+            assert!(q.push(tagged(i)));
         }
         let mut out = Vec::new();
         q.drain(3, &mut out);
-        assert_eq!(out.iter().map(|b| b[0]).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(out.iter().map(|b| b.prefixed()[0]).collect::<Vec<_>>(), vec![0, 1, 2]);
         for _ in 0..8 {
-            assert!(q.push(Bytes::from(vec![9; 10])));
+            assert!(q.push(tagged(9)));
         }
     }
 }

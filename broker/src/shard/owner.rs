@@ -18,8 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use prost::Message as _;
 use switchboard_protocol::{
-    self as pb, ConversationKind, ErrorCode, FeedEventKind, HistoryVisibility, Role, ServerFrame,
-    encode_frame, encode_message_push, server_frame, system_event,
+    self as pb, ConversationKind, Encoded, ErrorCode, FeedEventKind, HistoryVisibility, Role,
+    ServerFrame, SharedFrame, encode_message_push, server_frame, system_event,
 };
 
 use super::SessionRef;
@@ -77,6 +77,8 @@ struct Pending {
     seq: u64,
     timestamp_ms: u64,
     waiters: Vec<(SessionRef, u64)>,
+    /// When the send reached the owner (send→ack latency).
+    started: Instant,
 }
 
 struct Conv {
@@ -92,7 +94,7 @@ struct Conv {
     interested: u64,
     pending: HashMap<PendingKey, Pending>,
     /// Replies released once `durable_seq` reaches their seq.
-    waiting: Vec<(u64, SessionRef, Bytes)>,
+    waiting: Vec<(u64, SessionRef, SharedFrame)>,
     /// When each member's receipt was last written and pushed (coalescing).
     receipt_flushed: HashMap<Arc<str>, Instant>,
     /// Each member's last forwarded typing state.
@@ -129,8 +131,8 @@ impl Conv {
         self.last_ts
     }
 
-    fn summary(&self, request_id: u64, created: bool) -> Bytes {
-        encode_frame(&ServerFrame::reply(
+    fn summary(&self, request_id: u64, created: bool) -> SharedFrame {
+        Encoded::of(&ServerFrame::reply(
             request_id,
             server_frame::Kind::Conversation(pb::Conversation {
                 conversation_id: self.id.to_string(),
@@ -170,7 +172,7 @@ enum Effect {
     Entry {
         conv: Arc<str>,
         seq: u64,
-        frame: Bytes,
+        frame: SharedFrame,
         skip: Option<SessionRef>,
         pending: Option<PendingKey>,
         revoke: Vec<Arc<str>>,
@@ -180,7 +182,7 @@ enum Effect {
     /// A frame for every interested session but `skip` once durable (receipt changes).
     Broadcast {
         conv: Arc<str>,
-        frame: Bytes,
+        frame: SharedFrame,
         skip: Option<SessionRef>,
     },
     Feed {
@@ -208,7 +210,7 @@ impl OpenBatch {
         notify: Option<Arc<str>>,
     ) {
         let encoded = msg.encode_to_vec();
-        let frame = encode_message_push(&encoded);
+        let frame = Encoded::new(encode_message_push(&encoded));
         let value = StoredEntry {
             epoch: SINGLE_NODE_EPOCH,
             ordinal: conv.ordinal,
@@ -244,7 +246,7 @@ impl OpenBatch {
         self.put_member(conv, user, m);
         self.dirty_members.remove(&(conv.id.clone(), user.clone()));
         let frame =
-            encode_frame(&ServerFrame::push(server_frame::Kind::ReceiptEvent(pb::Receipt {
+            Encoded::of(&ServerFrame::push(server_frame::Kind::ReceiptEvent(pb::Receipt {
                 conversation_id: conv.id.to_string(),
                 user_id: user.to_string(),
                 delivered_seq: m.delivered_seq,
@@ -372,8 +374,8 @@ fn ack_frame(
     timestamp_ms: u64,
     client_msg_id: &str,
     duplicate: bool,
-) -> Bytes {
-    encode_frame(&ServerFrame::reply(
+) -> SharedFrame {
+    Encoded::of(&ServerFrame::reply(
         request_id,
         server_frame::Kind::SendAck(pb::SendAck {
             conversation_id: conv.to_owned(),
@@ -385,8 +387,8 @@ fn ack_frame(
     ))
 }
 
-fn membership_frame(request_id: u64, conv: &str, seq: u64, changed: &[Arc<str>]) -> Bytes {
-    encode_frame(&ServerFrame::reply(
+fn membership_frame(request_id: u64, conv: &str, seq: u64, changed: &[Arc<str>]) -> SharedFrame {
+    Encoded::of(&ServerFrame::reply(
         request_id,
         server_frame::Kind::Membership(pb::MembershipResult {
             conversation_id: conv.to_owned(),
@@ -553,7 +555,7 @@ impl Owner {
                 if let Err(e) = result {
                     out.to_session(
                         from,
-                        encode_frame(&crate::shard::error_frame(request_id, e.code, e.message)),
+                        Encoded::of(&crate::shard::error_frame(request_id, e.code, e.message)),
                         true,
                     );
                 }
@@ -632,8 +634,11 @@ impl Owner {
             m.delivered_seq = m.delivered_seq.max(seq);
             self.open.dirty_members.insert((conv.id.clone(), user.clone()));
         }
-        conv.pending
-            .insert(key, Pending { seq, timestamp_ms: ts, waiters: vec![(from, request_id)] });
+        let started = Instant::now();
+        conv.pending.insert(
+            key,
+            Pending { seq, timestamp_ms: ts, waiters: vec![(from, request_id)], started },
+        );
         out.flush = true;
         Ok(())
     }
@@ -900,7 +905,7 @@ impl Owner {
         }
         out.to_session(
             from,
-            encode_frame(&ServerFrame::reply(request_id, server_frame::Kind::Receipt(receipt))),
+            Encoded::of(&ServerFrame::reply(request_id, server_frame::Kind::Receipt(receipt))),
             true,
         );
         Ok(())
@@ -931,7 +936,7 @@ impl Owner {
         if forward {
             conv.typing.insert(user.clone(), (now, req.active));
             let frame =
-                encode_frame(&ServerFrame::push(server_frame::Kind::Typing(pb::TypingEvent {
+                Encoded::of(&ServerFrame::push(server_frame::Kind::Typing(pb::TypingEvent {
                     conversation_id: conv.id.to_string(),
                     user_id: user.to_string(),
                     active: req.active,
@@ -951,7 +956,7 @@ impl Owner {
         }
         out.to_session(
             from,
-            encode_frame(&ServerFrame::reply(request_id, server_frame::Kind::Ack(pb::Ack {}))),
+            Encoded::of(&ServerFrame::reply(request_id, server_frame::Kind::Ack(pb::Ack {}))),
             true,
         );
         Ok(())
@@ -1003,7 +1008,7 @@ impl Owner {
         };
         out.to_session(
             from,
-            encode_frame(&ServerFrame::reply(request_id, server_frame::Kind::Receipts(list))),
+            Encoded::of(&ServerFrame::reply(request_id, server_frame::Kind::Receipts(list))),
             true,
         );
         Ok(())
@@ -1094,6 +1099,9 @@ impl Owner {
                         pending.and_then(|key| c.pending.remove(&key).map(|p| (key, p)))
                     {
                         let (key, p) = p;
+                        out.stored += 1;
+                        metrics::histogram!(crate::metrics::SEND_ACK_SECONDS)
+                            .record(p.started.elapsed().as_secs_f64());
                         for (i, (to, request_id)) in p.waiters.into_iter().enumerate() {
                             out.to_session(
                                 to,
@@ -1136,7 +1144,7 @@ impl Owner {
                     let conversation: Arc<str> = Arc::from(event.conversation_id.as_str());
                     let added = event.kind == FeedEventKind::Added as i32;
                     let frame =
-                        encode_frame(&ServerFrame::push(server_frame::Kind::FeedEvent(event)));
+                        Encoded::of(&ServerFrame::push(server_frame::Kind::FeedEvent(event)));
                     out.home.push((
                         user.clone(),
                         HomeMsg::UserEvent {
@@ -1153,7 +1161,7 @@ impl Owner {
     fn fail_all(&mut self, out: &mut Outgoing) {
         self.poisoned = true;
         let err = |rid| {
-            encode_frame(&crate::shard::error_frame(rid, ErrorCode::Unavailable, "storage failed"))
+            Encoded::of(&crate::shard::error_frame(rid, ErrorCode::Unavailable, "storage failed"))
         };
         for c in self.convs.values_mut() {
             for (_, p) in c.pending.drain() {
@@ -1162,7 +1170,7 @@ impl Owner {
                 }
             }
             for (_, to, frame) in c.waiting.drain(..) {
-                let rid = ServerFrame::decode(frame.slice(4..)).map_or(0, |f| f.request_id);
+                let rid = ServerFrame::decode(frame.payload()).map_or(0, |f| f.request_id);
                 out.to_session(to, err(rid), true);
             }
         }

@@ -15,7 +15,7 @@ pub mod typing;
 use std::rc::Rc;
 
 use switchboard_protocol::{
-    ClientFrame, ErrorCode, ServerFrame, client_frame, encode_frame, server_frame,
+    ClientFrame, Encoded, ErrorCode, ServerFrame, client_frame, server_frame,
     validate::ValidationError,
 };
 
@@ -114,7 +114,7 @@ impl Ctx<'_> {
                     crate::shard::error_frame(request_id, ErrorCode::Internal, "internal error")
                 }
             };
-            session.out.push(encode_frame(&frame));
+            session.out.push(Encoded::of(&frame));
             session.request_done();
         });
     }

@@ -1,0 +1,138 @@
+//! Prometheus metrics: the recorder (metrics-exporter-prometheus, rendered by our own HTTP
+//! listener at `/metrics`), metric names, and per-shard counters.
+//!
+//! Hot paths never touch the global registry per message: each shard counts in plain cells
+//! ([`ShardStats`]) and adds them to the registry on its housekeeping tick. Per-connection
+//! events (gauges) and per-ack latencies go to the registry directly.
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `switchboard_connections` | gauge | `transport` | open client connections (tcp, ws) |
+//! | `switchboard_frames_in_total` | counter | `transport` | client frames decoded |
+//! | `switchboard_frames_out_total` | counter | `transport` | server frames written |
+//! | `switchboard_messages_stored_total` | counter | | user messages made durable |
+//! | `switchboard_deliveries_total` | counter | | message pushes queued to sessions |
+//! | `switchboard_send_ack_seconds` | histogram | | from a send reaching its owner to its ack |
+
+use std::cell::Cell;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+/// Open client connections.
+pub const CONNECTIONS: &str = "switchboard_connections";
+/// Client frames decoded.
+pub const FRAMES_IN: &str = "switchboard_frames_in_total";
+/// Server frames written.
+pub const FRAMES_OUT: &str = "switchboard_frames_out_total";
+/// User messages made durable.
+pub const MESSAGES_STORED: &str = "switchboard_messages_stored_total";
+/// Message pushes queued to sessions.
+pub const DELIVERIES: &str = "switchboard_deliveries_total";
+/// Send to ack latency.
+pub const SEND_ACK_SECONDS: &str = "switchboard_send_ack_seconds";
+
+/// Installs the process-wide recorder. `None` if one is installed already (a second broker in
+/// the same process); that broker then serves an empty `/metrics`.
+#[must_use]
+pub fn install() -> Option<PrometheusHandle> {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(SEND_ACK_SECONDS.into()),
+            &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+        )
+        .ok()?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).ok()?;
+    metrics::describe_gauge!(CONNECTIONS, "Open client connections by transport.");
+    metrics::describe_counter!(FRAMES_IN, "Client frames decoded, by transport.");
+    metrics::describe_counter!(FRAMES_OUT, "Server frames written, by transport.");
+    metrics::describe_counter!(MESSAGES_STORED, "User messages made durable.");
+    metrics::describe_counter!(DELIVERIES, "Message pushes queued to sessions.");
+    metrics::describe_histogram!(
+        SEND_ACK_SECONDS,
+        "Seconds from a send reaching its owner to its ack."
+    );
+    Some(handle)
+}
+
+/// A transport, as a label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Length-prefixed frames over TCP.
+    Tcp,
+    /// The WebSocket bridge.
+    Ws,
+}
+
+impl Transport {
+    /// The label value.
+    #[must_use]
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Ws => "ws",
+        }
+    }
+}
+
+/// Counters of one shard, added to the registry on each tick.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    frames_in: [Cell<u64>; 2],
+    frames_out: [Cell<u64>; 2],
+    /// User messages made durable.
+    pub messages_stored: Cell<u64>,
+    /// Message pushes queued to sessions.
+    pub deliveries: Cell<u64>,
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
+}
+
+impl ShardStats {
+    /// Counts decoded client frames.
+    pub fn frame_in(&self, t: Transport) {
+        bump(&self.frames_in[t as usize], 1);
+    }
+
+    /// Counts written server frames.
+    pub fn frames_out(&self, t: Transport, n: u64) {
+        bump(&self.frames_out[t as usize], n);
+    }
+
+    /// Adds everything counted since the last call to the registry.
+    pub fn export(&self) {
+        for t in [Transport::Tcp, Transport::Ws] {
+            let i = t as usize;
+            if let Some(c) = self.frames_in.get(i) {
+                metrics::counter!(FRAMES_IN, "transport" => t.label()).increment(c.take());
+            }
+            if let Some(c) = self.frames_out.get(i) {
+                metrics::counter!(FRAMES_OUT, "transport" => t.label()).increment(c.take());
+            }
+        }
+        metrics::counter!(MESSAGES_STORED).increment(self.messages_stored.take());
+        metrics::counter!(DELIVERIES).increment(self.deliveries.take());
+    }
+}
+
+/// Counts an open connection until dropped.
+#[derive(Debug)]
+pub struct ConnectionGauge(Transport);
+
+impl ConnectionGauge {
+    /// A connection of `t` opened.
+    #[must_use]
+    pub fn open(t: Transport) -> Self {
+        metrics::gauge!(CONNECTIONS, "transport" => t.label()).increment(1.0);
+        Self(t)
+    }
+}
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(CONNECTIONS, "transport" => self.0.label()).decrement(1.0);
+    }
+}

@@ -1,0 +1,223 @@
+//! The HTTP listener (hyper, HTTP/1.1), on every shard with `SO_REUSEPORT` like the TCP
+//! listener.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /ws` | WebSocket upgrade to the same session logic as TCP ([`super::ws`]) |
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 once storage is open, recovery done and listeners bound; 503 while stopping |
+//! | `GET /metrics` | Prometheus text format |
+//! | `POST /dev/token` | a development token for `{"user": …}`, only when safe (see config) |
+//! | `GET /`, `/app.js`, … | the demo chat page and the browser client ([`super::assets`]) |
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use super::assets;
+use super::ws::{self, Subprotocol};
+use crate::shard::Shard;
+
+type Body = Full<Bytes>;
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+/// Accepts HTTP connections on this shard's listener until the shard shuts down.
+pub async fn accept_loop(shard: Rc<Shard>, listener: tokio::net::TcpListener) {
+    loop {
+        tokio::select! {
+            () = shard.cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::task::spawn_local(serve_connection(shard.clone(), stream, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(shard: Rc<Shard>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let service_shard = shard.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let shard = service_shard.clone();
+        async move { Ok::<_, Infallible>(route(&shard, peer, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = shard.cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}
+
+async fn route(shard: &Rc<Shard>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, "/ws") => upgrade(shard, peer, req),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if shard.is_shutting_down() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let body = shard.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+            respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)
+        }
+        (&Method::POST, "/dev/token") => dev_token(shard, req).await,
+        (&Method::GET | &Method::HEAD, _) => match assets::get(&path) {
+            Some((content_type, body)) => {
+                respond(StatusCode::OK, content_type, Bytes::from_static(body))
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+    }
+}
+
+fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Same-origin, or listed in `http.allowed_origins`; clients without `Origin` (not browsers)
+/// are allowed.
+fn origin_allowed(shard: &Shard, req: &Request<Incoming>) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let allowed = &shard.config.http.allowed_origins;
+    if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    !host.is_empty()
+        && (origin.eq_ignore_ascii_case(&format!("http://{host}"))
+            || origin.eq_ignore_ascii_case(&format!("https://{host}")))
+}
+
+fn upgrade(shard: &Rc<Shard>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+    if !header_has(&req, header::UPGRADE, "websocket")
+        || !header_has(&req, header::CONNECTION, "upgrade")
+    {
+        return text(StatusCode::UPGRADE_REQUIRED, "WebSocket upgrade required\n");
+    }
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        return text(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13\n");
+    }
+    let Some(key) =
+        req.headers().get(header::SEC_WEBSOCKET_KEY).map(|k| derive_accept_key(k.as_bytes()))
+    else {
+        return text(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key missing\n");
+    };
+    if !origin_allowed(shard, &req) {
+        tracing::info!(%peer, "websocket origin refused");
+        return text(StatusCode::FORBIDDEN, "origin not allowed\n");
+    }
+    let proto = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(Subprotocol::from_name);
+    let Some(proto) = proto else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Protocol must offer switchboard.v1.proto or switchboard.v1.json\n",
+        );
+    };
+    if let Err(wait) = shard.limiters.connect.check(&peer.ip()) {
+        let mut r = text(StatusCode::TOO_MANY_REQUESTS, "too many new connections\n");
+        let secs = wait.as_secs().max(1).to_string();
+        if let Ok(v) = HeaderValue::from_str(&secs) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    let upgrading = hyper::upgrade::on(&mut req);
+    let shard = shard.clone();
+    tokio::task::spawn_local(async move {
+        match upgrading.await {
+            Ok(upgraded) => ws::serve(shard, TokioIo::new(upgraded), peer, proto).await,
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&key) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(proto.name()));
+    r
+}
+
+/// `POST /dev/token` with `{"user": "alice"}`: a 24-hour token, when development tokens are on.
+async fn dev_token(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
+    let Some(secret) = shard.dev_secret.as_ref() else {
+        return text(StatusCode::NOT_FOUND, "development tokens are off\n");
+    };
+    let body = match Limited::new(req.into_body(), 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large\n"),
+    };
+    let user = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("user").and_then(|u| u.as_str()).map(str::to_owned));
+    let Some(user) = user else {
+        return text(StatusCode::BAD_REQUEST, "expected {\"user\": \"<user id>\"}\n");
+    };
+    match crate::auth::mint(secret, &user, Duration::from_secs(24 * 3600)) {
+        Ok(token) => respond(
+            StatusCode::OK,
+            "application/json",
+            serde_json::json!({ "user": user, "token": token }).to_string(),
+        ),
+        Err(e) => respond(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", format!("{e}\n")),
+    }
+}
