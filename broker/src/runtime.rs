@@ -203,8 +203,21 @@ pub fn run_with(
         }
         // Leave room in the budget for the final fsync.
         let wait = budget.saturating_sub(Duration::from_millis(500));
-        if tokio::time::timeout(wait, futures::future::join_all(drained)).await.is_err() {
+        let deadline = tokio::time::Instant::now() + wait;
+        if tokio::time::timeout_at(deadline, futures::future::join_all(drained)).await.is_err() {
             tracing::warn!("shards did not drain in time; stopping anyway");
+        }
+        // Home-shard state changed by messages that were still in flight when a shard drained
+        // (a push queued for a message committed just before) is written now.
+        let mut flushed = Vec::new();
+        for tx in &txs {
+            let (done, rx) = oneshot::channel();
+            if tx.send(ShardMsg::FinalFlush(done)).await.is_ok() {
+                flushed.push(rx);
+            }
+        }
+        if tokio::time::timeout_at(deadline, futures::future::join_all(flushed)).await.is_err() {
+            tracing::warn!("final flush did not finish in time");
         }
         Ok::<_, std::io::Error>(exit)
     })?;

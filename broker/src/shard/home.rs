@@ -563,7 +563,8 @@ impl Home {
         ops
     }
 
-    fn flush_writes(&mut self) -> Vec<WriteOp> {
+    /// Takes the pending batched writes (last seen, push queue).
+    pub fn flush_writes(&mut self) -> Vec<WriteOp> {
         let mut ops = Vec::new();
         for (user, last_seen_ms) in self.last_seen_dirty.drain() {
             ops.push(WriteOp::Put(

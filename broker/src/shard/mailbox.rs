@@ -24,6 +24,9 @@ pub enum ShardMsg {
     Committed(Committed),
     /// Begin a graceful shutdown; answer when drained.
     Shutdown(oneshot::Sender<()>),
+    /// Second phase of a shutdown, once every shard drained: write what home messages
+    /// processed since then changed (push queue, last seen), answer when durable.
+    FinalFlush(oneshot::Sender<()>),
     /// Leave the loop.
     Exit,
 }

@@ -280,6 +280,18 @@ impl Shard {
                 self.dispatch(out);
             }
             ShardMsg::Shutdown(done) => self.begin_shutdown(done),
+            ShardMsg::FinalFlush(done) => {
+                let ops = self.home.borrow_mut().flush_writes();
+                let mut owner = self.owner.borrow_mut();
+                owner.flush_all_receipts();
+                owner.append_ops(ops);
+                drop(owner);
+                if let Some(sd) = self.shutdown.borrow_mut().as_mut() {
+                    sd.done = Some(done);
+                }
+                self.flush();
+                self.check_drained();
+            }
             ShardMsg::Exit => return false,
         }
         true
