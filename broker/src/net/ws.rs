@@ -19,6 +19,7 @@ use prost::Message as _;
 use switchboard_protocol::{ClientFrame, FrameError, SharedFrame};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::{
     CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode,
 };
@@ -42,7 +43,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing connection may take to flush its last frames.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes read from the socket at a time.
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 2 * 1024;
 /// Bytes buffered before a write goes to the socket (a flush always writes).
 const WRITE_BUFFER: usize = 64 * 1024;
 
@@ -145,8 +146,11 @@ async fn read_loop<S>(
         let frame = match next {
             None => return,
             Some(Err(WsError::Capacity(e))) => {
-                session.on_frame_error(&FrameError::TooLarge { len: 0, max: 0 });
-                tracing::debug!(error = %e, "message over the limit");
+                let (len, max) = match e {
+                    CapacityError::MessageTooLong { size, max_size } => (size, max_size),
+                    CapacityError::TooManyHeaders => (0, 0),
+                };
+                session.on_frame_error(&FrameError::TooLarge { len, max });
                 return;
             }
             Some(Err(_)) => return,
