@@ -1,0 +1,339 @@
+//! Drives connected clients: one sender task per sending connection (open loop at a rate, or
+//! closed loop with a window of sends in flight), one reader task per connection, a sampler for
+//! the timeline and the progress bar, and the warm-up and measurement windows.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::stats::{Counts, Latencies, Shared, Timeline};
+use crate::target::{self, Connection, Event, Rx, Target, Tx};
+
+/// How load is offered.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// Total messages per second over all senders (open loop); `None` for closed loop.
+    pub rate: Option<f64>,
+    /// Sends in flight per sender (closed loop).
+    pub in_flight: usize,
+    /// Payload bytes per message.
+    pub payload: usize,
+    /// Measurement time.
+    pub duration: Duration,
+    /// Time before measuring starts.
+    pub warmup: Duration,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+/// One client: its connection, its index, and the channel it sends to (if it sends).
+#[derive(Debug)]
+pub struct Client<C> {
+    /// The connection.
+    pub conn: C,
+    /// Index, carried in payloads.
+    pub index: u64,
+    /// Where it sends, if it sends.
+    pub sends_to: Option<String>,
+}
+
+/// What a drive measured.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// Counts within the measurement window.
+    pub window: Counts,
+    /// Seconds measured.
+    pub seconds: f64,
+    /// Latencies within the window.
+    pub latencies: Latencies,
+    /// Per-second counts.
+    pub timeline: Timeline,
+    /// Broker usage at the start and end of the window, when known.
+    pub broker: Option<(crate::procstat::Usage, crate::procstat::Usage)>,
+}
+
+/// Opens `n` connections as `user(i)`, `parallel` at a time, spreading them over `sources`.
+///
+/// # Errors
+/// The first connection that fails.
+pub async fn connect_all<T: Target>(
+    target: &T,
+    n: usize,
+    user: impl Fn(usize) -> String,
+    sources: &[IpAddr],
+    parallel: usize,
+) -> anyhow::Result<Vec<T::Conn>> {
+    let results: Vec<anyhow::Result<T::Conn>> = futures::stream::iter(0..n)
+        .map(|i| {
+            let local = (!sources.is_empty()).then(|| sources[i % sources.len()]);
+            let user = user(i);
+            async move { target.connect(&user, local).await }
+        })
+        .buffered(parallel.max(1))
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+/// Runs the load on `clients` and measures it.
+pub async fn drive<T: Target>(
+    target: &T,
+    shared: &Arc<Shared>,
+    clients: Vec<Client<T::Conn>>,
+    load: &Load,
+    broker_pid: Option<u32>,
+) -> Measured {
+    let acks = target.acks();
+    let senders = clients.iter().filter(|c| c.sends_to.is_some()).count().max(1);
+    let done = CancellationToken::new();
+    let start = Instant::now();
+    let mut readers = Vec::new();
+    let mut writers = Vec::new();
+    shared.connections.fetch_add(clients.len() as u64, Ordering::Relaxed);
+    for (i, client) in clients.into_iter().enumerate() {
+        let (tx, rx) = client.conn.split();
+        let window = Arc::new(Semaphore::new(load.in_flight.max(1)));
+        readers.push(tokio::spawn(read(
+            rx,
+            shared.clone(),
+            client.index,
+            acks,
+            window.clone(),
+            done.clone(),
+        )));
+        let Some(channel) = client.sends_to else {
+            writers.push(tokio::spawn(keepalive(tx, shared.clone())));
+            continue;
+        };
+        let offset =
+            Duration::from_secs_f64(i as f64 / senders as f64 / load.rate.unwrap_or(1.0).max(1.0));
+        writers.push(tokio::spawn(send(
+            tx,
+            shared.clone(),
+            client.index,
+            channel,
+            load.clone(),
+            senders,
+            window,
+            start + offset,
+        )));
+    }
+
+    let bar = load.progress.then(|| {
+        let pb = indicatif::ProgressBar::new_spinner();
+        pb.enable_steady_tick(Duration::from_millis(250));
+        pb
+    });
+    let mut timeline = Timeline::default();
+    let total = load.warmup + load.duration;
+    let mut last = shared.counts();
+    let mut window_start = (last, Instant::now(), broker_pid.and_then(crate::procstat::usage));
+    let mut second = 0;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let elapsed = start.elapsed();
+        let now = shared.counts();
+        let delta = now - last;
+        last = now;
+        if shared.recording() {
+            timeline.seconds.push((second, delta));
+            second += 1;
+        }
+        if let Some(pb) = &bar {
+            let phase = if shared.recording() { "measuring" } else { "warming up" };
+            pb.set_message(format!(
+                "{phase} {:>4.0}/{:.0} s   sent {:>9}/s   acked {:>9}/s   delivered {:>10}/s",
+                elapsed.as_secs_f64(),
+                total.as_secs_f64(),
+                delta.sent,
+                delta.acked,
+                delta.delivered
+            ));
+        }
+        if !shared.recording() && elapsed >= load.warmup {
+            shared.recording.store(true, Ordering::Relaxed);
+            window_start =
+                (shared.counts(), Instant::now(), broker_pid.and_then(crate::procstat::usage));
+        }
+        if elapsed >= total {
+            break;
+        }
+    }
+    let window_end = (shared.counts(), Instant::now(), broker_pid.and_then(crate::procstat::usage));
+    shared.recording.store(false, Ordering::Relaxed);
+    shared.stop.store(true, Ordering::Relaxed);
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+    }
+    for w in writers {
+        let _ = w.await;
+    }
+    // Let what is in flight land (it is not counted), then stop the readers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    done.cancel();
+    for r in readers {
+        let _ = r.await;
+    }
+    Measured {
+        window: window_end.0 - window_start.0,
+        seconds: window_end.1.duration_since(window_start.1).as_secs_f64(),
+        latencies: shared.latencies(),
+        timeline,
+        broker: window_start.2.zip(window_end.2),
+    }
+}
+
+async fn read<R: Rx>(
+    mut rx: R,
+    shared: Arc<Shared>,
+    me: u64,
+    acks: bool,
+    window: Arc<Semaphore>,
+    done: CancellationToken,
+) {
+    let mut local = Latencies::default();
+    loop {
+        let event = tokio::select! {
+            () = done.cancelled() => break,
+            e = rx.next() => e,
+        };
+        let Some(event) = event else { break };
+        let now = Instant::now();
+        match event {
+            Event::Ack(id) => {
+                shared.acked.fetch_add(1, Ordering::Relaxed);
+                if shared.recording() {
+                    local.ack(now.saturating_duration_since(shared.instant(id)));
+                }
+                window.add_permits(1);
+            }
+            Event::Delivery(payload) => {
+                let Some((stamp, sender)) = target::parse(&payload) else { continue };
+                if sender == me {
+                    // Targets that echo a publisher's own messages: the echo is its ack.
+                    if !acks {
+                        shared.acked.fetch_add(1, Ordering::Relaxed);
+                        if shared.recording() {
+                            local.ack(now.saturating_duration_since(shared.instant(stamp)));
+                        }
+                        window.add_permits(1);
+                    }
+                    continue;
+                }
+                shared.delivered.fetch_add(1, Ordering::Relaxed);
+                if shared.recording() {
+                    local.e2e(now.saturating_duration_since(shared.instant(stamp)));
+                }
+            }
+            Event::Error(code, id) => {
+                shared.error(&code);
+                if id.is_some() {
+                    window.add_permits(1);
+                }
+            }
+        }
+    }
+    shared.merge(&local);
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send<X: Tx>(
+    mut tx: X,
+    shared: Arc<Shared>,
+    me: u64,
+    channel: String,
+    load: Load,
+    senders: usize,
+    window: Arc<Semaphore>,
+    first: Instant,
+) {
+    let mut last_id = 0u64;
+    let mut next_id = |stamp: u64| {
+        last_id = stamp.max(last_id + 1);
+        last_id
+    };
+    match load.rate {
+        Some(rate) => {
+            // Open loop: message k is due at first + k·interval, whatever happened before;
+            // latency counts from that intended time.
+            let interval = Duration::from_secs_f64(senders as f64 / rate.max(0.001));
+            let mut due = first;
+            while !shared.stopping() {
+                let now = Instant::now();
+                if due > now {
+                    tokio::time::sleep_until(due.into()).await;
+                    continue;
+                }
+                let mut n = 0;
+                while due <= now && n < 256 {
+                    let stamp = shared.stamp(due);
+                    let p = target::payload(stamp, me, load.payload);
+                    if tx.send(&channel, next_id(stamp), p).await.is_err() {
+                        shared.error("send failed");
+                        return;
+                    }
+                    due += interval;
+                    n += 1;
+                }
+                if tx.flush().await.is_err() {
+                    shared.error("send failed");
+                    return;
+                }
+                shared.sent.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        None => {
+            // Closed loop: keep `in_flight` sends outstanding.
+            while !shared.stopping() {
+                let Ok(permit) =
+                    tokio::time::timeout(Duration::from_millis(200), window.acquire()).await
+                else {
+                    continue;
+                };
+                let Ok(permit) = permit else { return };
+                permit.forget();
+                let mut n = 1;
+                while let Ok(p) = window.try_acquire() {
+                    p.forget();
+                    n += 1;
+                }
+                for _ in 0..n {
+                    let stamp = shared.stamp(Instant::now());
+                    let p = target::payload(stamp, me, load.payload);
+                    if tx.send(&channel, next_id(stamp), p).await.is_err() {
+                        shared.error("send failed");
+                        return;
+                    }
+                }
+                if tx.flush().await.is_err() {
+                    shared.error("send failed");
+                    return;
+                }
+                shared.sent.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Pings an idle connection often enough to stay within the broker's idle timeout.
+pub async fn keepalive<X: Tx>(mut tx: X, shared: Arc<Shared>) {
+    let mut t = tokio::time::interval(Duration::from_secs(10));
+    t.tick().await;
+    while !shared.stopping() {
+        tokio::select! {
+            _ = t.tick() => {
+                if tx.ping().await.is_err() {
+                    return;
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The scenarios. Each sets up users and channels on a [`Target`], then hands the clients to
+//! [`crate::runner::drive`].
+
+pub mod connect;
+pub mod direct;
+pub mod room;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::cli::{Common, Scenario};
+use crate::report::Report;
+use crate::runner::Load;
+use crate::stats::Shared;
+use crate::target::Target;
+
+/// Everything a scenario needs besides its own options.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// Shared counters and histograms.
+    pub shared: Arc<Shared>,
+    /// The common options.
+    pub common: Common,
+    /// A prefix that makes this run's user names unique.
+    pub run: String,
+    /// The broker process, when local.
+    pub broker_pid: Option<u32>,
+}
+
+impl Ctx {
+    /// The load as the options describe it.
+    #[must_use]
+    pub fn load(&self) -> Load {
+        Load {
+            rate: self.common.rate,
+            in_flight: self.common.in_flight,
+            payload: self.common.payload.max(crate::target::HEADER),
+            duration: self.common.duration,
+            warmup: self.common.warmup,
+            progress: !self.common.no_progress,
+        }
+    }
+
+    /// Source addresses to connect from.
+    #[must_use]
+    pub fn sources(&self) -> Vec<std::net::IpAddr> {
+        self.common.source_ips.as_ref().map(|s| s.0.clone()).unwrap_or_default()
+    }
+
+    /// The run parameters for the report.
+    #[must_use]
+    pub fn parameters(&self, extra: &[(&str, String)]) -> BTreeMap<String, String> {
+        let mut p = BTreeMap::new();
+        match self.common.rate {
+            Some(r) => p.insert("rate".into(), format!("{r}")),
+            None => p.insert("in_flight".into(), self.common.in_flight.to_string()),
+        };
+        p.insert("payload".into(), self.common.payload.to_string());
+        p.insert("duration".into(), format!("{:?}", self.common.duration));
+        for (k, v) in extra {
+            p.insert((*k).to_owned(), v.clone());
+        }
+        p
+    }
+}
+
+/// Runs `scenario` against `target`.
+///
+/// # Errors
+/// When connecting or setting up fails.
+pub async fn run<T: Target>(target: &T, scenario: &Scenario, ctx: &Ctx) -> anyhow::Result<Report> {
+    match scenario {
+        Scenario::Direct { pairs, .. } => direct::run(target, ctx, *pairs).await,
+        Scenario::Room { members, publishers, rooms, .. } => {
+            room::run(target, ctx, *members, *publishers, *rooms).await
+        }
+        Scenario::Connect { connections, .. } => connect::run(target, ctx, *connections).await,
+    }
+}
