@@ -70,11 +70,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
     match scheme {
         "switchboard" | "tcp" => {
             let t = Switchboard::new(address, Transport::Tcp, secret(&common)?);
-            scenario::run(&t, &cli.scenario, &ctx).await
+            scenario::run_switchboard(&t, &cli.scenario, &ctx).await
         }
         "ws" => {
             let t = Switchboard::new(address, Transport::Ws, secret(&common)?);
-            scenario::run(&t, &cli.scenario, &ctx).await
+            scenario::run_switchboard(&t, &cli.scenario, &ctx).await
         }
         other => bail!("unknown target scheme {other:?}"),
     }

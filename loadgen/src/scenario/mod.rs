@@ -64,7 +64,21 @@ impl Ctx {
     }
 }
 
-/// Runs `scenario` against `target`.
+/// Runs `scenario` against Switchboard: every scenario, including those that use its chat
+/// features (presence, typing, receipts, resync).
+///
+/// # Errors
+/// When connecting or setting up fails.
+pub async fn run_switchboard(
+    target: &crate::target::switchboard::Switchboard,
+    scenario: &Scenario,
+    ctx: &Ctx,
+) -> anyhow::Result<Report> {
+    run(target, scenario, ctx).await
+}
+
+/// Runs `scenario` against any `target` (the scenarios with equivalent semantics on every
+/// system: direct, room, connect).
 ///
 /// # Errors
 /// When connecting or setting up fails.
