@@ -56,6 +56,67 @@ pub enum Scenario {
         #[command(flatten)]
         common: Common,
     },
+    /// Users in direct conversations whose connections drop and come back at a given rate:
+    /// each client reconnects, resumes, syncs what it missed and re-sends what was not
+    /// acknowledged. Reports reconnect time, messages recovered by resync, and checks that
+    /// nothing acknowledged is missing or out of order. Switchboard only (Rust client).
+    Churn {
+        /// Users (one connection each), paired into direct conversations.
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Connections dropped per second.
+        #[arg(long, default_value_t = 20.0)]
+        churn_rate: f64,
+        /// How long a dropped user stays offline.
+        #[arg(long, default_value = "1s", value_parser = duration)]
+        offline: Duration,
+        /// Options every scenario takes (--rate defaults to 1 message/s per user; the run is
+        /// always open loop).
+        #[command(flatten)]
+        common: Common,
+    },
+    /// A chat-shaped mix through the Rust client: direct conversations and groups of
+    /// Zipf-distributed size, typing indicators, read receipts (delivered receipts are
+    /// automatic), presence subscriptions, optionally churn. Switchboard only.
+    Chat {
+        /// Users (one connection each).
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Direct conversations per user.
+        #[arg(long, default_value_t = 3)]
+        directs: usize,
+        /// Groups (default: one per 10 users).
+        #[arg(long)]
+        groups: Option<usize>,
+        /// Largest group.
+        #[arg(long, default_value_t = 200)]
+        max_group: usize,
+        /// Zipf exponent of group sizes (larger: more small groups).
+        #[arg(long, default_value_t = 2.0)]
+        zipf: f64,
+        /// Share of a group member's messages that go to its groups.
+        #[arg(long, default_value_t = 0.3)]
+        group_share: f64,
+        /// Probability that a message is preceded by a typing indicator.
+        #[arg(long, default_value_t = 0.5)]
+        typing: f64,
+        /// How often each user marks what it received as read (0 = never).
+        #[arg(long, default_value = "2s", value_parser = duration)]
+        read_every: Duration,
+        /// Other users whose presence each user follows.
+        #[arg(long, default_value_t = 5)]
+        presence: usize,
+        /// Connections dropped per second (0 = none).
+        #[arg(long, default_value_t = 0.0)]
+        churn_rate: f64,
+        /// How long a dropped user stays offline.
+        #[arg(long, default_value = "1s", value_parser = duration)]
+        offline: Duration,
+        /// Options every scenario takes (--rate defaults to 0.2 messages/s per user, a message
+        /// every 5 s; the run is always open loop).
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 impl Scenario {
@@ -65,7 +126,9 @@ impl Scenario {
         match self {
             Self::Direct { common, .. }
             | Self::Room { common, .. }
-            | Self::Connect { common, .. } => common,
+            | Self::Connect { common, .. }
+            | Self::Churn { common, .. }
+            | Self::Chat { common, .. } => common,
         }
     }
 }

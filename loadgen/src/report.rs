@@ -85,6 +85,9 @@ pub struct Report {
     pub ack_latency_us: Percentiles,
     /// Send to delivery, at every recipient.
     pub delivery_latency_us: Percentiles,
+    /// Scenario-specific latencies (e.g. `reconnect`: from starting a reconnect to being
+    /// authenticated again).
+    pub other_latency_us: BTreeMap<String, Percentiles>,
     /// Errors by code.
     pub errors: BTreeMap<String, u64>,
     /// Broker resource use, when measured.
@@ -132,6 +135,12 @@ impl Report {
             delivered_per_sec: per_sec(m.window.delivered),
             ack_latency_us: Percentiles::of(&m.latencies.ack),
             delivery_latency_us: Percentiles::of(&m.latencies.e2e),
+            other_latency_us: m
+                .latencies
+                .other
+                .iter()
+                .map(|(k, h)| ((*k).to_owned(), Percentiles::of(h)))
+                .collect(),
             errors,
             broker,
             extra: BTreeMap::new(),
@@ -170,9 +179,11 @@ impl Report {
             "{:<16}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}  (µs)",
             "latency", "p50", "p90", "p99", "p99.9", "p99.99", "max"
         );
-        for (name, p) in
+        let named =
             [("send→ack", &self.ack_latency_us), ("send→delivery", &self.delivery_latency_us)]
-        {
+                .into_iter()
+                .chain(self.other_latency_us.iter().map(|(k, p)| (k.as_str(), p)));
+        for (name, p) in named {
             if p.count == 0 {
                 continue;
             }
@@ -203,6 +214,21 @@ impl Report {
             let _ = writeln!(s, "errors: {}", errors.join(", "));
         }
         s
+    }
+
+    /// Writes the JSON form and the chart where the options ask for them.
+    ///
+    /// # Errors
+    /// When a file cannot be written.
+    pub fn write_files(&self, common: &crate::cli::Common) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        if let Some(path) = &common.json {
+            self.write_json(path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(path) = &common.plot {
+            self.write_svg(path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
     }
 
     /// Writes the JSON form.

@@ -124,6 +124,47 @@ pub async fn drive<T: Target>(
         )));
     }
 
+    let w = measure(shared, load, broker_pid).await;
+    for w in writers {
+        let _ = w.await;
+    }
+    // Let what is in flight land (it is not counted), then stop the readers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    done.cancel();
+    for r in readers {
+        let _ = r.await;
+    }
+    w.finish(shared)
+}
+
+/// What [`measure`] saw: the measurement window, before the latencies are collected.
+#[derive(Debug)]
+pub struct Window {
+    counts: Counts,
+    seconds: f64,
+    timeline: Timeline,
+    broker: Option<(crate::procstat::Usage, crate::procstat::Usage)>,
+}
+
+impl Window {
+    /// The measurement, with the latencies merged into `shared` by now.
+    #[must_use]
+    pub fn finish(self, shared: &Shared) -> Measured {
+        Measured {
+            window: self.counts,
+            seconds: self.seconds,
+            latencies: shared.latencies(),
+            timeline: self.timeline,
+            broker: self.broker,
+        }
+    }
+}
+
+/// Samples the counters every second through the warm-up and the measurement (the progress
+/// bar, the timeline), switches recording on after the warm-up, and returns when the run is
+/// over with recording off and `shared.stop` set (the load's tasks then wind down).
+pub async fn measure(shared: &Shared, load: &Load, broker_pid: Option<u32>) -> Window {
+    let start = Instant::now();
     let bar = load.progress.then(|| {
         let pb = indicatif::ProgressBar::new_spinner();
         pb.enable_steady_tick(Duration::from_millis(250));
@@ -133,6 +174,9 @@ pub async fn drive<T: Target>(
     let total = load.warmup + load.duration;
     let mut last = shared.counts();
     let mut window_start = (last, Instant::now(), broker_pid.and_then(crate::procstat::usage));
+    if load.warmup.is_zero() {
+        shared.recording.store(true, Ordering::Relaxed);
+    }
     let mut second = 0;
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.tick().await;
@@ -162,7 +206,10 @@ pub async fn drive<T: Target>(
             window_start =
                 (shared.counts(), Instant::now(), broker_pid.and_then(crate::procstat::usage));
         }
-        if elapsed >= total {
+        // Ticks are a second apart: end at the tick that completes the measurement time.
+        if shared.recording()
+            && window_start.1.elapsed() + Duration::from_millis(50) >= load.duration
+        {
             break;
         }
     }
@@ -172,19 +219,9 @@ pub async fn drive<T: Target>(
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
-    for w in writers {
-        let _ = w.await;
-    }
-    // Let what is in flight land (it is not counted), then stop the readers.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    done.cancel();
-    for r in readers {
-        let _ = r.await;
-    }
-    Measured {
-        window: window_end.0 - window_start.0,
+    Window {
+        counts: window_end.0 - window_start.0,
         seconds: window_end.1.duration_since(window_start.1).as_secs_f64(),
-        latencies: shared.latencies(),
         timeline,
         broker: window_start.2.zip(window_end.2),
     }

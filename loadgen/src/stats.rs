@@ -48,11 +48,13 @@ pub struct Latencies {
     pub ack: Histogram<u64>,
     /// Send to delivery, at every recipient.
     pub e2e: Histogram<u64>,
+    /// Scenario-specific latencies by name (e.g. `reconnect`, `mark_read`).
+    pub other: BTreeMap<&'static str, Histogram<u64>>,
 }
 
 impl Default for Latencies {
     fn default() -> Self {
-        Self { ack: histogram(), e2e: histogram() }
+        Self { ack: histogram(), e2e: histogram(), other: BTreeMap::new() }
     }
 }
 
@@ -65,6 +67,20 @@ impl Latencies {
     /// Records a send-to-delivery latency.
     pub fn e2e(&mut self, d: Duration) {
         let _ = self.e2e.record(us(d));
+    }
+
+    /// Records a latency of the scenario-specific kind `name`.
+    pub fn other(&mut self, name: &'static str, d: Duration) {
+        let _ = self.other.entry(name).or_insert_with(histogram).record(us(d));
+    }
+
+    /// Adds `o`'s samples to these.
+    pub fn add(&mut self, o: &Self) {
+        let _ = self.ack.add(&o.ack);
+        let _ = self.e2e.add(&o.e2e);
+        for (name, h) in &o.other {
+            let _ = self.other.entry(name).or_insert_with(histogram).add(h);
+        }
     }
 }
 
@@ -128,8 +144,7 @@ impl Shared {
     /// Adds a task's histograms to the run's.
     pub fn merge(&self, local: &Latencies) {
         let mut m = self.merged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _ = m.ack.add(&local.ack);
-        let _ = m.e2e.add(&local.e2e);
+        m.add(local);
     }
 
     /// The merged histograms.

@@ -1,6 +1,7 @@
 //! The scenarios. Each sets up users and channels on a [`Target`], then hands the clients to
 //! [`crate::runner::drive`].
 
+pub mod chat;
 pub mod connect;
 pub mod direct;
 pub mod room;
@@ -74,7 +75,59 @@ pub async fn run_switchboard(
     scenario: &Scenario,
     ctx: &Ctx,
 ) -> anyhow::Result<Report> {
-    run(target, scenario, ctx).await
+    let rate = |per_user: f64, users: usize| ctx.common.rate.unwrap_or(per_user * users as f64);
+    match scenario {
+        Scenario::Churn { users, churn_rate, offline, .. } => {
+            let plan = chat::Plan {
+                name: "churn",
+                users: *users,
+                directs: 1,
+                groups: 0,
+                max_group: 2,
+                zipf: 1.0,
+                group_share: 0.0,
+                typing: 0.0,
+                read_every: None,
+                presence: 0,
+                churn_rate: *churn_rate,
+                offline: *offline,
+                rate: rate(1.0, *users),
+            };
+            chat::run(target, ctx, &plan).await
+        }
+        Scenario::Chat {
+            users,
+            directs,
+            groups,
+            max_group,
+            zipf,
+            group_share,
+            typing,
+            read_every,
+            presence,
+            churn_rate,
+            offline,
+            ..
+        } => {
+            let plan = chat::Plan {
+                name: "chat",
+                users: *users,
+                directs: *directs,
+                groups: groups.unwrap_or(users / 10),
+                max_group: *max_group,
+                zipf: *zipf,
+                group_share: group_share.clamp(0.0, 1.0),
+                typing: typing.clamp(0.0, 1.0),
+                read_every: (!read_every.is_zero()).then_some(*read_every),
+                presence: *presence,
+                churn_rate: *churn_rate,
+                offline: *offline,
+                rate: rate(0.2, *users),
+            };
+            chat::run(target, ctx, &plan).await
+        }
+        _ => run(target, scenario, ctx).await,
+    }
 }
 
 /// Runs `scenario` against any `target` (the scenarios with equivalent semantics on every
@@ -89,5 +142,9 @@ pub async fn run<T: Target>(target: &T, scenario: &Scenario, ctx: &Ctx) -> anyho
             room::run(target, ctx, *members, *publishers, *rooms).await
         }
         Scenario::Connect { connections, .. } => connect::run(target, ctx, *connections).await,
+        Scenario::Churn { .. } | Scenario::Chat { .. } => anyhow::bail!(
+            "the churn and chat scenarios use Switchboard's chat features (target switchboard:// \
+             or ws://)"
+        ),
     }
 }

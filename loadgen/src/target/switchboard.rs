@@ -18,6 +18,8 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use super::{Connection, Event, Rx, Target, Tx};
 
+pub mod client;
+
 /// Content type of load-generator messages.
 const CONTENT_TYPE: &str = "application/x-switchboard-loadgen";
 /// Members added per request when building a room.
@@ -57,7 +59,23 @@ impl Switchboard {
         Self { addr, transport, secret: Arc::new(secret) }
     }
 
-    fn token(&self, user: &str) -> anyhow::Result<String> {
+    /// The broker's address (TCP port, or HTTP port for WebSocket).
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// How the broker is reached.
+    #[must_use]
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// A token for `user`, valid for a day.
+    ///
+    /// # Errors
+    /// When signing fails.
+    pub fn token(&self, user: &str) -> anyhow::Result<String> {
         #[derive(serde::Serialize)]
         struct Claims<'a> {
             sub: &'a str,
