@@ -296,10 +296,11 @@ async fn send<X: Tx>(
         last_id = stamp.max(last_id + 1);
         last_id
     };
+    let mut lag = Latencies::default();
     match load.rate {
         Some(rate) => {
             // Open loop: message k is due at first + k·interval, whatever happened before;
-            // latency counts from that intended time.
+            // latency counts from that intended time (see `intended`).
             let interval = Duration::from_secs_f64(senders as f64 / rate.max(0.001));
             let mut due = first;
             while !shared.stopping() {
@@ -310,7 +311,7 @@ async fn send<X: Tx>(
                 }
                 let mut n = 0;
                 while due <= now && n < 256 {
-                    let stamp = shared.stamp(due);
+                    let stamp = shared.stamp(intended(due, now, &shared, &mut lag));
                     let p = target::payload(stamp, me, load.payload);
                     if tx.send(&channel, next_id(stamp), p).await.is_err() {
                         shared.error("send failed");
@@ -357,6 +358,23 @@ async fn send<X: Tx>(
             }
         }
     }
+    shared.merge(&lag);
+}
+
+/// How late an open-loop send may be and still be measured from when it was written: the
+/// generator's own timer resolution (tokio's timers round up to the next millisecond, plus
+/// the wake-up), not the system's doing. A send later than this is measured from its intended
+/// time, so a stalled system cannot hide queueing delay (coordinated omission).
+pub const TIMER_SLACK: Duration = Duration::from_millis(2);
+
+/// The instant an open-loop send due at `due` and written at `now` is measured from; records
+/// the lateness as `schedule_lag` while recording.
+pub fn intended(due: Instant, now: Instant, shared: &Shared, lag: &mut Latencies) -> Instant {
+    let late = now.saturating_duration_since(due);
+    if shared.recording() {
+        lag.other("schedule_lag", late);
+    }
+    if late <= TIMER_SLACK { now } else { due }
 }
 
 /// Pings an idle connection often enough to stay within the broker's idle timeout.

@@ -3,7 +3,9 @@
 //!
 //! Latencies are measured from the *intended* send time (the open-loop schedule, or the actual
 //! send time in closed loop), so a stalled system cannot hide queueing delay (coordinated
-//! omission). End-to-end latency uses the send time carried in the payload's first 8 bytes.
+//! omission). Lateness within the generator's timer resolution (up to 2 ms) is not counted; it is
+//! reported as `schedule_lag` (see [`crate::runner::intended`]). End-to-end latency uses the
+//! send time carried in the payload's first 8 bytes.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

@@ -580,7 +580,8 @@ async fn send(mut s: Sender) {
                     let id = id.clone();
                     inflight.spawn(async move { Outcome::Typed(client.typing(&id, true).await) });
                 }
-                let stamp = s.shared.stamp(due);
+                let stamp =
+                    s.shared.stamp(crate::runner::intended(due, Instant::now(), &s.shared, &mut local));
                 let payload = crate::target::payload(stamp, s.me, s.payload);
                 let client = s.client.clone();
                 inflight.spawn(async move {
