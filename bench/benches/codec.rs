@@ -1,5 +1,7 @@
 //! Frame codec: decoding pipelined requests, and encoding a delivery once for fan-out.
 
+use std::time::Duration;
+
 use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message as _;
@@ -49,5 +51,11 @@ fn encode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, encode);
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = decode, encode
+}
 criterion_main!(benches);

@@ -76,6 +76,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<Report> {
             let t = Switchboard::new(address, Transport::Ws, secret(&common)?);
             scenario::run_switchboard(&t, &cli.scenario, &ctx).await
         }
+        #[cfg(feature = "peers")]
+        "nats" => {
+            let t = target::nats::Nats::new(address, target::nats::Flavour::Core);
+            scenario::run(&t, &cli.scenario, &ctx).await
+        }
+        #[cfg(feature = "peers")]
+        "nats+js" => {
+            let t = target::nats::Nats::new(address, target::nats::Flavour::JetStream);
+            scenario::run(&t, &cli.scenario, &ctx).await
+        }
+        #[cfg(feature = "peers")]
+        "redis" => {
+            let t = target::redis::Redis::new(address, target::redis::Mode::PubSub)?;
+            scenario::run(&t, &cli.scenario, &ctx).await
+        }
+        #[cfg(feature = "peers")]
+        "redis+stream" => {
+            let t = target::redis::Redis::new(address, target::redis::Mode::Stream)?;
+            scenario::run(&t, &cli.scenario, &ctx).await
+        }
+        #[cfg(not(feature = "peers"))]
+        "nats" | "nats+js" | "redis" | "redis+stream" => bail!(
+            "the {scheme}:// target needs the NATS and Redis drivers, which this build lacks: \
+             rebuild with `cargo build --release -p switchboard-loadgen --features peers`"
+        ),
         other => bail!("unknown target scheme {other:?}"),
     }
 }

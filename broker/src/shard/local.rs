@@ -139,7 +139,9 @@ impl Local {
     }
 
     /// Registers `id` as waiting for `conv` (no-op when it already waits or receives it).
-    fn add_pending(&mut self, id: u64, conv: &Arc<str>) {
+    /// Public only so the benchmarks can set up interest without an owner shard.
+    #[doc(hidden)]
+    pub fn add_pending(&mut self, id: u64, conv: &Arc<str>) {
         let Some(s) = self.sessions.get(&id) else { return };
         if s.convs.borrow_mut().insert(conv.clone()) {
             self.interest.entry(conv.clone()).or_default().pending.push(id);
@@ -222,8 +224,10 @@ fn unsubscribe(shard: &Rc<Shard>, conv: Arc<str>) {
     shard.to_owner(&conv.clone(), OwnerMsg::Unsubscribe { shard: shard.id, conversation: conv });
 }
 
-/// Applies one message of a bundle from an owner or a home shard.
-pub(crate) fn apply(shard: &Rc<Shard>, msg: LocalMsg) {
+/// Applies one message of a bundle from an owner or a home shard. Public only for the
+/// benchmarks (fan-out to local sessions).
+#[doc(hidden)]
+pub fn apply(shard: &Rc<Shard>, msg: LocalMsg) {
     match msg {
         LocalMsg::Frame { session, frame, completes } => {
             let s = shard.local.borrow().get(session);

@@ -189,7 +189,9 @@ pub struct Shard {
     commit_sink: crate::storage::CommitSink,
     pub(crate) owner: RefCell<owner::Owner>,
     pub(crate) home: RefCell<home::Home>,
-    pub(crate) local: RefCell<local::Local>,
+    /// Hosted sessions. Public only for the benchmarks; the shard's own code is the only user.
+    #[doc(hidden)]
+    pub local: RefCell<local::Local>,
     flush_scheduled: Cell<bool>,
     next_session: Cell<u64>,
     shutdown: RefCell<Option<Shutdown>>,

@@ -8,7 +8,10 @@
 
 pub mod switchboard;
 
-// NATS and Redis drivers (feature `peers`) are added by the side-by-side work.
+#[cfg(feature = "peers")]
+pub mod nats;
+#[cfg(feature = "peers")]
+pub mod redis;
 
 use std::future::Future;
 use std::net::IpAddr;
