@@ -31,6 +31,13 @@ pub const DELIVERIES: &str = "switchboard_deliveries_total";
 /// Send to ack latency.
 pub const SEND_ACK_SECONDS: &str = "switchboard_send_ack_seconds";
 
+/// Seconds one storage-writer round took: the atomic batch write plus, by durability, its
+/// flush or fsync.
+pub const STORAGE_ROUND_SECONDS: &str = "switchboard_storage_round_seconds";
+
+/// How often the recorder's histogram samples are folded into their buckets.
+pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Installs the process-wide recorder. `None` if one is installed already (a second broker in
 /// the same process); that broker then serves an empty `/metrics`.
 #[must_use]
@@ -38,6 +45,11 @@ pub fn install() -> Option<PrometheusHandle> {
     let recorder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(SEND_ACK_SECONDS.into()),
+            &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+        )
+        .ok()?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(STORAGE_ROUND_SECONDS.into()),
             &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
         )
         .ok()?
@@ -52,6 +64,10 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_histogram!(
         SEND_ACK_SECONDS,
         "Seconds from a send reaching its owner to its ack."
+    );
+    metrics::describe_histogram!(
+        STORAGE_ROUND_SECONDS,
+        "Seconds per storage-writer round (batch write, then flush or fsync by durability)."
     );
     Some(handle)
 }

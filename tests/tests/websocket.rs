@@ -181,6 +181,7 @@ async fn given_http_listener_should_answer_health_readiness_and_metrics() {
         "switchboard_messages_stored_total 1",
         "switchboard_frames_in_total{transport=\"ws\"} 3",
         "switchboard_send_ack_seconds_count 1",
+        "switchboard_storage_round_seconds_bucket{le=\"+Inf\"}",
     ] {
         assert!(metrics.contains(needle), "missing {needle} in:\n{metrics}");
     }

@@ -186,6 +186,7 @@ impl Storage {
                 }
             }
         }
+        lower_background_priority();
         let durable = RwLock::new(db.snapshot());
         Ok(Arc::new(Self {
             db,
@@ -572,9 +573,67 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![u8::MAX; prefix.len() + 1]
 }
 
+/// Nice value of the store's background threads (memtable flush, compaction).
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the CPU priority of fjall's worker threads (named `fjall:worker`, started when the
+/// database opens) to [`BACKGROUND_NICE`], as RocksDB does for its compaction pool: a flush
+/// or compaction that runs for milliseconds then yields the core to a shard or the storage
+/// writer that has a message to route, instead of taking a full scheduler slice ahead of it.
+/// Background work still gets its share when the core is busy (weight 110 against 1024), and
+/// all of it when the core is idle. Linux only (nice is per thread there); elsewhere a no-op.
+fn lower_background_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return };
+        for task in tasks.flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with("fjall") {
+                continue;
+            }
+            let tid = task.file_name().to_str().and_then(|t| t.parse::<i32>().ok());
+            let Some(pid) = tid.and_then(rustix::process::Pid::from_raw) else { continue };
+            if let Err(e) = rustix::process::setpriority_process(Some(pid), BACKGROUND_NICE) {
+                tracing::debug!(?tid, error = %e, "could not lower a background thread's priority");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn given_an_opened_store_should_run_fjall_workers_at_background_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            data_dir: dir.path().to_owned(),
+            durability: crate::config::Durability::Buffered,
+            cache_mb: 8,
+        };
+        let _storage = Storage::open(&cfg).unwrap();
+        // Other tests open stores concurrently: some thread may be between its spawn and its
+        // own store's renice, so look for at least one lowered worker, not all of them.
+        let lowered = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .unwrap_or_default()
+                    .starts_with("fjall")
+            })
+            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+            .filter_map(|stat| {
+                // Field 19 is the nice value; fields are counted after the ")" of field 2.
+                let rest = &stat[stat.rfind(')')? + 2..];
+                rest.split(' ').nth(16)?.parse::<i32>().ok()
+            })
+            .filter(|nice| *nice == BACKGROUND_NICE)
+            .count();
+        assert!(lowered > 0, "no fjall worker runs at nice {BACKGROUND_NICE}");
+    }
 
     #[test]
     fn given_prefix_end_should_bound_all_keys_with_prefix() {

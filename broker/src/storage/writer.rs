@@ -232,6 +232,7 @@ impl Writer {
     }
 
     fn commit_round(&mut self, round: Vec<WriteBatch>) {
+        let started = Instant::now();
         let outcome = if self.storage.is_poisoned() {
             Err(StorageError::Poisoned)
         } else {
@@ -248,6 +249,8 @@ impl Writer {
             };
             persisted.map(|()| seqs).map_err(StorageError::from)
         });
+        metrics::histogram!(crate::metrics::STORAGE_ROUND_SECONDS)
+            .record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(seqs) => {
                 self.commit_no += 1;
