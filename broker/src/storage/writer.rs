@@ -231,12 +231,12 @@ impl Writer {
         }
     }
 
-    fn commit_round(&mut self, round: Vec<WriteBatch>) {
+    fn commit_round(&mut self, mut round: Vec<WriteBatch>) {
         let started = Instant::now();
         let outcome = if self.storage.is_poisoned() {
             Err(StorageError::Poisoned)
         } else {
-            self.write(&round)
+            self.write(&mut round)
         };
         let outcome = outcome.and_then(|seqs| {
             let persisted = match self.storage.durability {
@@ -284,9 +284,9 @@ impl Writer {
         }
     }
 
-    /// Applies every batch of the round in one atomic fjall batch. Returns, per batch, the
-    /// user_seqs assigned to its feed appends.
-    fn write(&mut self, round: &[WriteBatch]) -> Result<Vec<Vec<u64>>, StorageError> {
+    /// Applies every batch of the round in one atomic fjall batch, moving each operation's
+    /// bytes into it (no copy). Returns, per batch, the user_seqs assigned to its feed appends.
+    fn write(&mut self, round: &mut [WriteBatch]) -> Result<Vec<Vec<u64>>, StorageError> {
         // Bound the cache between rounds only: within a round it also holds appends that are
         // not committed yet, which a re-read from storage would miss.
         if self.feed_heads.len() > 1 << 20 {
@@ -298,17 +298,14 @@ impl Writer {
         let mut all_seqs = Vec::with_capacity(round.len());
         for batch in round {
             let mut seqs = Vec::new();
-            for op in &batch.ops {
+            for op in batch.ops.drain(..) {
                 match op {
-                    WriteOp::Put(k, key, value) => {
-                        fb.insert(ks.get(*k), key.clone(), value.clone())
-                    }
-                    WriteOp::Delete(k, key) => fb.remove(ks.get(*k), key.clone()),
-                    WriteOp::FeedAppend { user, event } => {
-                        let seq = self.next_feed_seq(user)?;
-                        let mut event = event.clone();
+                    WriteOp::Put(k, key, value) => fb.insert(ks.get(k), key, value),
+                    WriteOp::Delete(k, key) => fb.remove(ks.get(k), key),
+                    WriteOp::FeedAppend { user, mut event } => {
+                        let seq = self.next_feed_seq(&user)?;
                         event.user_seq = seq;
-                        fb.insert(&ks.feeds, keys::feed_key(user, seq), event.encode_to_vec());
+                        fb.insert(&ks.feeds, keys::feed_key(&user, seq), event.encode_to_vec());
                         seqs.push(seq);
                     }
                 }
