@@ -127,7 +127,7 @@ pub struct StorageConfig {
     /// Directory of the database and the generated token secret. Default `./data`.
     pub data_dir: PathBuf,
     /// When a send is acknowledged: `sync` (after fsync, the default), `interval:<ms>` (after
-    /// the write reached the OS; fsync every <ms>), or `buffered` (no fsync; benchmarks only).
+    /// the write reached the OS; fsync every `<ms>`), or `buffered` (no fsync; benchmarks only).
     pub durability: Durability,
     /// Block cache size in MiB. Default 64.
     pub cache_mb: u64,

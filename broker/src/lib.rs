@@ -6,6 +6,9 @@
 //! Dependencies point down this list; a lower module never imports a higher one.
 //! - [`cli`]: the command line (`switchboard`, `switchboard token`, `switchboard print-config`).
 //! - [`runtime`]: builds storage, the writer thread and the shard threads; signals; shutdown.
+//! - [`cluster`]: scale-out pieces independent of the network: per-partition replication
+//!   ([`cluster::replica`], with a deterministic simulator in its tests) and partition placement
+//!   ([`cluster::placement`]). Not wired into the runtime yet (see `docs/cluster.md`).
 //! - [`net`]: transports ([`net::tcp`], [`net::ws`] behind [`net::http`]), the session state
 //!   machine ([`net::session`]), one handler per request ([`net::handler`]), embedded files.
 //! - [`shard`]: per-thread state and the mailboxes between shards: the partition owner
@@ -29,6 +32,7 @@
 
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod net;

@@ -142,7 +142,7 @@ pub struct Common {
     /// redis+stream://HOST:PORT (XADD to streams, read with XREAD).
     #[arg(long, default_value = "switchboard://127.0.0.1:7400")]
     pub target: String,
-    /// Switchboard's HS256 secret (default: read from <data-dir>/jwt.secret).
+    /// Switchboard's HS256 secret (default: read from DATA_DIR/jwt.secret).
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
     /// The broker's data directory, for its generated secret.

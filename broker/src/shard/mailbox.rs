@@ -273,7 +273,7 @@ pub enum Membership {
     Unavailable,
 }
 
-/// What a role produced while handling a message: routed by [`super::Shard::dispatch`].
+/// What a role produced while handling a message: routed by `Shard::dispatch`.
 #[derive(Debug)]
 pub struct Outgoing {
     /// Per target shard, an ordered bundle.

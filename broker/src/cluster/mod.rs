@@ -1,0 +1,14 @@
+//! Scale-out: the pieces of the cluster that are independent of the network.
+//!
+//! - [`replica`]: replication of one partition's log, epoch-fenced primary-backup, as a
+//!   sans-I/O state machine; `sim` (tests) drives it through a deterministic simulator with
+//!   message loss, delay, reordering, duplication, partitions, crashes and epoch changes.
+//!
+//! Not wired into the broker yet: gossip membership, the Raft control plane that allocates
+//! epochs, the transport and routing come next (see `docs/architecture.md`).
+
+pub mod placement;
+pub mod replica;
+
+#[cfg(test)]
+mod sim;

@@ -1,0 +1,669 @@
+//! Replication of one partition's log: epoch-fenced primary-backup, sans I/O.
+//!
+//! This is the rule of the cluster design (`ARCHITECTURE.md`, "Cluster"), as a state machine
+//! that takes messages, ticks and "your writes are durable" notices, and returns the messages
+//! to send and the entries that became committed. Storage, the network and the control plane
+//! (which allocates epochs through Raft) are the caller's; a deterministic simulator drives
+//! this module through lossy networks, crashes and epoch changes (`cluster::sim`, tests).
+//!
+//! ## The rule, and why each step is there
+//! 1. **Epochs come only from the control plane.** Epoch `e` names one leader and one replica
+//!    set `S`. Two leaders of the same epoch cannot exist.
+//! 2. **Promises are durable and fence.** A replica stores the highest epoch it has promised
+//!    (synchronously: the promise is on disk before the reply leaves) and rejects promises and
+//!    appends of lower epochs. A superseded leader can therefore never again gather a majority:
+//!    any majority it asks includes a replica that promised the newer epoch.
+//! 3. **A new leader adopts before it serves.** The epoch-`e` leader asks every replica of `S`
+//!    to promise `e`; each promise carries the replica's log. With a majority of promises it
+//!    adopts the most advanced log among them (highest `(last_epoch, last_index)`). Every
+//!    committed entry was fsynced by a majority in some epoch, that majority intersects this
+//!    one, and logs only ever extend a leader's log, so the most advanced log contains every
+//!    committed entry (as in Raft's leader completeness).
+//! 4. **Appends check continuity.** An append carries `(prev_index, prev_epoch)`; a replica
+//!    whose log does not hold that entry refuses, and the leader backs off. Where an appended
+//!    entry differs in epoch from what the replica holds, the replica truncates its suffix
+//!    there: a divergent suffix was never committed.
+//! 5. **Commit counts only the current epoch.** An entry is committed when a majority of `S`
+//!    has fsynced it in reply to appends of the current epoch (the leader counts its own log
+//!    once it is durable). The adopted log is re-replicated in the new epoch before the leader
+//!    serves, which commits whatever it adopted: entries of older epochs are never committed
+//!    by counting old replies (the trap of Raft's figure 8).
+//! 6. **Only committed entries leave.** Acks, deliveries, reads and anti-entropy use the
+//!    committed prefix ([`Replica::committed`]); a replica learns the commit point from the
+//!    leader's appends, bounded by the prefix the leader has just verified on it.
+//!
+//! Changing `S` is an epoch change whose adoption needs majorities of both the old and the new
+//! set: the caller passes both sets in [`Replica::lead`] (the old one empty when unchanged).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Most entries one append carries (a follower far behind catches up over several).
+pub const MAX_APPEND: Index = 64;
+
+/// An epoch, allocated by the control plane; 0 is "none yet".
+pub type Epoch = u64;
+/// A position in the partition log, from 1; 0 is "before the first entry".
+pub type Index = u64;
+/// A node of the cluster.
+pub type NodeId = u64;
+
+/// One log entry: the epoch of the leader that first appended it, and its payload (a group
+/// commit batch in the broker).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry<T> {
+    /// Epoch of the leader that appended it.
+    pub epoch: Epoch,
+    /// What was appended.
+    pub payload: T,
+}
+
+/// Replication messages between the replicas of one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg<T> {
+    /// Leader → replica: promise to follow `epoch`.
+    Promise {
+        /// The leader's epoch.
+        epoch: Epoch,
+    },
+    /// Replica → leader: promised, durably; here is my log (in a real transfer: its suffix
+    /// after the last index both sides know to be committed).
+    Promised {
+        /// The promised epoch.
+        epoch: Epoch,
+        /// The replica's whole log.
+        log: Vec<Entry<T>>,
+    },
+    /// Leader → replica: entries after `prev_index`, and the leader's commit point.
+    Append {
+        /// The leader's epoch.
+        epoch: Epoch,
+        /// Index of the entry just before `entries` (0: from the start).
+        prev_index: Index,
+        /// Epoch of that entry (0 when `prev_index` is 0).
+        prev_epoch: Epoch,
+        /// Entries `prev_index + 1 ..`.
+        entries: Vec<Entry<T>>,
+        /// The leader's commit index.
+        commit: Index,
+    },
+    /// Replica → leader: my log matches yours up to `index`, durably, in `epoch`.
+    Appended {
+        /// The epoch of the append this answers.
+        epoch: Epoch,
+        /// Last index known to match the leader's log, fsynced.
+        index: Index,
+    },
+    /// Replica → leader: I do not hold `(prev_index, prev_epoch)`; my log has `len` entries.
+    Mismatch {
+        /// The epoch of the append this answers.
+        epoch: Epoch,
+        /// The `prev_index` of the refused append.
+        prev_index: Index,
+        /// The replica's log length (a hint for where to retry).
+        len: Index,
+    },
+    /// Replica → sender: refused, I promised a newer epoch.
+    Stale {
+        /// The epoch the replica has promised.
+        promised: Epoch,
+    },
+}
+
+/// What the caller must do after feeding the replica something.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Out<T> {
+    /// Send a message.
+    Send {
+        /// To whom.
+        to: NodeId,
+        /// What.
+        msg: Msg<T>,
+    },
+    /// Entries up to this index are committed (on the leader: acknowledge them to clients;
+    /// everywhere: they may be delivered and read).
+    Committed(Index),
+    /// This replica was leading and learned of a newer epoch: it no longer leads.
+    SteppedDown,
+}
+
+/// Why a leader refused a client append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotServing {
+    /// This replica does not lead the current epoch it knows.
+    NotLeader,
+    /// It leads, but has not finished adopting and re-replicating the log yet.
+    Adopting,
+}
+
+/// The durable part of a replica: what survives a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Durable<T> {
+    /// The highest epoch promised.
+    pub promised: Epoch,
+    /// The log as of the last completed sync.
+    pub log: Vec<Entry<T>>,
+}
+
+impl<T> Default for Durable<T> {
+    fn default() -> Self {
+        Self { promised: 0, log: Vec::new() }
+    }
+}
+
+#[derive(Debug)]
+enum Phase<T> {
+    /// Collecting promises: who promised, with which log.
+    Promising { promised: BTreeMap<NodeId, Vec<Entry<T>>> },
+    /// Replicating the adopted log; serving once `commit >= adopted`.
+    Replicating { adopted: Index },
+}
+
+#[derive(Debug)]
+struct Leading<T> {
+    epoch: Epoch,
+    /// Replica set of this epoch.
+    set: BTreeSet<NodeId>,
+    /// Replica set of the previous epoch when `set` is a change of it (majorities of both).
+    old_set: BTreeSet<NodeId>,
+    phase: Phase<T>,
+    /// Per follower: the last index sent to it (appends in flight end there; the next append
+    /// continues after it), and the highest index it acknowledged durable in `epoch`.
+    sent: BTreeMap<NodeId, Index>,
+    matched: BTreeMap<NodeId, Index>,
+    /// Per promiser: the prefix its promised log shares with the adopted one.
+    known: BTreeMap<NodeId, Index>,
+}
+
+/// One replica of one partition.
+#[derive(Debug)]
+pub struct Replica<T> {
+    id: NodeId,
+    promised: Epoch,
+    log: Vec<Entry<T>>,
+    /// Length of the log covered by the last sync.
+    synced: Index,
+    /// Whether the log changed since the last sync started (a truncation counts).
+    dirty: bool,
+    commit: Index,
+    /// Appends accepted but not yet durable: (leader, epoch, index) to acknowledge after sync.
+    unsynced_acks: Vec<(NodeId, Epoch, Index)>,
+    leading: Option<Leading<T>>,
+}
+
+impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
+    /// A replica restarting from its durable state (a new one from `Durable::default()`).
+    /// Nothing is known committed until a leader says so.
+    #[must_use]
+    pub fn recover(id: NodeId, durable: Durable<T>) -> Self {
+        let synced = durable.log.len() as Index;
+        Self {
+            id,
+            promised: durable.promised,
+            log: durable.log,
+            synced,
+            dirty: false,
+            commit: 0,
+            unsynced_acks: Vec::new(),
+            leading: None,
+        }
+    }
+
+    /// This replica's node id.
+    #[must_use]
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The highest promised epoch.
+    #[must_use]
+    pub fn promised(&self) -> Epoch {
+        self.promised
+    }
+
+    /// The whole log, committed or not (tests and anti-entropy bookkeeping).
+    #[must_use]
+    pub fn log(&self) -> &[Entry<T>] {
+        &self.log
+    }
+
+    /// The committed prefix: the only entries that may be acknowledged, delivered or read.
+    #[must_use]
+    pub fn committed(&self) -> &[Entry<T>] {
+        &self.log[..self.commit as usize]
+    }
+
+    /// The commit index.
+    #[must_use]
+    pub fn commit_index(&self) -> Index {
+        self.commit
+    }
+
+    /// The epoch this replica leads and serves in, if it does.
+    #[must_use]
+    pub fn serving(&self) -> Option<Epoch> {
+        let l = self.leading.as_ref()?;
+        match l.phase {
+            Phase::Replicating { adopted } if self.commit >= adopted => Some(l.epoch),
+            _ => None,
+        }
+    }
+
+    /// The epoch this replica leads, serving or still adopting.
+    #[must_use]
+    pub fn leading(&self) -> Option<Epoch> {
+        self.leading.as_ref().map(|l| l.epoch)
+    }
+
+    /// The state that must be on disk after a sync: promise and log.
+    #[must_use]
+    pub fn durable(&self) -> Durable<T> {
+        Durable { promised: self.promised, log: self.log[..self.synced as usize].to_vec() }
+    }
+
+    /// Length of the log prefix that is durable and unchanged since the last sync: a caller
+    /// that keeps its own copy of the durable log rewrites only what follows.
+    #[must_use]
+    pub fn durable_prefix(&self) -> Index {
+        self.synced
+    }
+
+    /// Whether the log changed since the last sync.
+    #[must_use]
+    pub fn needs_sync(&self) -> bool {
+        self.dirty
+    }
+
+    /// The caller made the whole current log durable (one fsync covering every write so far).
+    /// Releases the acknowledgements that waited for it, and may advance the leader's commit.
+    pub fn synced(&mut self) -> Vec<Out<T>> {
+        self.synced = self.log.len() as Index;
+        self.dirty = false;
+        let mut out = Vec::new();
+        let promised = self.promised;
+        for (leader, epoch, index) in std::mem::take(&mut self.unsynced_acks) {
+            // An ack for an older epoch is useless to anyone (its leader was superseded).
+            if epoch == promised && index <= self.synced {
+                out.push(Out::Send { to: leader, msg: Msg::Appended { epoch, index } });
+            }
+        }
+        if self.leading.is_some() {
+            self.advance_commit(&mut out);
+        }
+        out
+    }
+
+    /// The control plane made this replica leader of `epoch` with replica set `set` (`old_set`:
+    /// the previous set when this epoch changes it, else empty). Starts the promise round.
+    pub fn lead(
+        &mut self,
+        epoch: Epoch,
+        set: BTreeSet<NodeId>,
+        old_set: BTreeSet<NodeId>,
+    ) -> Vec<Out<T>> {
+        let mut out = Vec::new();
+        if epoch <= self.promised {
+            // A stale appointment (a newer epoch is already promised here).
+            return out;
+        }
+        // Promising itself: durable before anything else happens (the caller persists
+        // `durable()`'s promise synchronously with this call).
+        self.promised = epoch;
+        let mut promised = BTreeMap::new();
+        promised.insert(self.id, self.log[..self.synced as usize].to_vec());
+        self.leading = Some(Leading {
+            epoch,
+            set: set.clone(),
+            old_set: old_set.clone(),
+            phase: Phase::Promising { promised },
+            sent: BTreeMap::new(),
+            matched: BTreeMap::new(),
+            known: BTreeMap::new(),
+        });
+        for &to in set.union(&old_set) {
+            if to != self.id {
+                out.push(Out::Send { to, msg: Msg::Promise { epoch } });
+            }
+        }
+        self.try_adopt(&mut out);
+        out
+    }
+
+    /// A client entry, on the leader: appended if serving, committed later (watch for
+    /// [`Out::Committed`]). Returns the entry's index.
+    ///
+    /// # Errors
+    /// When this replica does not serve (not the leader, or still adopting).
+    pub fn append(&mut self, payload: T) -> Result<(Index, Vec<Out<T>>), NotServing> {
+        let Some(epoch) = self.serving() else {
+            return Err(if self.leading.is_some() {
+                NotServing::Adopting
+            } else {
+                NotServing::NotLeader
+            });
+        };
+        self.log.push(Entry { epoch, payload });
+        self.dirty = true;
+        let index = self.log.len() as Index;
+        let mut out = Vec::new();
+        self.replicate(&mut out);
+        Ok((index, out))
+    }
+
+    /// Periodic work: a leader re-sends what may have been lost (promises to those that did not
+    /// answer, appends to those behind).
+    pub fn tick(&mut self) -> Vec<Out<T>> {
+        let mut out = Vec::new();
+        let Some(l) = &self.leading else { return out };
+        match &l.phase {
+            Phase::Promising { promised } => {
+                for &to in l.set.union(&l.old_set) {
+                    if to != self.id && !promised.contains_key(&to) {
+                        out.push(Out::Send { to, msg: Msg::Promise { epoch: l.epoch } });
+                    }
+                }
+            }
+            Phase::Replicating { .. } => self.replicate_all(&mut out, false),
+        }
+        out
+    }
+
+    /// A message from `from`.
+    pub fn handle(&mut self, from: NodeId, msg: Msg<T>) -> Vec<Out<T>> {
+        let mut out = Vec::new();
+        match msg {
+            Msg::Promise { epoch } => {
+                if epoch < self.promised || (epoch == self.promised && self.leads(epoch)) {
+                    out.push(Out::Send { to: from, msg: Msg::Stale { promised: self.promised } });
+                } else {
+                    self.observe_epoch(epoch, &mut out);
+                    // The promise is durable before the reply (the caller persists it with the
+                    // reply). Only the synced log is offered: an unsynced suffix may vanish.
+                    let log = self.log[..self.synced as usize].to_vec();
+                    out.push(Out::Send { to: from, msg: Msg::Promised { epoch, log } });
+                }
+            }
+            Msg::Promised { epoch, log } => self.on_promised(from, epoch, log, &mut out),
+            Msg::Append { epoch, prev_index, prev_epoch, entries, commit } => {
+                self.on_append(from, epoch, prev_index, prev_epoch, entries, commit, &mut out);
+            }
+            Msg::Appended { epoch, index } => self.on_appended(from, epoch, index, &mut out),
+            Msg::Mismatch { epoch, prev_index, len } => {
+                if let Some(l) = self.leading.as_mut()
+                    && l.epoch == epoch
+                    && prev_index >= l.matched.get(&from).copied().unwrap_or(0)
+                    && prev_index <= l.sent.get(&from).copied().unwrap_or(0)
+                {
+                    // Retry from one entry earlier, or from the follower's end if that is
+                    // earlier still. Each refused append causes one retry: no storm.
+                    let from_index = prev_index.min(len + 1).max(1);
+                    self.send_from(from, from_index, &mut out);
+                }
+            }
+            Msg::Stale { promised } => self.observe_epoch(promised, &mut out),
+        }
+        out
+    }
+
+    fn leads(&self, epoch: Epoch) -> bool {
+        self.leading.as_ref().is_some_and(|l| l.epoch == epoch)
+    }
+
+    /// Learns of `epoch`: a newer one fences this replica (it stops leading).
+    fn observe_epoch(&mut self, epoch: Epoch, out: &mut Vec<Out<T>>) {
+        if epoch > self.promised {
+            self.promised = epoch;
+            // Acks promised to an older leader are void.
+            self.unsynced_acks.retain(|a| a.1 == epoch);
+        }
+        if self.leading.as_ref().is_some_and(|l| l.epoch < self.promised) {
+            self.leading = None;
+            out.push(Out::SteppedDown);
+        }
+    }
+
+    fn on_promised(
+        &mut self,
+        from: NodeId,
+        epoch: Epoch,
+        log: Vec<Entry<T>>,
+        out: &mut Vec<Out<T>>,
+    ) {
+        let Some(l) = self.leading.as_mut() else { return };
+        if l.epoch != epoch {
+            return;
+        }
+        if let Phase::Promising { promised } = &mut l.phase {
+            promised.insert(from, log);
+            self.try_adopt(out);
+        }
+    }
+
+    /// With promises from a majority (of both sets on a set change), adopts the most advanced
+    /// log among them and starts re-replicating it.
+    fn try_adopt(&mut self, out: &mut Vec<Out<T>>) {
+        let Some(l) = self.leading.as_mut() else { return };
+        let Phase::Promising { promised } = &mut l.phase else { return };
+        let voters: BTreeSet<NodeId> = promised.keys().copied().collect();
+        if !majority(&l.set, &voters) || !(l.old_set.is_empty() || majority(&l.old_set, &voters)) {
+            return;
+        }
+        let promised = std::mem::take(promised);
+        let best = promised
+            .values()
+            .max_by_key(|log| (log.last().map_or(0, |e| e.epoch), log.len()))
+            .cloned()
+            .unwrap_or_default();
+        let adopted = best.len() as Index;
+        // The leader's own log becomes the adopted one (its own divergent suffix, never
+        // committed, is dropped). It is rewritten durably before it counts for itself.
+        let own_prefix = common_prefix(&self.log, &best);
+        if own_prefix < self.log.len() || best.len() > self.log.len() {
+            self.log = best;
+            self.dirty = true;
+            self.synced = self.synced.min(own_prefix as Index);
+        }
+        // Where each promiser's log first differs is known from its promise.
+        for (node, log) in &promised {
+            if *node != self.id {
+                let lcp = common_prefix(log, &self.log) as Index;
+                l.sent.insert(*node, lcp);
+                l.known.insert(*node, lcp);
+            }
+        }
+        for &node in l.set.union(&l.old_set) {
+            if node != self.id {
+                l.sent.entry(node).or_insert(adopted);
+            }
+        }
+        l.phase = Phase::Replicating { adopted };
+        self.replicate_all(out, true);
+        self.advance_commit(out);
+    }
+
+    /// After a client append: followers whose pipeline has sent everything get the new entry;
+    /// those still catching up continue when their acknowledgements come back.
+    fn replicate(&mut self, out: &mut Vec<Out<T>>) {
+        let Some(l) = &self.leading else { return };
+        let len = self.log.len() as Index;
+        let ready: Vec<(NodeId, Index)> = l
+            .set
+            .union(&l.old_set)
+            .copied()
+            .filter(|&n| n != self.id)
+            .filter_map(|n| {
+                let sent = l.sent.get(&n).copied().unwrap_or(0);
+                (sent + 1 == len).then_some((n, sent + 1))
+            })
+            .collect();
+        for (to, from_index) in ready {
+            self.send_from(to, from_index, out);
+        }
+    }
+
+    /// Sends to every follower. Right after adoption (`adopting`): from where its log is known
+    /// to diverge (promisers) or optimistically after the adopted log (the rest). On a tick:
+    /// from after what it acknowledged or is known to hold, which retransmits anything lost,
+    /// or, when it is up to date, an empty append carrying the commit point.
+    fn replicate_all(&mut self, out: &mut Vec<Out<T>>, adopting: bool) {
+        let Some(l) = &self.leading else { return };
+        let targets: Vec<(NodeId, Index)> = l
+            .set
+            .union(&l.old_set)
+            .copied()
+            .filter(|&n| n != self.id)
+            .map(|n| {
+                let get = |m: &BTreeMap<NodeId, Index>| m.get(&n).copied().unwrap_or(0);
+                let from = if adopting {
+                    get(&l.sent) + 1
+                } else {
+                    get(&l.matched).max(get(&l.known)) + 1
+                };
+                (n, from)
+            })
+            .collect();
+        for (to, from_index) in targets {
+            self.send_from(to, from_index, out);
+        }
+    }
+
+    /// Sends one append to `to` starting at `from_index` (at most [`MAX_APPEND`] entries).
+    fn send_from(&mut self, to: NodeId, from_index: Index, out: &mut Vec<Out<T>>) {
+        let Some(l) = self.leading.as_mut() else { return };
+        let len = self.log.len() as Index;
+        let prev_index = from_index.clamp(1, len + 1) - 1;
+        let prev_epoch = if prev_index == 0 { 0 } else { self.log[prev_index as usize - 1].epoch };
+        let upto = len.min(prev_index + MAX_APPEND);
+        let entries = self.log[prev_index as usize..upto as usize].to_vec();
+        l.sent.insert(to, upto);
+        out.push(Out::Send {
+            to,
+            msg: Msg::Append {
+                epoch: l.epoch,
+                prev_index,
+                prev_epoch,
+                entries,
+                commit: self.commit,
+            },
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_append(
+        &mut self,
+        from: NodeId,
+        epoch: Epoch,
+        prev_index: Index,
+        prev_epoch: Epoch,
+        entries: Vec<Entry<T>>,
+        commit: Index,
+        out: &mut Vec<Out<T>>,
+    ) {
+        if epoch < self.promised {
+            out.push(Out::Send { to: from, msg: Msg::Stale { promised: self.promised } });
+            return;
+        }
+        self.observe_epoch(epoch, out);
+        let holds_prev = prev_index == 0
+            || self.log.get(prev_index as usize - 1).is_some_and(|e| e.epoch == prev_epoch);
+        if !holds_prev {
+            out.push(Out::Send {
+                to: from,
+                msg: Msg::Mismatch { epoch, prev_index, len: self.log.len() as Index },
+            });
+            return;
+        }
+        let carried = entries.len() as Index;
+        for (offset, entry) in entries.into_iter().enumerate() {
+            let at = prev_index as usize + offset;
+            match self.log.get(at) {
+                Some(held) if held.epoch == entry.epoch => {
+                    // Same (index, epoch): the same entry (one leader per epoch).
+                    debug_assert_eq!(held, &entry);
+                }
+                Some(_) => {
+                    // A divergent suffix: never committed (the leader's log holds every
+                    // committed entry), so it goes.
+                    debug_assert!(at as Index >= self.commit, "truncating committed entries");
+                    self.log.truncate(at);
+                    self.synced = self.synced.min(at as Index);
+                    self.log.push(entry);
+                    self.dirty = true;
+                }
+                None => {
+                    self.log.push(entry);
+                    self.dirty = true;
+                }
+            }
+        }
+        // The prefix now known to match the leader's log: what this append carried (the local
+        // log may be longer, with entries a later append brought first, or an old divergent
+        // tail not yet overwritten).
+        let verified = prev_index + carried;
+        let new_commit = commit.min(verified);
+        if new_commit > self.commit {
+            self.commit = new_commit;
+            out.push(Out::Committed(self.commit));
+        }
+        if verified <= self.synced {
+            out.push(Out::Send { to: from, msg: Msg::Appended { epoch, index: verified } });
+        } else {
+            self.unsynced_acks.push((from, epoch, verified));
+        }
+    }
+
+    fn on_appended(&mut self, from: NodeId, epoch: Epoch, index: Index, out: &mut Vec<Out<T>>) {
+        let Some(l) = self.leading.as_mut() else { return };
+        if l.epoch != epoch || !matches!(l.phase, Phase::Replicating { .. }) {
+            return;
+        }
+        let m = l.matched.entry(from).or_insert(0);
+        *m = (*m).max(index);
+        let matched = *m;
+        let sent = l.sent.entry(from).or_insert(matched);
+        *sent = (*sent).max(matched);
+        // The pipeline to this follower has drained and it is still behind: next chunk.
+        if matched == *sent && matched < self.log.len() as Index {
+            self.send_from(from, matched + 1, out);
+        }
+        self.advance_commit(out);
+    }
+
+    /// The leader's commit: the highest index a majority of the set (of both sets on a change)
+    /// holds durably in this epoch, counting the leader's own synced log.
+    fn advance_commit(&mut self, out: &mut Vec<Out<T>>) {
+        let Some(l) = &self.leading else { return };
+        if !matches!(l.phase, Phase::Replicating { .. }) {
+            return;
+        }
+        let matched = |n: &NodeId| {
+            if *n == self.id { self.synced } else { l.matched.get(n).copied().unwrap_or(0) }
+        };
+        let mut candidate = quorum_index(&l.set, matched);
+        if !l.old_set.is_empty() {
+            candidate = candidate.min(quorum_index(&l.old_set, matched));
+        }
+        if candidate > self.commit {
+            self.commit = candidate;
+            out.push(Out::Committed(candidate));
+            // Followers learn the new commit point with the next append or heartbeat.
+        }
+    }
+}
+
+/// Whether `voters` holds a majority of `set`.
+fn majority(set: &BTreeSet<NodeId>, voters: &BTreeSet<NodeId>) -> bool {
+    set.intersection(voters).count() * 2 > set.len()
+}
+
+/// The highest index held by a majority of `set`.
+fn quorum_index(set: &BTreeSet<NodeId>, matched: impl Fn(&NodeId) -> Index) -> Index {
+    let mut held: Vec<Index> = set.iter().map(matched).collect();
+    held.sort_unstable_by(|a, b| b.cmp(a));
+    // With n members, a majority is n/2 + 1: the (n/2)-th highest value (0-based).
+    held.get(set.len() / 2).copied().unwrap_or(0)
+}
+
+/// Length of the common prefix of two logs (by epoch and payload).
+fn common_prefix<T: PartialEq>(a: &[Entry<T>], b: &[Entry<T>]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}

@@ -1,0 +1,646 @@
+//! Deterministic simulation of partition replication ([`super::replica`]).
+//!
+//! One seed fixes everything: message loss, delay (hence reordering), duplication,
+//! partitions, crashes (a crashed replica keeps only what it synced), restarts, and epoch
+//! changes by a control plane that picks any node (alive or not) as the next leader. Clients
+//! send to a random node or to the leader. A checker runs after every event:
+//! - every replica's committed prefix agrees with every other's (same entry at every index);
+//! - an acknowledged entry stays at its index in every committed prefix that reaches it;
+//! - at the end (faults stopped, crashed nodes restarted, a live leader appointed) every
+//!   replica commits the same log, holding every acknowledged entry;
+//! - a run that acknowledges nothing fails (a checker of nothing proves nothing).
+//!
+//! `SIM_SEEDS=n` runs more seeds; `SIM_SEED=s` replays one (the failure message prints it).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+use super::replica::{Durable, Epoch, Index, Msg, NodeId, Out, Replica};
+
+/// SplitMix64: small, fast, and the same on every platform.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, p: f64) -> bool {
+        #[allow(clippy::cast_precision_loss)]
+        let x = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        x < p
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver { from: NodeId, to: NodeId, incarnation: u64, msg: Msg<u64> },
+    Tick { node: NodeId, incarnation: u64 },
+    Sync { node: NodeId, incarnation: u64 },
+    Client,
+    Crash,
+    Restart { node: NodeId },
+    NewEpoch,
+    Partition,
+    Heal,
+}
+
+struct Node {
+    replica: Replica<u64>,
+    disk: Durable<u64>,
+    up: bool,
+    incarnation: u64,
+    sync_scheduled: bool,
+    /// Entries this node appended as leader, by index, not yet acknowledged.
+    pending: BTreeMap<Index, u64>,
+    /// Committed indices already compared with the truth.
+    checked: Index,
+}
+
+/// Fault settings drawn from the seed.
+struct Faults {
+    drop: f64,
+    duplicate: f64,
+    max_delay: u64,
+    crashes: bool,
+    partitions: bool,
+}
+
+struct Sim {
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    events: Vec<Option<Event>>,
+    nodes: BTreeMap<NodeId, Node>,
+    set: BTreeSet<NodeId>,
+    /// Every node (the set is a subset).
+    all: BTreeSet<NodeId>,
+    /// The previous set while a change of it has not completed (a leader of the new set has
+    /// not served yet): every epoch until then needs majorities of both.
+    old_set: BTreeSet<NodeId>,
+    set_changes: u64,
+    epoch: Epoch,
+    faults: Faults,
+    /// Links cut by a partition: (from, to).
+    cut: BTreeSet<(NodeId, NodeId)>,
+    next_payload: u64,
+    /// The first entry ever seen committed at each index: (epoch, payload).
+    truth: BTreeMap<Index, (Epoch, u64)>,
+    /// Acknowledged payload → index, and index → payload.
+    acked: BTreeMap<u64, Index>,
+    acked_at: BTreeMap<Index, u64>,
+    last_progress: u64,
+    healing: bool,
+    log: Vec<String>,
+}
+
+const TICK_MS: u64 = 10;
+const RUN_MS: u64 = 3_000;
+const HEAL_MS: u64 = 6_000;
+
+impl Sim {
+    /// `nodes` in the cluster, the first `replicas` of them the initial replica set; with
+    /// more nodes than replicas the control plane also moves the set (one member at a time).
+    fn new(seed: u64, nodes: u64, replicas: u64) -> Self {
+        let mut rng = Rng(seed);
+        let faults = Faults {
+            drop: [0.0, 0.05, 0.2][rng.below(3) as usize],
+            duplicate: [0.0, 0.05][rng.below(2) as usize],
+            max_delay: [2, 10, 40][rng.below(3) as usize],
+            crashes: rng.chance(0.7),
+            partitions: rng.chance(0.6),
+        };
+        let set: BTreeSet<NodeId> = (1..=replicas).collect();
+        let all: BTreeSet<NodeId> = (1..=nodes).collect();
+        let nodes = all
+            .iter()
+            .map(|&id| {
+                let node = Node {
+                    replica: Replica::recover(id, Durable::default()),
+                    disk: Durable::default(),
+                    up: true,
+                    incarnation: 0,
+                    sync_scheduled: false,
+                    pending: BTreeMap::new(),
+                    checked: 0,
+                };
+                (id, node)
+            })
+            .collect();
+        let mut sim = Self {
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            nodes,
+            set,
+            all,
+            old_set: BTreeSet::new(),
+            set_changes: 0,
+            epoch: 0,
+            faults,
+            cut: BTreeSet::new(),
+            next_payload: 1,
+            truth: BTreeMap::new(),
+            acked: BTreeMap::new(),
+            acked_at: BTreeMap::new(),
+            last_progress: 0,
+            healing: false,
+            log: Vec::new(),
+        };
+        for id in sim.all.clone() {
+            sim.at(TICK_MS, Event::Tick { node: id, incarnation: 0 });
+        }
+        sim.at(1, Event::NewEpoch);
+        sim.at(5, Event::Client);
+        if sim.faults.crashes {
+            let t = 100 + sim.rng.below(400);
+            sim.at(t, Event::Crash);
+        }
+        if sim.faults.partitions {
+            let t = 100 + sim.rng.below(600);
+            sim.at(t, Event::Partition);
+        }
+        sim
+    }
+
+    fn at(&mut self, delay: u64, event: Event) {
+        self.seq += 1;
+        self.events.push(Some(event));
+        self.queue.push(Reverse((self.now + delay, self.seq, self.events.len() - 1)));
+    }
+
+    fn trace(&mut self, what: String) {
+        if self.log.len() < 400 {
+            self.log.push(format!("{:>6} {what}", self.now));
+        }
+    }
+
+    /// Runs to the end; `Err` explains the first violation.
+    fn run(&mut self) -> Result<(), String> {
+        while let Some(Reverse((time, _, idx))) = self.queue.pop() {
+            if time > RUN_MS + HEAL_MS {
+                break;
+            }
+            self.now = time;
+            if !self.healing && self.now >= RUN_MS {
+                self.start_healing();
+            }
+            let event = self.events[idx].take().expect("each event runs once");
+            self.step(event)?;
+            self.check()?;
+            if self.healing && self.converged() {
+                return self.final_check();
+            }
+        }
+        Err(format!(
+            "no convergence {HEAL_MS} ms after faults stopped: commits {:?}",
+            self.nodes.values().map(|n| n.replica.commit_index()).collect::<Vec<_>>()
+        ))
+    }
+
+    fn start_healing(&mut self) {
+        self.healing = true;
+        self.cut.clear();
+        self.faults.drop = 0.0;
+        self.faults.duplicate = 0.0;
+        for id in self.all.clone() {
+            if !self.nodes[&id].up {
+                self.at(1, Event::Restart { node: id });
+            }
+        }
+        self.at(5, Event::NewEpoch);
+        self.trace("faults stop".into());
+    }
+
+    fn step(&mut self, event: Event) -> Result<(), String> {
+        match event {
+            Event::Deliver { from, to, incarnation, msg } => {
+                let n = &self.nodes[&to];
+                if !n.up || n.incarnation != incarnation {
+                    return Ok(());
+                }
+                let outs = self.nodes.get_mut(&to).expect("node").replica.handle(from, msg);
+                self.apply(to, outs)?;
+            }
+            Event::Tick { node, incarnation } => {
+                let n = &self.nodes[&node];
+                if n.up && n.incarnation == incarnation {
+                    let outs = self.nodes.get_mut(&node).expect("node").replica.tick();
+                    self.apply(node, outs)?;
+                    self.at(TICK_MS, Event::Tick { node, incarnation });
+                }
+            }
+            Event::Sync { node, incarnation } => {
+                let n = self.nodes.get_mut(&node).expect("node");
+                if n.up && n.incarnation == incarnation {
+                    n.sync_scheduled = false;
+                    // What one fsync makes durable: the unchanged prefix stays, the rest of the
+                    // log is rewritten.
+                    let keep = n.replica.durable_prefix() as usize;
+                    n.disk.log.truncate(keep);
+                    n.disk.log.extend_from_slice(&n.replica.log()[keep..]);
+                    let outs = n.replica.synced();
+                    self.apply(node, outs)?;
+                }
+            }
+            Event::Client => {
+                self.client_send()?;
+                let d = 1 + self.rng.below(6);
+                if !self.healing || self.acked.len() < 5 {
+                    self.at(d, Event::Client);
+                }
+            }
+            Event::Crash => {
+                if !self.healing {
+                    let id = 1 + self.rng.below(self.all.len() as u64);
+                    if self.nodes[&id].up {
+                        let n = self.nodes.get_mut(&id).expect("node");
+                        n.up = false;
+                        n.pending.clear();
+                        self.trace(format!("crash {id}"));
+                        let back = 20 + self.rng.below(300);
+                        self.at(back, Event::Restart { node: id });
+                    }
+                    let next = 100 + self.rng.below(500);
+                    self.at(next, Event::Crash);
+                }
+            }
+            Event::Restart { node } => {
+                let n = self.nodes.get_mut(&node).expect("node");
+                if !n.up {
+                    n.up = true;
+                    n.incarnation += 1;
+                    n.sync_scheduled = false;
+                    n.replica = Replica::recover(node, n.disk.clone());
+                    let inc = n.incarnation;
+                    let entries = n.disk.log.len();
+                    self.trace(format!("restart {node} with {entries} entries"));
+                    self.at(TICK_MS, Event::Tick { node, incarnation: inc });
+                }
+            }
+            Event::NewEpoch => self.new_epoch()?,
+            Event::Partition => {
+                if !self.healing {
+                    let ids: Vec<NodeId> = self.all.iter().copied().collect();
+                    let minority: BTreeSet<NodeId> =
+                        ids.iter().copied().filter(|_| self.rng.chance(0.4)).collect();
+                    for &a in &ids {
+                        for &b in &ids {
+                            if minority.contains(&a) != minority.contains(&b) {
+                                self.cut.insert((a, b));
+                            }
+                        }
+                    }
+                    self.trace(format!("partition {minority:?}"));
+                    let t = 50 + self.rng.below(400);
+                    self.at(t, Event::Heal);
+                }
+            }
+            Event::Heal => {
+                self.cut.clear();
+                self.trace("heal".into());
+                if !self.healing {
+                    let t = 100 + self.rng.below(600);
+                    self.at(t, Event::Partition);
+                }
+            }
+        }
+        // A set change completes once a leader of an epoch carrying it serves (it then holds a
+        // majority of both sets): later epochs need the new set only.
+        if !self.old_set.is_empty()
+            && self.nodes.values().any(|n| n.up && n.replica.serving() == Some(self.epoch))
+        {
+            self.trace(format!("set change to {:?} complete", self.set));
+            self.old_set.clear();
+        }
+        // The control plane appoints a new leader when nothing commits for a while.
+        if self.now.saturating_sub(self.last_progress) > 300 {
+            self.last_progress = self.now;
+            self.at(1, Event::NewEpoch);
+        }
+        Ok(())
+    }
+
+    fn new_epoch(&mut self) -> Result<(), String> {
+        self.epoch += 1;
+        // Sometimes the control plane moves the set: one member out, one non-member in. The
+        // previous set stays attached until a leader of the new one has served.
+        let outsiders: Vec<NodeId> = self.all.difference(&self.set).copied().collect();
+        if !self.healing && self.old_set.is_empty() && !outsiders.is_empty() && self.rng.chance(0.3)
+        {
+            let members: Vec<NodeId> = self.set.iter().copied().collect();
+            let out = members[self.rng.below(members.len() as u64) as usize];
+            let inn = outsiders[self.rng.below(outsiders.len() as u64) as usize];
+            self.old_set = self.set.clone();
+            self.set.remove(&out);
+            self.set.insert(inn);
+            self.set_changes += 1;
+            self.trace(format!("set {:?} -> {:?}", self.old_set, self.set));
+        }
+        let candidates: Vec<NodeId> = if self.healing {
+            self.set.iter().copied().filter(|id| self.nodes[id].up).collect()
+        } else {
+            self.set.iter().copied().collect()
+        };
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let leader = candidates[self.rng.below(candidates.len() as u64) as usize];
+        self.trace(format!("epoch {} leader {leader}", self.epoch));
+        if !self.nodes[&leader].up {
+            return Ok(());
+        }
+        let epoch = self.epoch;
+        let (set, old) = (self.set.clone(), self.old_set.clone());
+        let n = self.nodes.get_mut(&leader).expect("node");
+        let outs = n.replica.lead(epoch, set, old);
+        self.apply(leader, outs)
+    }
+
+    fn client_send(&mut self) -> Result<(), String> {
+        let serving: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.up && n.replica.serving().is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        let target = if !serving.is_empty() && self.rng.chance(0.8) {
+            serving[self.rng.below(serving.len() as u64) as usize]
+        } else {
+            1 + self.rng.below(self.all.len() as u64)
+        };
+        if !self.nodes[&target].up {
+            return Ok(());
+        }
+        let payload = self.next_payload;
+        let n = self.nodes.get_mut(&target).expect("node");
+        if let Ok((index, outs)) = n.replica.append(payload) {
+            self.next_payload += 1;
+            n.pending.insert(index, payload);
+            self.apply(target, outs)?;
+        }
+        Ok(())
+    }
+
+    /// Carries out a replica's outputs: messages through the faulty network, syncs, acks.
+    fn apply(&mut self, node: NodeId, outs: Vec<Out<u64>>) -> Result<(), String> {
+        // Promises are durable at once (the broker writes them synchronously).
+        {
+            let n = self.nodes.get_mut(&node).expect("node");
+            n.disk.promised = n.replica.promised();
+        }
+        for out in outs {
+            match out {
+                Out::Send { to, msg } => self.send(node, to, msg),
+                Out::Committed(upto) => self.on_committed(node, upto)?,
+                Out::SteppedDown => {
+                    self.nodes.get_mut(&node).expect("node").pending.clear();
+                }
+            }
+        }
+        let n = self.nodes.get_mut(&node).expect("node");
+        if n.replica.needs_sync() && !n.sync_scheduled {
+            n.sync_scheduled = true;
+            let inc = n.incarnation;
+            let d = 1 + self.rng.below(5);
+            self.at(d, Event::Sync { node, incarnation: inc });
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, from: NodeId, to: NodeId, msg: Msg<u64>) {
+        if self.cut.contains(&(from, to)) || self.rng.chance(self.faults.drop) {
+            return;
+        }
+        let copies = if self.rng.chance(self.faults.duplicate) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = 1 + self.rng.below(self.faults.max_delay);
+            let incarnation = self.nodes[&to].incarnation;
+            self.at(delay, Event::Deliver { from, to, incarnation, msg: msg.clone() });
+        }
+    }
+
+    fn on_committed(&mut self, node: NodeId, upto: Index) -> Result<(), String> {
+        self.last_progress = self.now;
+        let n = self.nodes.get_mut(&node).expect("node");
+        let acked: Vec<(Index, u64)> = n.pending.range(..=upto).map(|(i, p)| (*i, *p)).collect();
+        for (i, _) in &acked {
+            n.pending.remove(i);
+        }
+        for (index, payload) in acked {
+            let held = n.replica.committed().get(index as usize - 1).map(|e| e.payload);
+            if held != Some(payload) {
+                return Err(format!(
+                    "leader {node} acks {payload} at {index} but holds {held:?} committed there"
+                ));
+            }
+            if let Some(prev) = self.acked.insert(payload, index) {
+                return Err(format!("{payload} acknowledged twice (at {prev} and {index})"));
+            }
+            if let Some(other) = self.acked_at.insert(index, payload) {
+                return Err(format!("{other} and {payload} both acknowledged at {index}"));
+            }
+            if let Some(&(_, held)) = self.truth.get(&index)
+                && held != payload
+            {
+                return Err(format!(
+                    "acknowledged {payload} at {index}, but {held} was committed there"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Safety, after every event. Incremental: each node's newly committed indices are
+    /// compared with the first entry ever committed there (commit indices only grow within an
+    /// incarnation; a restarted node is checked again from the start).
+    fn check(&mut self) -> Result<(), String> {
+        for (id, n) in self.nodes.iter_mut() {
+            let committed = n.replica.committed();
+            if (committed.len() as Index) < n.checked {
+                n.checked = 0;
+            }
+            for (i, e) in committed.iter().enumerate().skip(n.checked as usize) {
+                let index = i as Index + 1;
+                match self.truth.get(&index) {
+                    Some(&(epoch, payload)) if (epoch, payload) != (e.epoch, e.payload) => {
+                        return Err(format!(
+                            "node {id} commits ({}, {}) at {index}; ({epoch}, {payload}) was committed there first",
+                            e.epoch, e.payload
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        if let Some(&acked) = self.acked_at.get(&index)
+                            && acked != e.payload
+                        {
+                            return Err(format!(
+                                "acknowledged {acked} at {index} lost: {} is there",
+                                e.payload
+                            ));
+                        }
+                        self.truth.insert(index, (e.epoch, e.payload));
+                    }
+                }
+            }
+            n.checked = committed.len() as Index;
+        }
+        Ok(())
+    }
+
+    fn converged(&self) -> bool {
+        let Some(leader) = self.nodes.values().find(|n| n.up && n.replica.serving().is_some())
+        else {
+            return false;
+        };
+        let len = leader.replica.log().len() as Index;
+        let max_acked = self.acked.values().copied().max().unwrap_or(0);
+        len >= max_acked
+            && self.acked.len() >= 5
+            && self.old_set.is_empty()
+            && self.set.iter().all(|id| {
+                let n = &self.nodes[id];
+                n.up && n.replica.commit_index() == len
+            })
+    }
+
+    fn final_check(&self) -> Result<(), String> {
+        if self.acked.is_empty() {
+            return Err("nothing was acknowledged".into());
+        }
+        let first_id = self.set.iter().next().expect("a set");
+        let first = self.nodes[first_id].replica.committed().to_vec();
+        for id in &self.set {
+            let n = &self.nodes[id];
+            if n.replica.committed() != first.as_slice() {
+                return Err(format!("node {id} ends with a different committed log"));
+            }
+        }
+        for (payload, index) in &self.acked {
+            let held = first.get(*index as usize - 1).map(|e| e.payload);
+            if held != Some(*payload) {
+                return Err(format!("acknowledged {payload} at {index} missing at the end"));
+            }
+        }
+        // Committed payloads are unique: a payload never lands twice.
+        let distinct: BTreeSet<u64> = first.iter().map(|e| e.payload).collect();
+        if distinct.len() != first.len() {
+            return Err("a payload was committed twice".into());
+        }
+        Ok(())
+    }
+}
+
+fn seeds() -> Vec<u64> {
+    if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        return vec![seed];
+    }
+    let n = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
+    (1..=n).collect()
+}
+
+fn run_seeds(nodes: u64, replicas: u64) {
+    let (mut acked, mut epochs, mut runs, mut changes) = (0, 0, 0, 0);
+    for seed in seeds() {
+        let mut sim = Sim::new(seed, nodes, replicas);
+        if let Err(why) = sim.run() {
+            let tail = sim.log.iter().rev().take(40).rev().cloned().collect::<Vec<_>>().join("\n");
+            panic!(
+                "seed {seed} ({replicas} replicas) failed: {why}\nreplay: SIM_SEED={seed} cargo test -p switchboard-broker cluster::sim -- --nocapture\nlast events:\n{tail}"
+            );
+        }
+        if std::env::var("SIM_SEED").is_ok() {
+            eprintln!(
+                "seed {seed}: {} events, {} acknowledged, {} epochs, log {}, faults drop {} dup {} delay {}",
+                sim.seq,
+                sim.acked.len(),
+                sim.epoch,
+                sim.truth.len(),
+                sim.faults.drop,
+                sim.faults.duplicate,
+                sim.faults.max_delay
+            );
+        }
+        acked += sim.acked.len();
+        epochs += sim.epoch;
+        changes += sim.set_changes;
+        runs += 1;
+    }
+    eprintln!(
+        "{runs} runs, {nodes} nodes, {replicas} replicas: {acked} entries acknowledged, {epochs} epochs, {changes} set changes"
+    );
+    assert!(acked > 0);
+    if nodes > replicas {
+        assert!(changes > 0, "no run moved the replica set");
+    }
+}
+
+#[test]
+fn given_lossy_network_crashes_and_epoch_changes_three_replicas_should_never_lose_or_diverge() {
+    run_seeds(3, 3);
+}
+
+#[test]
+fn given_lossy_network_crashes_and_epoch_changes_five_replicas_should_never_lose_or_diverge() {
+    run_seeds(5, 5);
+}
+
+#[test]
+fn given_replica_set_changes_under_faults_should_never_lose_or_diverge() {
+    run_seeds(5, 3);
+}
+
+#[test]
+fn given_a_single_replica_should_commit_on_its_own_sync() {
+    let mut r: Replica<u64> = Replica::recover(1, Durable::default());
+    let outs = r.lead(1, [1].into(), BTreeSet::new());
+    assert!(outs.is_empty());
+    assert_eq!(r.serving(), Some(1));
+    let (index, _) = r.append(7).expect("serving");
+    assert_eq!(r.commit_index(), 0, "not durable yet");
+    assert_eq!(r.synced(), vec![Out::Committed(index)]);
+    assert_eq!(r.committed().len(), 1);
+}
+
+#[test]
+fn given_a_newer_promise_a_superseded_leader_should_not_commit() {
+    let set: BTreeSet<NodeId> = [1, 2, 3].into();
+    let mut a: Replica<u64> = Replica::recover(1, Durable::default());
+    let mut b: Replica<u64> = Replica::recover(2, Durable::default());
+    let mut c: Replica<u64> = Replica::recover(3, Durable::default());
+    // a leads epoch 1 with b's promise.
+    let _ = a.lead(1, set.clone(), BTreeSet::new());
+    let promised = b.handle(1, Msg::Promise { epoch: 1 });
+    for o in promised {
+        if let Out::Send { msg, .. } = o {
+            let _ = a.handle(2, msg);
+        }
+    }
+    assert_eq!(a.serving(), Some(1));
+    // c leads epoch 2 with b's promise: b is fenced against epoch 1.
+    let _ = c.lead(2, set, BTreeSet::new());
+    let _ = b.handle(3, Msg::Promise { epoch: 2 });
+    let (_, outs) = a.append(9).expect("a still thinks it serves");
+    let _ = a.synced();
+    for o in outs {
+        if let Out::Send { to: 2, msg } = o {
+            let replies = b.handle(1, msg);
+            assert!(
+                replies
+                    .iter()
+                    .all(|r| matches!(r, Out::Send { msg: Msg::Stale { promised: 2 }, .. })),
+                "{replies:?}"
+            );
+        }
+    }
+    assert_eq!(a.commit_index(), 0, "one durable copy of two is not a majority");
+}
