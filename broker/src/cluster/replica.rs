@@ -15,7 +15,8 @@
 //!    any majority it asks includes a replica that promised the newer epoch.
 //! 3. **A new leader adopts before it serves.** The epoch-`e` leader asks every replica of `S`
 //!    to promise `e`; each promise carries the replica's log. With a majority of promises it
-//!    adopts the most advanced log among them (highest `(last_epoch, last_index)`). Every
+//!    adopts the most advanced log among them (highest `(last_epoch, last_index)`) and appends
+//!    its epoch marker (rule 5). Every
 //!    committed entry was fsynced by a majority in some epoch, that majority intersects this
 //!    one, and logs only ever extend a leader's log, so the most advanced log contains every
 //!    committed entry (as in Raft's leader completeness).
@@ -23,11 +24,14 @@
 //!    whose log does not hold that entry refuses, and the leader backs off. Where an appended
 //!    entry differs in epoch from what the replica holds, the replica truncates its suffix
 //!    there: a divergent suffix was never committed.
-//! 5. **Commit counts only the current epoch.** An entry is committed when a majority of `S`
-//!    has fsynced it in reply to appends of the current epoch (the leader counts its own log
-//!    once it is durable). The adopted log is re-replicated in the new epoch before the leader
-//!    serves, which commits whatever it adopted: entries of older epochs are never committed
-//!    by counting old replies (the trap of Raft's figure 8).
+//! 5. **Commit counts only the current epoch.** The commit point moves to an index when a
+//!    majority of `S` has fsynced the log up to it in reply to appends of the current epoch
+//!    (the leader counts its own log once it is durable) and the entry there is of the current
+//!    epoch. A new leader appends an epoch marker (an entry without payload) after the log it
+//!    adopted and serves once the marker commits; older entries commit only with it. Counting
+//!    a majority for an older entry is not enough: a straggler whose log ends in a newer,
+//!    uncommitted epoch could still win an adoption over it (Raft's figure 8; the simulator
+//!    found it).
 //! 6. **Only committed entries leave.** Acks, deliveries, reads and anti-entropy use the
 //!    committed prefix ([`Replica::committed`]); a replica learns the commit point from the
 //!    leader's appends, bounded by the prefix the leader has just verified on it.
@@ -48,13 +52,14 @@ pub type Index = u64;
 pub type NodeId = u64;
 
 /// One log entry: the epoch of the leader that first appended it, and its payload (a group
-/// commit batch in the broker).
+/// commit batch in the broker), or `None` for the marker a leader appends when it starts its
+/// epoch (it carries no data; readers skip it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry<T> {
     /// Epoch of the leader that appended it.
     pub epoch: Epoch,
-    /// What was appended.
-    pub payload: T,
+    /// What was appended; `None` for an epoch marker.
+    pub payload: Option<T>,
 }
 
 /// Replication messages between the replicas of one partition.
@@ -122,7 +127,9 @@ pub enum Out<T> {
     /// Entries up to this index are committed (on the leader: acknowledge them to clients;
     /// everywhere: they may be delivered and read).
     Committed(Index),
-    /// This replica was leading and learned of a newer epoch: it no longer leads.
+    /// This replica stopped leading the epoch it led (it learned of a newer one, or was
+    /// appointed to lead a newer one itself): appends it accepted and has not reported
+    /// committed may never be; fail them back to their clients, who retry.
     SteppedDown,
 }
 
@@ -305,6 +312,11 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
             // A stale appointment (a newer epoch is already promised here).
             return out;
         }
+        // Leading an older epoch ends here: its unacknowledged appends are the caller's to
+        // fail (they may be overwritten by the log this epoch adopts).
+        if self.leading.take().is_some() {
+            out.push(Out::SteppedDown);
+        }
         // Promising itself: durable before anything else happens (the caller persists
         // `durable()`'s promise synchronously with this call).
         self.promised = epoch;
@@ -341,7 +353,7 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
                 NotServing::NotLeader
             });
         };
-        self.log.push(Entry { epoch, payload });
+        self.log.push(Entry { epoch, payload: Some(payload) });
         self.dirty = true;
         let index = self.log.len() as Index;
         let mut out = Vec::new();
@@ -453,7 +465,6 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
             .max_by_key(|log| (log.last().map_or(0, |e| e.epoch), log.len()))
             .cloned()
             .unwrap_or_default();
-        let adopted = best.len() as Index;
         // The leader's own log becomes the adopted one (its own divergent suffix, never
         // committed, is dropped). It is rewritten durably before it counts for itself.
         let own_prefix = common_prefix(&self.log, &best);
@@ -462,6 +473,13 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
             self.dirty = true;
             self.synced = self.synced.min(own_prefix as Index);
         }
+        // The epoch marker: the first entry of this epoch. Committing it (a majority holds it)
+        // commits the adopted log under this epoch, and makes every log that holds it compare
+        // as more advanced than any log of an older epoch (a straggler holding an uncommitted
+        // entry of a newer epoch than the adopted entries can no longer win an adoption).
+        self.log.push(Entry { epoch: l.epoch, payload: None });
+        self.dirty = true;
+        let adopted = self.log.len() as Index;
         // Where each promiser's log first differs is known from its promise.
         for (node, log) in &promised {
             if *node != self.id {
@@ -472,7 +490,7 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         }
         for &node in l.set.union(&l.old_set) {
             if node != self.id {
-                l.sent.entry(node).or_insert(adopted);
+                l.sent.entry(node).or_insert(adopted - 1);
             }
         }
         l.phase = Phase::Replicating { adopted };
@@ -642,7 +660,11 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         if !l.old_set.is_empty() {
             candidate = candidate.min(quorum_index(&l.old_set, matched));
         }
-        if candidate > self.commit {
+        // Only an entry of this epoch commits by counting (everything before it with it): an
+        // older entry held by a majority can still lose an adoption to a log that ends in a
+        // newer epoch (Raft's figure 8). The epoch marker makes this possible at once.
+        let current = candidate > 0 && self.log[candidate as usize - 1].epoch == l.epoch;
+        if candidate > self.commit && current {
             self.commit = candidate;
             out.push(Out::Committed(candidate));
             // Followers learn the new commit point with the next append or heartbeat.

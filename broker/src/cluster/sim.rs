@@ -10,7 +10,8 @@
 //!   replica commits the same log, holding every acknowledged entry;
 //! - a run that acknowledges nothing fails (a checker of nothing proves nothing).
 //!
-//! `SIM_SEEDS=n` runs more seeds; `SIM_SEED=s` replays one (the failure message prints it).
+//! `SIM_SEEDS=n` runs more seeds; `SIM_SEED=s` replays one (the failure message prints it);
+//! with `SIM_TRACE=1` a replay prints every delivery and every commit.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -91,8 +92,8 @@ struct Sim {
     /// Links cut by a partition: (from, to).
     cut: BTreeSet<(NodeId, NodeId)>,
     next_payload: u64,
-    /// The first entry ever seen committed at each index: (epoch, payload).
-    truth: BTreeMap<Index, (Epoch, u64)>,
+    /// The first entry ever seen committed at each index: (epoch, payload; `None`: a marker).
+    truth: BTreeMap<Index, (Epoch, Option<u64>)>,
     /// Acknowledged payload → index, and index → payload.
     acked: BTreeMap<u64, Index>,
     acked_at: BTreeMap<Index, u64>,
@@ -227,6 +228,28 @@ impl Sim {
                 let n = &self.nodes[&to];
                 if !n.up || n.incarnation != incarnation {
                     return Ok(());
+                }
+                if std::env::var("SIM_TRACE").is_ok() {
+                    let what = match &msg {
+                        Msg::Promised { epoch, log } => format!(
+                            "Promised e{epoch} len {} last {:?}",
+                            log.len(),
+                            log.last().map(|e| (e.epoch, e.payload))
+                        ),
+                        Msg::Append { epoch, prev_index, prev_epoch, entries, commit } => format!(
+                            "Append e{epoch} prev ({prev_index},{prev_epoch}) n {} commit {commit}",
+                            entries.len()
+                        ),
+                        other => format!("{other:?}"),
+                    };
+                    eprintln!(
+                        "{:>6} {from}->{to} {what} | {to}: len {} synced {} commit {} promised {}",
+                        self.now,
+                        n.replica.log().len(),
+                        n.replica.durable_prefix(),
+                        n.replica.commit_index(),
+                        n.replica.promised()
+                    );
                 }
                 let outs = self.nodes.get_mut(&to).expect("node").replica.handle(from, msg);
                 self.apply(to, outs)?;
@@ -401,7 +424,18 @@ impl Sim {
         for out in outs {
             match out {
                 Out::Send { to, msg } => self.send(node, to, msg),
-                Out::Committed(upto) => self.on_committed(node, upto)?,
+                Out::Committed(upto) => {
+                    if std::env::var("SIM_TRACE").is_ok() {
+                        let r = &self.nodes[&node].replica;
+                        eprintln!(
+                            "{:>6} node {node} commits to {upto} (entry {:?}, leading {:?})",
+                            self.now,
+                            r.log().get(upto as usize - 1).map(|e| (e.epoch, e.payload)),
+                            r.leading()
+                        );
+                    }
+                    self.on_committed(node, upto)?;
+                }
                 Out::SteppedDown => {
                     self.nodes.get_mut(&node).expect("node").pending.clear();
                 }
@@ -437,7 +471,7 @@ impl Sim {
             n.pending.remove(i);
         }
         for (index, payload) in acked {
-            let held = n.replica.committed().get(index as usize - 1).map(|e| e.payload);
+            let held = n.replica.committed().get(index as usize - 1).and_then(|e| e.payload);
             if held != Some(payload) {
                 return Err(format!(
                     "leader {node} acks {payload} at {index} but holds {held:?} committed there"
@@ -450,10 +484,10 @@ impl Sim {
                 return Err(format!("{other} and {payload} both acknowledged at {index}"));
             }
             if let Some(&(_, held)) = self.truth.get(&index)
-                && held != payload
+                && held != Some(payload)
             {
                 return Err(format!(
-                    "acknowledged {payload} at {index}, but {held} was committed there"
+                    "acknowledged {payload} at {index}, but {held:?} was committed there"
                 ));
             }
         }
@@ -474,17 +508,17 @@ impl Sim {
                 match self.truth.get(&index) {
                     Some(&(epoch, payload)) if (epoch, payload) != (e.epoch, e.payload) => {
                         return Err(format!(
-                            "node {id} commits ({}, {}) at {index}; ({epoch}, {payload}) was committed there first",
+                            "node {id} commits ({}, {:?}) at {index}; ({epoch}, {payload:?}) was committed there first",
                             e.epoch, e.payload
                         ));
                     }
                     Some(_) => {}
                     None => {
                         if let Some(&acked) = self.acked_at.get(&index)
-                            && acked != e.payload
+                            && Some(acked) != e.payload
                         {
                             return Err(format!(
-                                "acknowledged {acked} at {index} lost: {} is there",
+                                "acknowledged {acked} at {index} lost: {:?} is there",
                                 e.payload
                             ));
                         }
@@ -526,14 +560,15 @@ impl Sim {
             }
         }
         for (payload, index) in &self.acked {
-            let held = first.get(*index as usize - 1).map(|e| e.payload);
+            let held = first.get(*index as usize - 1).and_then(|e| e.payload);
             if held != Some(*payload) {
                 return Err(format!("acknowledged {payload} at {index} missing at the end"));
             }
         }
         // Committed payloads are unique: a payload never lands twice.
-        let distinct: BTreeSet<u64> = first.iter().map(|e| e.payload).collect();
-        if distinct.len() != first.len() {
+        let payloads: Vec<u64> = first.iter().filter_map(|e| e.payload).collect();
+        let distinct: BTreeSet<u64> = payloads.iter().copied().collect();
+        if distinct.len() != payloads.len() {
             return Err("a payload was committed twice".into());
         }
         Ok(())
@@ -599,16 +634,38 @@ fn given_replica_set_changes_under_faults_should_never_lose_or_diverge() {
     run_seeds(5, 3);
 }
 
+/// Delivers every message in `outs` (and the replies they cause) among `replicas`, syncing
+/// every replica after each delivery, until nothing is left. Returns what was not a message.
+fn settle(replicas: &mut [&mut Replica<u64>], from: NodeId, outs: Vec<Out<u64>>) -> Vec<Out<u64>> {
+    let mut rest = Vec::new();
+    let mut queue: Vec<(NodeId, Out<u64>)> = outs.into_iter().map(|o| (from, o)).collect();
+    while let Some((sender, out)) = queue.pop() {
+        match out {
+            Out::Send { to, msg } => {
+                let Some(r) = replicas.iter_mut().find(|r| r.id() == to) else { continue };
+                let mut produced = r.handle(sender, msg);
+                produced.extend(r.synced());
+                queue.extend(produced.into_iter().map(|o| (to, o)));
+            }
+            other => rest.push(other),
+        }
+    }
+    rest
+}
+
 #[test]
-fn given_a_single_replica_should_commit_on_its_own_sync() {
+fn given_a_single_replica_should_commit_its_epoch_marker_then_serve() {
     let mut r: Replica<u64> = Replica::recover(1, Durable::default());
     let outs = r.lead(1, [1].into(), BTreeSet::new());
     assert!(outs.is_empty());
+    assert_eq!(r.serving(), None, "the epoch marker is not durable yet");
+    assert_eq!(r.synced(), vec![Out::Committed(1)]);
     assert_eq!(r.serving(), Some(1));
     let (index, _) = r.append(7).expect("serving");
-    assert_eq!(r.commit_index(), 0, "not durable yet");
-    assert_eq!(r.synced(), vec![Out::Committed(index)]);
-    assert_eq!(r.committed().len(), 1);
+    assert_eq!(index, 2);
+    assert_eq!(r.commit_index(), 1, "not durable yet");
+    assert_eq!(r.synced(), vec![Out::Committed(2)]);
+    assert_eq!(r.committed()[1].payload, Some(7));
 }
 
 #[test]
@@ -617,14 +674,11 @@ fn given_a_newer_promise_a_superseded_leader_should_not_commit() {
     let mut a: Replica<u64> = Replica::recover(1, Durable::default());
     let mut b: Replica<u64> = Replica::recover(2, Durable::default());
     let mut c: Replica<u64> = Replica::recover(3, Durable::default());
-    // a leads epoch 1 with b's promise.
-    let _ = a.lead(1, set.clone(), BTreeSet::new());
-    let promised = b.handle(1, Msg::Promise { epoch: 1 });
-    for o in promised {
-        if let Out::Send { msg, .. } = o {
-            let _ = a.handle(2, msg);
-        }
-    }
+    // a leads epoch 1 with b's promise (c is unreachable).
+    let mut outs = a.lead(1, set.clone(), BTreeSet::new());
+    outs.extend(a.synced());
+    outs.retain(|o| !matches!(o, Out::Send { to: 3, .. }));
+    let _ = settle(&mut [&mut a, &mut b], 1, outs);
     assert_eq!(a.serving(), Some(1));
     // c leads epoch 2 with b's promise: b is fenced against epoch 1.
     let _ = c.lead(2, set, BTreeSet::new());
@@ -642,5 +696,5 @@ fn given_a_newer_promise_a_superseded_leader_should_not_commit() {
             );
         }
     }
-    assert_eq!(a.commit_index(), 0, "one durable copy of two is not a majority");
+    assert_eq!(a.commit_index(), 1, "one durable copy of two is not a majority: only the marker");
 }
