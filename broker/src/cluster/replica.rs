@@ -490,7 +490,7 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         }
         for &node in l.set.union(&l.old_set) {
             if node != self.id {
-                l.sent.entry(node).or_insert(adopted - 1);
+                l.sent.entry(node).or_insert(adopted.saturating_sub(1));
             }
         }
         l.phase = Phase::Replicating { adopted };

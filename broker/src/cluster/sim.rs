@@ -635,13 +635,22 @@ fn given_replica_set_changes_under_faults_should_never_lose_or_diverge() {
 }
 
 /// Delivers every message in `outs` (and the replies they cause) among `replicas`, syncing
-/// every replica after each delivery, until nothing is left. Returns what was not a message.
-fn settle(replicas: &mut [&mut Replica<u64>], from: NodeId, outs: Vec<Out<u64>>) -> Vec<Out<u64>> {
+/// every replica after each delivery, until nothing is left; `pass(from, to, msg)` decides
+/// which messages arrive. Returns what was not a message.
+fn settle_where(
+    replicas: &mut [&mut Replica<u64>],
+    from: NodeId,
+    outs: Vec<Out<u64>>,
+    pass: impl Fn(NodeId, NodeId, &Msg<u64>) -> bool,
+) -> Vec<Out<u64>> {
     let mut rest = Vec::new();
     let mut queue: Vec<(NodeId, Out<u64>)> = outs.into_iter().map(|o| (from, o)).collect();
     while let Some((sender, out)) = queue.pop() {
         match out {
             Out::Send { to, msg } => {
+                if !pass(sender, to, &msg) {
+                    continue;
+                }
                 let Some(r) = replicas.iter_mut().find(|r| r.id() == to) else { continue };
                 let mut produced = r.handle(sender, msg);
                 produced.extend(r.synced());
@@ -651,6 +660,10 @@ fn settle(replicas: &mut [&mut Replica<u64>], from: NodeId, outs: Vec<Out<u64>>)
         }
     }
     rest
+}
+
+fn settle(replicas: &mut [&mut Replica<u64>], from: NodeId, outs: Vec<Out<u64>>) -> Vec<Out<u64>> {
+    settle_where(replicas, from, outs, |_, _, _| true)
 }
 
 #[test]
@@ -697,4 +710,44 @@ fn given_a_newer_promise_a_superseded_leader_should_not_commit() {
         }
     }
     assert_eq!(a.commit_index(), 1, "one durable copy of two is not a majority: only the marker");
+}
+
+#[test]
+fn given_a_straggler_ending_in_a_newer_epoch_should_not_overwrite_a_committed_entry() {
+    // Raft's figure 8 in this protocol (what seed 12853 found before the epoch marker).
+    let set: BTreeSet<NodeId> = [1, 2, 3].into();
+    let mut n1: Replica<u64> = Replica::recover(1, Durable::default());
+    let mut n2: Replica<u64> = Replica::recover(2, Durable::default());
+    let mut n3: Replica<u64> = Replica::recover(3, Durable::default());
+    // Epoch 1, leader n1, everyone reachable: its marker commits; then X is appended while n1
+    // is cut off, so only n1 holds it.
+    let mut outs = n1.lead(1, set.clone(), BTreeSet::new());
+    outs.extend(n1.synced());
+    let _ = settle(&mut [&mut n1, &mut n2, &mut n3], 1, outs);
+    assert_eq!(n1.serving(), Some(1));
+    let (x_index, _) = n1.append(42).expect("serving");
+    let _ = n1.synced();
+    // Epoch 2, leader n2 with n3's promise; its marker never reaches n3: n2 is a straggler whose
+    // log ends in epoch 2, uncommitted.
+    let mut outs = n2.lead(2, set.clone(), BTreeSet::new());
+    outs.extend(n2.synced());
+    let _ =
+        settle_where(&mut [&mut n2, &mut n3], 2, outs, |_, _, m| !matches!(m, Msg::Append { .. }));
+    assert_eq!(n2.log().last().map(|e| e.epoch), Some(2));
+    // Epoch 3, leader n1 with n3's promise: adopts its own log (it holds X), commits its
+    // marker, and X with it.
+    let mut outs = n1.lead(3, set.clone(), BTreeSet::new());
+    outs.extend(n1.synced());
+    let _ = settle(&mut [&mut n1, &mut n3], 1, outs);
+    assert_eq!(n1.serving(), Some(3));
+    assert!(n1.commit_index() > x_index, "X committed with the epoch-3 marker");
+    let committed = n1.committed().to_vec();
+    // Epoch 4, leader n2 with n3's promise: n3's log (ending in epoch 3) must win over n2's
+    // own (ending in epoch 2), so X survives.
+    let mut outs = n2.lead(4, set, BTreeSet::new());
+    outs.extend(n2.synced());
+    let _ = settle(&mut [&mut n2, &mut n3], 2, outs);
+    assert_eq!(n2.serving(), Some(4));
+    assert_eq!(&n2.committed()[..committed.len()], committed.as_slice());
+    assert_eq!(n2.committed()[x_index as usize - 1].payload, Some(42));
 }
