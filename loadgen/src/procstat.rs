@@ -11,14 +11,19 @@ pub struct Usage {
     pub rss_bytes: u64,
 }
 
+/// `CLK_TCK` (the unit of `/proc` CPU times), asked of `getconf` once: `usage` is sampled
+/// while the broker is being measured, and a process spawn per sample would load the machine.
 fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`.

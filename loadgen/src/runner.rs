@@ -94,10 +94,11 @@ pub async fn drive<T: Target>(
     let start = Instant::now();
     let mut readers = Vec::new();
     let mut writers = Vec::new();
-    shared.connections.fetch_add(clients.len() as u64, Ordering::Relaxed);
-    for (i, client) in clients.into_iter().enumerate() {
+    let mut sender_index = 0u32;
+    for client in clients {
         let (tx, rx) = client.conn.split();
-        let window = Arc::new(Semaphore::new(load.in_flight.max(1)));
+        // Closed loop only: open-loop sends are paced by the schedule, not by acks.
+        let window = load.rate.is_none().then(|| Arc::new(Semaphore::new(load.in_flight.max(1))));
         readers.push(tokio::spawn(read(
             rx,
             shared.clone(),
@@ -110,8 +111,12 @@ pub async fn drive<T: Target>(
             writers.push(tokio::spawn(keepalive(tx, shared.clone())));
             continue;
         };
-        let offset =
-            Duration::from_secs_f64(i as f64 / senders as f64 / load.rate.unwrap_or(1.0).max(1.0));
+        // Open loop: sender k of n starts k/rate in, so the n schedules interleave evenly
+        // (each sender then sends every n/rate) instead of firing together.
+        let offset = load
+            .rate
+            .map_or(Duration::ZERO, |rate| Duration::from_secs_f64(f64::from(sender_index) / rate));
+        sender_index += 1;
         writers.push(tokio::spawn(send(
             tx,
             shared.clone(),
@@ -215,7 +220,7 @@ pub async fn measure(shared: &Shared, load: &Load, broker_pid: Option<u32>) -> W
     }
     let window_end = (shared.counts(), Instant::now(), broker_pid.and_then(crate::procstat::usage));
     shared.recording.store(false, Ordering::Relaxed);
-    shared.stop.store(true, Ordering::Relaxed);
+    shared.stop.cancel();
     if let Some(pb) = bar {
         pb.finish_and_clear();
     }
@@ -232,7 +237,7 @@ async fn read<R: Rx>(
     shared: Arc<Shared>,
     me: u64,
     acks: bool,
-    window: Arc<Semaphore>,
+    window: Option<Arc<Semaphore>>,
     done: CancellationToken,
 ) {
     let mut local = Latencies::default();
@@ -249,7 +254,7 @@ async fn read<R: Rx>(
                 if shared.recording() {
                     local.ack(now.saturating_duration_since(shared.instant(id)));
                 }
-                window.add_permits(1);
+                release(window.as_deref());
             }
             Event::Delivery(payload) => {
                 let Some((stamp, sender)) = target::parse(&payload) else { continue };
@@ -260,7 +265,7 @@ async fn read<R: Rx>(
                         if shared.recording() {
                             local.ack(now.saturating_duration_since(shared.instant(stamp)));
                         }
-                        window.add_permits(1);
+                        release(window.as_deref());
                     }
                     continue;
                 }
@@ -272,7 +277,7 @@ async fn read<R: Rx>(
             Event::Error(code, id) => {
                 shared.error(&code);
                 if id.is_some() {
-                    window.add_permits(1);
+                    release(window.as_deref());
                 }
             }
         }
@@ -288,7 +293,7 @@ async fn send<X: Tx>(
     channel: String,
     load: Load,
     senders: usize,
-    window: Arc<Semaphore>,
+    window: Option<Arc<Semaphore>>,
     first: Instant,
 ) {
     let mut last_id = 0u64;
@@ -306,7 +311,10 @@ async fn send<X: Tx>(
             while !shared.stopping() {
                 let now = Instant::now();
                 if due > now {
-                    tokio::time::sleep_until(due.into()).await;
+                    tokio::select! {
+                        () = tokio::time::sleep_until(due.into()) => {}
+                        () = shared.stop.cancelled() => break,
+                    }
                     continue;
                 }
                 let mut n = 0;
@@ -329,11 +337,11 @@ async fn send<X: Tx>(
         }
         None => {
             // Closed loop: keep `in_flight` sends outstanding.
-            while !shared.stopping() {
-                let Ok(permit) =
-                    tokio::time::timeout(Duration::from_millis(200), window.acquire()).await
-                else {
-                    continue;
+            let Some(window) = window else { return };
+            loop {
+                let permit = tokio::select! {
+                    p = window.acquire() => p,
+                    () = shared.stop.cancelled() => break,
                 };
                 let Ok(permit) = permit else { return };
                 permit.forget();
@@ -361,6 +369,13 @@ async fn send<X: Tx>(
     shared.merge(&lag);
 }
 
+/// Returns an acknowledged send's slot to the closed-loop window (open loop has none).
+fn release(window: Option<&Semaphore>) {
+    if let Some(w) = window {
+        w.add_permits(1);
+    }
+}
+
 /// How late an open-loop send may be and still be measured from when it was written: the
 /// generator's own timer resolution (tokio's timers round up to the next millisecond, plus
 /// the wake-up), not the system's doing. A send later than this is measured from its intended
@@ -381,14 +396,14 @@ pub fn intended(due: Instant, now: Instant, shared: &Shared, lag: &mut Latencies
 pub async fn keepalive<X: Tx>(mut tx: X, shared: Arc<Shared>) {
     let mut t = tokio::time::interval(Duration::from_secs(10));
     t.tick().await;
-    while !shared.stopping() {
+    loop {
         tokio::select! {
             _ = t.tick() => {
                 if tx.ping().await.is_err() {
                     return;
                 }
             }
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            () = shared.stop.cancelled() => return,
         }
     }
 }

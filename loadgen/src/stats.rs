@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
+use tokio_util::sync::CancellationToken;
 
 /// Largest latency recorded, in microseconds (a minute).
 const MAX_US: u64 = 60_000_000;
@@ -29,16 +30,14 @@ pub struct Shared {
     pub base: Instant,
     /// True between the end of the warm-up and the end of the run.
     pub recording: AtomicBool,
-    /// Set when senders must stop.
-    pub stop: AtomicBool,
+    /// Cancelled when senders must stop (a sleeping sender wakes at once).
+    pub stop: CancellationToken,
     /// Messages sent.
     pub sent: AtomicU64,
     /// Sends acknowledged.
     pub acked: AtomicU64,
     /// Deliveries received (one per recipient).
     pub delivered: AtomicU64,
-    /// Connections currently open.
-    pub connections: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
     merged: Mutex<Latencies>,
 }
@@ -95,11 +94,10 @@ impl Default for Shared {
         Self {
             base: Instant::now(),
             recording: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
+            stop: CancellationToken::new(),
             sent: AtomicU64::new(0),
             acked: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
-            connections: AtomicU64::new(0),
             errors: Mutex::new(BTreeMap::new()),
             merged: Mutex::new(Latencies::default()),
         }
@@ -128,7 +126,7 @@ impl Shared {
     /// Whether senders should stop.
     #[must_use]
     pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        self.stop.is_cancelled()
     }
 
     /// Counts an error by its code.

@@ -38,10 +38,7 @@ use crate::stats::{Latencies, Shared};
 use crate::target::switchboard::Switchboard;
 use crate::target::switchboard::client::{KillSwitch, builder};
 
-/// Content type of the messages (the payload carries the send time and sender).
-const CONTENT_TYPE: &str = "application/x-switchboard-loadgen";
-/// Members per create/add request (the broker's default `max_members_per_request`).
-const MEMBERS_PER_REQUEST: usize = 500;
+use crate::target::switchboard::{CONTENT_TYPE, MEMBERS_PER_REQUEST};
 /// How long the wind-down waits for sends still in flight.
 const DRAIN: Duration = Duration::from_secs(30);
 
@@ -177,7 +174,6 @@ pub async fn run(target: &Switchboard, ctx: &Ctx, plan: &Plan) -> anyhow::Result
         .buffered(ctx.common.connect_parallelism.max(1))
         .try_collect()
         .await?;
-    shared.connections.fetch_add(plan.users as u64, Ordering::Relaxed);
 
     // Create the conversations.
     let ids: Vec<String> = futures::stream::iter(convs.iter())
@@ -310,7 +306,7 @@ pub async fn run(target: &Switchboard, ctx: &Ctx, plan: &Plan) -> anyhow::Result
     let directs = convs.len() - groups.len();
     let mut report = Report::new(
         plan.name,
-        format!("{} {} (Rust client)", target_name(target), ctx.common.target),
+        format!("{} {} (Rust client)", crate::target::Target::name(target), ctx.common.target),
         ctx.parameters(&[
             ("users", plan.users.to_string()),
             ("rate", format!("{}", plan.rate)),
@@ -358,13 +354,6 @@ pub async fn run(target: &Switchboard, ctx: &Ctx, plan: &Plan) -> anyhow::Result
         e.insert("presence_events".into(), get(&c.presence_events));
     }
     Ok(report)
-}
-
-fn target_name(t: &Switchboard) -> &'static str {
-    match t.transport() {
-        crate::target::switchboard::Transport::Tcp => "switchboard-tcp",
-        crate::target::switchboard::Transport::Ws => "switchboard-ws",
-    }
 }
 
 /// Connects `user`, retrying while the broker rate-limits new connections.
@@ -596,6 +585,7 @@ async fn send(mut s: Sender) {
                     outcome(&s, o, &mut local);
                 }
             }
+            () = s.shared.stop.cancelled() => break,
         }
     }
     let deadline = tokio::time::Instant::now() + DRAIN;
@@ -638,7 +628,10 @@ async fn churn(
     let mut due = Instant::now();
     while !shared.stopping() {
         due += Duration::from_secs_f64(-(1.0 - rng.random::<f64>()).ln() / rate.max(1e-9));
-        tokio::time::sleep_until(due.into()).await;
+        tokio::select! {
+            () = tokio::time::sleep_until(due.into()) => {}
+            () = shared.stop.cancelled() => break,
+        }
         let k = &kills[rng.random_range(0..kills.len())];
         if !k.offline() && k.kill(offline) {
             bump(&counters.kills, &shared);

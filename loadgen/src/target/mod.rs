@@ -14,7 +14,7 @@ pub mod nats;
 pub mod redis;
 
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -121,6 +121,28 @@ pub trait Tx: Send + 'static {
 pub trait Rx: Send + 'static {
     /// The next event; `None` when the connection closed.
     fn next(&mut self) -> impl Future<Output = Option<Event>> + Send;
+}
+
+/// Opens a TCP connection to `addr` from `local` (any port) when given, with Nagle off: the
+/// one way every target connects, so `--source-ips` applies to all of them.
+///
+/// # Errors
+/// When binding or connecting fails.
+pub async fn tcp(
+    addr: SocketAddr,
+    local: Option<IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(ip) = local {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 #[cfg(test)]

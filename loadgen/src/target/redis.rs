@@ -37,7 +37,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use redis::aio::{MultiplexedConnection, PubSub, PubSubSink, PubSubStream};
 use redis::{AsyncConnectionConfig, RedisConnectionInfo, Value};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::{Connection, Event, Rx, Target, Tx};
@@ -108,16 +108,9 @@ impl Redis {
     }
 
     async fn socket(&self, local: Option<IpAddr>) -> anyhow::Result<TcpStream> {
-        let socket = if self.addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        if let Some(ip) = local {
-            socket.bind(SocketAddr::new(ip, 0)).with_context(|| format!("bind {ip}"))?;
-        }
-        let stream = socket
-            .connect(self.addr)
+        super::tcp(self.addr, local)
             .await
-            .with_context(|| format!("connect redis://{}", self.addr))?;
-        stream.set_nodelay(true)?;
-        Ok(stream)
+            .with_context(|| format!("connect redis://{} from {local:?}", self.addr))
     }
 
     async fn command_connection(

@@ -12,7 +12,6 @@ use prost::Message as _;
 use switchboard_protocol::{
     ClientCodec, ClientFrame, Content, ConversationKind, ServerFrame, client_frame, server_frame,
 };
-use tokio::net::TcpSocket;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -21,9 +20,12 @@ use super::{Connection, Event, Rx, Target, Tx};
 pub mod client;
 
 /// Content type of load-generator messages.
-const CONTENT_TYPE: &str = "application/x-switchboard-loadgen";
-/// Members added per request when building a room.
-const MEMBERS_PER_REQUEST: usize = 500;
+pub(crate) const CONTENT_TYPE: &str = "application/x-switchboard-loadgen";
+/// Members added per request when building a room (the broker's default
+/// `max_members_per_request`).
+pub(crate) const MEMBERS_PER_REQUEST: usize = 500;
+/// The WebSocket subprotocol of protobuf frames.
+const PROTO_SUBPROTOCOL: &str = "switchboard.v1.proto";
 
 /// How to reach the broker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +167,23 @@ impl Conn {
     }
 }
 
+/// Upgrades `stream` to the broker's WebSocket bridge with the protobuf subprotocol.
+pub(crate) async fn ws_handshake(
+    stream: tokio::net::TcpStream,
+    addr: SocketAddr,
+) -> anyhow::Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::http::HeaderValue;
+    let mut req = format!("ws://{addr}/ws").into_client_request()?;
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(PROTO_SUBPROTOCOL));
+    let (ws, _) =
+        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await?;
+    Ok(ws)
+}
+
 impl Target for Switchboard {
     type Conn = Conn;
 
@@ -180,13 +199,9 @@ impl Target for Switchboard {
     }
 
     async fn connect(&self, user: &str, local: Option<IpAddr>) -> anyhow::Result<Conn> {
-        let socket = if self.addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        if let Some(ip) = local {
-            socket.bind(SocketAddr::new(ip, 0)).with_context(|| format!("bind {ip}"))?;
-        }
-        let stream =
-            socket.connect(self.addr).await.with_context(|| format!("connect {}", self.addr))?;
-        stream.set_nodelay(true)?;
+        let stream = super::tcp(self.addr, local)
+            .await
+            .with_context(|| format!("connect {} from {local:?}", self.addr))?;
         let mut conn = match self.transport {
             Transport::Tcp => {
                 let (r, w) = stream.into_split();
@@ -196,17 +211,7 @@ impl Target for Switchboard {
                     0,
                 )
             }
-            Transport::Ws => {
-                use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-                let mut req = format!("ws://{}/ws", self.addr).into_client_request()?;
-                req.headers_mut().insert("Sec-WebSocket-Protocol", "switchboard.v1.proto".parse()?);
-                let (ws, _) = tokio_tungstenite::client_async(
-                    req,
-                    tokio_tungstenite::MaybeTlsStream::Plain(stream),
-                )
-                .await?;
-                Conn::Ws(ws, 0)
-            }
+            Transport::Ws => Conn::Ws(ws_handshake(stream, self.addr).await?, 0),
         };
         let hello = client_frame::Kind::Hello(switchboard_protocol::Hello {
             protocol_version: switchboard_protocol::PROTOCOL_VERSION,

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use switchboard_client::{Client, ClientBuilder, ReconnectPolicy};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
@@ -159,7 +159,7 @@ pub fn builder(
                     tokio::time::sleep_until(until.into()).await;
                 }
                 kill.state().attempt_started = Some(Instant::now());
-                let stream = tcp(addr, local).await?;
+                let stream = crate::target::tcp(addr, local).await?;
                 let io: Box<dyn Io> = match transport {
                     Transport::Tcp => Box::new(stream),
                     Transport::Ws => Box::new(websocket(stream, addr).await?),
@@ -171,39 +171,13 @@ pub fn builder(
         }))
 }
 
-async fn tcp(addr: SocketAddr, local: Option<IpAddr>) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    if let Some(ip) = local {
-        socket.bind(SocketAddr::new(ip, 0))?;
-    }
-    let stream = socket.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
 /// Opens the WebSocket bridge over `stream` and returns the client's end of a pump that turns
 /// length-prefixed frames into binary messages and back.
 async fn websocket(stream: TcpStream, addr: SocketAddr) -> io::Result<tokio::io::DuplexStream> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut req = format!("ws://{addr}/ws").into_client_request().map_err(io::Error::other)?;
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        http_value("switchboard.v1.proto").map_err(io::Error::other)?,
-    );
-    let (ws, _) =
-        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-            .await
-            .map_err(io::Error::other)?;
+    let ws = super::ws_handshake(stream, addr).await.map_err(io::Error::other)?;
     let (client_end, pump_end) = tokio::io::duplex(256 * 1024);
     tokio::spawn(pump(ws, pump_end));
     Ok(client_end)
-}
-
-fn http_value(
-    s: &'static str,
-) -> Result<tokio_tungstenite::tungstenite::http::HeaderValue, impl std::error::Error + Send + Sync>
-{
-    tokio_tungstenite::tungstenite::http::HeaderValue::from_str(s)
 }
 
 type Ws =
