@@ -42,16 +42,11 @@ pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// the same process); that broker then serves an empty `/metrics`.
 #[must_use]
 pub fn install() -> Option<PrometheusHandle> {
+    // Every histogram is a latency in seconds: one set of buckets, 100 µs to 1 s.
     let recorder = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(SEND_ACK_SECONDS.into()),
-            &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
-        )
-        .ok()?
-        .set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Full(STORAGE_ROUND_SECONDS.into()),
-            &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
-        )
+        .set_buckets(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ])
         .ok()?
         .build_recorder();
     let handle = recorder.handle();

@@ -97,13 +97,16 @@ fn bind_all(
     Ok((bound, all))
 }
 
-/// Every connection is a file descriptor: raises this process's limit as far as allowed (to
-/// 2^20 when privileged, else the soft limit up to the hard one) and returns the soft limit
-/// now in force.
+/// Every connection is a file descriptor: raises this process's limit as far as allowed (the
+/// hard limit too, up to 2^20, when privileged; else the soft limit up to the hard one) and
+/// returns the soft limit now in force. Never lowers either limit.
 fn raise_nofile_limit() -> u64 {
     const WANT: u64 = 1 << 20;
-    if rlimit::setrlimit(rlimit::Resource::NOFILE, WANT, WANT).is_ok() {
-        return WANT;
+    if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        && hard < WANT
+    {
+        // Raising a hard limit needs privilege; without it this fails and changes nothing.
+        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, WANT, WANT);
     }
     rlimit::increase_nofile_limit(WANT).unwrap_or(0)
 }

@@ -52,11 +52,14 @@ fn addr(rest: &str) -> anyhow::Result<SocketAddr> {
 /// When the target cannot be reached or set up.
 pub async fn run(cli: Cli) -> anyhow::Result<Report> {
     let common = cli.scenario.common().clone();
-    // Many connections need many descriptors: raise the limit to 2^20 when privileged, else
-    // the soft limit to the hard one.
-    if rlimit::setrlimit(rlimit::Resource::NOFILE, 1 << 20, 1 << 20).is_err() {
-        let _ = rlimit::increase_nofile_limit(1 << 20);
+    // Many connections need many descriptors: raise the hard limit to 2^20 when privileged
+    // (never lowering it), then the soft limit as far as the hard one allows.
+    if let Ok((_, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        && hard < 1 << 20
+    {
+        let _ = rlimit::setrlimit(rlimit::Resource::NOFILE, 1 << 20, 1 << 20);
     }
+    let _ = rlimit::increase_nofile_limit(1 << 20);
     let (scheme, rest) =
         common.target.split_once("://").with_context(|| "target must be SCHEME://HOST:PORT")?;
     let address = addr(rest)?;

@@ -337,6 +337,8 @@ pub struct Owner {
     /// Push notifications: conversations up to this size notify offline members.
     push_group_max: Option<usize>,
     typing_expires_ms: u32,
+    /// Send→ack latency, registered once (not looked up per acknowledged message).
+    ack_latency: metrics::Histogram,
 }
 
 impl std::fmt::Debug for Owner {
@@ -437,6 +439,7 @@ impl Owner {
             pending_receipts: HashSet::new(),
             push_group_max: config.push.webhook_url.as_ref().map(|_| config.push.max_group_size),
             typing_expires_ms: u32::try_from(config.presence.typing_expires_ms).unwrap_or(u32::MAX),
+            ack_latency: metrics::histogram!(crate::metrics::SEND_ACK_SECONDS),
         }
     }
 
@@ -1100,8 +1103,7 @@ impl Owner {
                     {
                         let (key, p) = p;
                         out.stored += 1;
-                        metrics::histogram!(crate::metrics::SEND_ACK_SECONDS)
-                            .record(p.started.elapsed().as_secs_f64());
+                        self.ack_latency.record(p.started.elapsed().as_secs_f64());
                         for (i, (to, request_id)) in p.waiters.into_iter().enumerate() {
                             out.to_session(
                                 to,

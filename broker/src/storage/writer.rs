@@ -140,6 +140,7 @@ struct Writer {
     commit_no: u64,
     last_sync: Instant,
     unsynced: bool,
+    round_seconds: metrics::Histogram,
 }
 
 impl Writer {
@@ -150,6 +151,7 @@ impl Writer {
             commit_no: 0,
             last_sync: Instant::now(),
             unsynced: false,
+            round_seconds: metrics::histogram!(crate::metrics::STORAGE_ROUND_SECONDS),
         }
     }
 
@@ -249,8 +251,7 @@ impl Writer {
             };
             persisted.map(|()| seqs).map_err(StorageError::from)
         });
-        metrics::histogram!(crate::metrics::STORAGE_ROUND_SECONDS)
-            .record(started.elapsed().as_secs_f64());
+        self.round_seconds.record(started.elapsed().as_secs_f64());
         match outcome {
             Ok(seqs) => {
                 self.commit_no += 1;
