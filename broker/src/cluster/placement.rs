@@ -34,12 +34,11 @@
 //! whose replica set or preferred leader changes, the replica slots to copy (a node that
 //! gains a partition must receive its data) and the slots to drop.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-/// A cluster node's identity, as placement sees it.
-pub type NodeId = u64;
+pub use super::NodeId;
 
 /// A partition id, `0..PARTITION_COUNT` (see [`crate::shard::partition`]).
 pub type PartitionId = u16;
@@ -116,32 +115,31 @@ pub fn weighted_score(partition: PartitionId, member: Member) -> f64 {
 
 /// Ranks `members` for one partition and returns the best `k` node ids, best first.
 fn top_k(partition: PartitionId, members: &[Member], k: usize, weighted: bool) -> Vec<NodeId> {
-    let k = k.min(members.len());
-    let mut out = Vec::with_capacity(k);
     if weighted {
-        let mut ranked: Vec<(f64, NodeId)> =
-            members.iter().map(|m| (weighted_score(partition, *m), m.id)).collect();
-        // Descending by score, then by id; scores are finite and positive.
-        let by_rank =
-            |a: &(f64, NodeId), b: &(f64, NodeId)| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1));
-        if k < ranked.len() && k > 0 {
-            ranked.select_nth_unstable_by(k - 1, by_rank);
-        }
-        ranked.truncate(k);
-        ranked.sort_unstable_by(by_rank);
-        out.extend(ranked.into_iter().map(|(_, id)| id));
+        // Scores are finite and positive; ties go to the higher id.
+        best_k(
+            members.iter().map(|m| (weighted_score(partition, *m), m.id)).collect(),
+            k,
+            |a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)),
+        )
     } else {
-        let mut ranked: Vec<(u64, NodeId)> =
-            members.iter().map(|m| (score(partition, m.id), m.id)).collect();
-        let by_rank = |a: &(u64, NodeId), b: &(u64, NodeId)| b.cmp(a);
-        if k < ranked.len() && k > 0 {
-            ranked.select_nth_unstable_by(k - 1, by_rank);
-        }
-        ranked.truncate(k);
-        ranked.sort_unstable_by(by_rank);
-        out.extend(ranked.into_iter().map(|(_, id)| id));
+        best_k(members.iter().map(|m| (score(partition, m.id), m.id)).collect(), k, |a, b| b.cmp(a))
     }
-    out
+}
+
+/// The ids of the first `k` of `ranked` in the order `by_rank`, without sorting the rest.
+fn best_k<S>(
+    mut ranked: Vec<(S, NodeId)>,
+    k: usize,
+    by_rank: impl Fn(&(S, NodeId), &(S, NodeId)) -> std::cmp::Ordering,
+) -> Vec<NodeId> {
+    let k = k.min(ranked.len());
+    if k > 0 && k < ranked.len() {
+        ranked.select_nth_unstable_by(k - 1, &by_rank);
+    }
+    ranked.truncate(k);
+    ranked.sort_unstable_by(&by_rank);
+    ranked.into_iter().map(|(_, id)| id).collect()
 }
 
 /// Every partition's ordered replica set for one membership and replication factor.
@@ -283,14 +281,13 @@ impl Placement {
             if before == after {
                 continue;
             }
-            let old: HashSet<NodeId> = before.iter().copied().collect();
-            let new: HashSet<NodeId> = after.iter().copied().collect();
+            // Replica sets hold R (about three) nodes: a scan beats hashing.
             changes.push(PartitionChange {
                 partition,
                 before: before.to_vec(),
                 after: after.to_vec(),
-                added: after.iter().copied().filter(|n| !old.contains(n)).collect(),
-                removed: before.iter().copied().filter(|n| !new.contains(n)).collect(),
+                added: after.iter().copied().filter(|n| !before.contains(n)).collect(),
+                removed: before.iter().copied().filter(|n| !after.contains(n)).collect(),
             });
         }
         PlacementDiff { changes, slots_before: self.sets.len(), slots_after: next.sets.len() }
@@ -422,6 +419,7 @@ impl PlacementDiff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn nodes(n: u64) -> Placement {
         Placement::uniform(1..=n, DEFAULT_REPLICATION).unwrap()

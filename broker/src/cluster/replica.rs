@@ -1,6 +1,6 @@
 //! Replication of one partition's log: epoch-fenced primary-backup, sans I/O.
 //!
-//! This is the rule of the cluster design (`ARCHITECTURE.md`, "Cluster"), as a state machine
+//! This is the rule of the cluster design (`docs/cluster.md`), as a state machine
 //! that takes messages, ticks and "your writes are durable" notices, and returns the messages
 //! to send and the entries that became committed. Storage, the network and the control plane
 //! (which allocates epochs through Raft) are the caller's; a deterministic simulator drives
@@ -48,8 +48,7 @@ pub const MAX_APPEND: Index = 64;
 pub type Epoch = u64;
 /// A position in the partition log, from 1; 0 is "before the first entry".
 pub type Index = u64;
-/// A node of the cluster.
-pub type NodeId = u64;
+pub use super::NodeId;
 
 /// One log entry: the epoch of the leader that first appended it, and its payload (a group
 /// commit batch in the broker), or `None` for the marker a leader appends when it starts its
@@ -174,11 +173,31 @@ struct Leading<T> {
     old_set: BTreeSet<NodeId>,
     phase: Phase<T>,
     /// Per follower: the last index sent to it (appends in flight end there; the next append
-    /// continues after it), and the highest index it acknowledged durable in `epoch`.
+    /// continues after it), and the highest index known durable on it and matching this log
+    /// (from its promise, then from its acknowledgements in `epoch`).
     sent: BTreeMap<NodeId, Index>,
     matched: BTreeMap<NodeId, Index>,
-    /// Per promiser: the prefix its promised log shares with the adopted one.
-    known: BTreeMap<NodeId, Index>,
+}
+
+impl<T> Leading<T> {
+    /// Every replica of this epoch (of both sets during a change) but `me`.
+    fn followers(&self, me: NodeId) -> Vec<NodeId> {
+        self.set.union(&self.old_set).copied().filter(|&n| n != me).collect()
+    }
+}
+
+/// Where a leader's appends to each follower start.
+#[derive(Debug, Clone, Copy)]
+enum Resend {
+    /// After a client append: only to followers whose pipeline has sent everything (the
+    /// others continue when their acknowledgements come back).
+    Idle,
+    /// Right after adoption: after what was sent (where the follower's promised log stops
+    /// matching, or optimistically after the adopted log for those that did not promise).
+    Sent,
+    /// On a tick: after what the follower holds, which retransmits anything lost (an empty
+    /// append carries the commit point when it is up to date).
+    Acked,
 }
 
 /// One replica of one partition.
@@ -189,8 +208,6 @@ pub struct Replica<T> {
     log: Vec<Entry<T>>,
     /// Length of the log covered by the last sync.
     synced: Index,
-    /// Whether the log changed since the last sync started (a truncation counts).
-    dirty: bool,
     commit: Index,
     /// Appends accepted but not yet durable: (leader, epoch, index) to acknowledge after sync.
     unsynced_acks: Vec<(NodeId, Epoch, Index)>,
@@ -208,7 +225,6 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
             promised: durable.promised,
             log: durable.log,
             synced,
-            dirty: false,
             commit: 0,
             unsynced_acks: Vec::new(),
             leading: None,
@@ -261,12 +277,6 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         self.leading.as_ref().map(|l| l.epoch)
     }
 
-    /// The state that must be on disk after a sync: promise and log.
-    #[must_use]
-    pub fn durable(&self) -> Durable<T> {
-        Durable { promised: self.promised, log: self.log[..self.synced as usize].to_vec() }
-    }
-
     /// Length of the log prefix that is durable and unchanged since the last sync: a caller
     /// that keeps its own copy of the durable log rewrites only what follows.
     #[must_use]
@@ -274,17 +284,17 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         self.synced
     }
 
-    /// Whether the log changed since the last sync.
+    /// Whether the log changed since the last sync (a truncation lowers the synced length
+    /// and is always followed by an append, so a shorter durable prefix says it all).
     #[must_use]
     pub fn needs_sync(&self) -> bool {
-        self.dirty
+        self.synced < self.log.len() as Index
     }
 
     /// The caller made the whole current log durable (one fsync covering every write so far).
     /// Releases the acknowledgements that waited for it, and may advance the leader's commit.
     pub fn synced(&mut self) -> Vec<Out<T>> {
         self.synced = self.log.len() as Index;
-        self.dirty = false;
         let mut out = Vec::new();
         let promised = self.promised;
         for (leader, epoch, index) in std::mem::take(&mut self.unsynced_acks) {
@@ -318,24 +328,22 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
             out.push(Out::SteppedDown);
         }
         // Promising itself: durable before anything else happens (the caller persists
-        // `durable()`'s promise synchronously with this call).
+        // [`Replica::promised`] synchronously with this call).
         self.promised = epoch;
         let mut promised = BTreeMap::new();
         promised.insert(self.id, self.log[..self.synced as usize].to_vec());
-        self.leading = Some(Leading {
+        let l = Leading {
             epoch,
-            set: set.clone(),
-            old_set: old_set.clone(),
+            set,
+            old_set,
             phase: Phase::Promising { promised },
             sent: BTreeMap::new(),
             matched: BTreeMap::new(),
-            known: BTreeMap::new(),
-        });
-        for &to in set.union(&old_set) {
-            if to != self.id {
-                out.push(Out::Send { to, msg: Msg::Promise { epoch } });
-            }
+        };
+        for to in l.followers(self.id) {
+            out.push(Out::Send { to, msg: Msg::Promise { epoch } });
         }
+        self.leading = Some(l);
         self.try_adopt(&mut out);
         out
     }
@@ -354,10 +362,9 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
             });
         };
         self.log.push(Entry { epoch, payload: Some(payload) });
-        self.dirty = true;
         let index = self.log.len() as Index;
         let mut out = Vec::new();
-        self.replicate(&mut out);
+        self.replicate(&mut out, Resend::Idle);
         Ok((index, out))
     }
 
@@ -368,13 +375,13 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         let Some(l) = &self.leading else { return out };
         match &l.phase {
             Phase::Promising { promised } => {
-                for &to in l.set.union(&l.old_set) {
-                    if to != self.id && !promised.contains_key(&to) {
+                for to in l.followers(self.id) {
+                    if !promised.contains_key(&to) {
                         out.push(Out::Send { to, msg: Msg::Promise { epoch: l.epoch } });
                     }
                 }
             }
-            Phase::Replicating { .. } => self.replicate_all(&mut out, false),
+            Phase::Replicating { .. } => self.replicate(&mut out, Resend::Acked),
         }
         out
     }
@@ -470,7 +477,6 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         let own_prefix = common_prefix(&self.log, &best);
         if own_prefix < self.log.len() || best.len() > self.log.len() {
             self.log = best;
-            self.dirty = true;
             self.synced = self.synced.min(own_prefix as Index);
         }
         // The epoch marker: the first entry of this epoch. Committing it (a majority holds it)
@@ -478,65 +484,41 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         // as more advanced than any log of an older epoch (a straggler holding an uncommitted
         // entry of a newer epoch than the adopted entries can no longer win an adoption).
         self.log.push(Entry { epoch: l.epoch, payload: None });
-        self.dirty = true;
         let adopted = self.log.len() as Index;
         // Where each promiser's log first differs is known from its promise.
         for (node, log) in &promised {
             if *node != self.id {
                 let lcp = common_prefix(log, &self.log) as Index;
+                // The promised log was durable; its prefix matching the adopted log stays
+                // (nothing truncates it in this epoch but this leader's own appends). Commit
+                // counting cannot misuse it: it ends before this epoch's marker.
                 l.sent.insert(*node, lcp);
-                l.known.insert(*node, lcp);
+                l.matched.insert(*node, lcp);
             }
         }
-        for &node in l.set.union(&l.old_set) {
-            if node != self.id {
-                l.sent.entry(node).or_insert(adopted.saturating_sub(1));
-            }
+        for node in l.followers(self.id) {
+            l.sent.entry(node).or_insert(adopted.saturating_sub(1));
         }
         l.phase = Phase::Replicating { adopted };
-        self.replicate_all(out, true);
+        self.replicate(out, Resend::Sent);
         self.advance_commit(out);
     }
 
-    /// After a client append: followers whose pipeline has sent everything get the new entry;
-    /// those still catching up continue when their acknowledgements come back.
-    fn replicate(&mut self, out: &mut Vec<Out<T>>) {
+    /// Sends appends to the followers, each from where `mode` says.
+    fn replicate(&mut self, out: &mut Vec<Out<T>>, mode: Resend) {
         let Some(l) = &self.leading else { return };
         let len = self.log.len() as Index;
-        let ready: Vec<(NodeId, Index)> = l
-            .set
-            .union(&l.old_set)
-            .copied()
-            .filter(|&n| n != self.id)
-            .filter_map(|n| {
-                let sent = l.sent.get(&n).copied().unwrap_or(0);
-                (sent + 1 == len).then_some((n, sent + 1))
-            })
-            .collect();
-        for (to, from_index) in ready {
-            self.send_from(to, from_index, out);
-        }
-    }
-
-    /// Sends to every follower. Right after adoption (`adopting`): from where its log is known
-    /// to diverge (promisers) or optimistically after the adopted log (the rest). On a tick:
-    /// from after what it acknowledged or is known to hold, which retransmits anything lost,
-    /// or, when it is up to date, an empty append carrying the commit point.
-    fn replicate_all(&mut self, out: &mut Vec<Out<T>>, adopting: bool) {
-        let Some(l) = &self.leading else { return };
+        let get = |m: &BTreeMap<NodeId, Index>, n: NodeId| m.get(&n).copied().unwrap_or(0);
         let targets: Vec<(NodeId, Index)> = l
-            .set
-            .union(&l.old_set)
-            .copied()
-            .filter(|&n| n != self.id)
-            .map(|n| {
-                let get = |m: &BTreeMap<NodeId, Index>| m.get(&n).copied().unwrap_or(0);
-                let from = if adopting {
-                    get(&l.sent) + 1
-                } else {
-                    get(&l.matched).max(get(&l.known)) + 1
+            .followers(self.id)
+            .into_iter()
+            .filter_map(|n| {
+                let from = match mode {
+                    Resend::Idle => (get(&l.sent, n) + 1 == len).then_some(get(&l.sent, n) + 1)?,
+                    Resend::Sent => get(&l.sent, n) + 1,
+                    Resend::Acked => get(&l.matched, n) + 1,
                 };
-                (n, from)
+                Some((n, from))
             })
             .collect();
         for (to, from_index) in targets {
@@ -605,11 +587,9 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
                     self.log.truncate(at);
                     self.synced = self.synced.min(at as Index);
                     self.log.push(entry);
-                    self.dirty = true;
                 }
                 None => {
                     self.log.push(entry);
-                    self.dirty = true;
                 }
             }
         }

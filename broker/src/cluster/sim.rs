@@ -100,6 +100,8 @@ struct Sim {
     last_progress: u64,
     healing: bool,
     log: Vec<String>,
+    /// `SIM_TRACE` is set: print every delivery and commit.
+    verbose: bool,
 }
 
 const TICK_MS: u64 = 10;
@@ -156,6 +158,7 @@ impl Sim {
             last_progress: 0,
             healing: false,
             log: Vec::new(),
+            verbose: std::env::var_os("SIM_TRACE").is_some(),
         };
         for id in sim.all.clone() {
             sim.at(TICK_MS, Event::Tick { node: id, incarnation: 0 });
@@ -229,7 +232,7 @@ impl Sim {
                 if !n.up || n.incarnation != incarnation {
                     return Ok(());
                 }
-                if std::env::var("SIM_TRACE").is_ok() {
+                if self.verbose {
                     let what = match &msg {
                         Msg::Promised { epoch, log } => format!(
                             "Promised e{epoch} len {} last {:?}",
@@ -425,7 +428,7 @@ impl Sim {
             match out {
                 Out::Send { to, msg } => self.send(node, to, msg),
                 Out::Committed(upto) => {
-                    if std::env::var("SIM_TRACE").is_ok() {
+                    if self.verbose {
                         let r = &self.nodes[&node].replica;
                         eprintln!(
                             "{:>6} node {node} commits to {upto} (entry {:?}, leading {:?})",
