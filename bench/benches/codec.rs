@@ -1,7 +1,5 @@
 //! Frame codec: decoding pipelined requests, and encoding a delivery once for fan-out.
 
-use std::time::Duration;
-
 use bytes::BytesMut;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message as _;
@@ -53,9 +51,7 @@ fn encode(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = switchboard_bench::quick();
     targets = decode, encode
 }
 criterion_main!(benches);

@@ -13,8 +13,10 @@ use switchboard_bench::{FjallBaseline, WriterFixture, message_ops, message_recor
 use switchboard_broker::config::Durability;
 
 fn durable_commit(c: &mut Criterion) {
-    let mut broker = WriterFixture::open(Durability::Sync);
+    // fjall first: opening the broker's store lowers the priority of every fjall worker
+    // thread then running, the baseline's included, so both sides run alike.
     let fjall = FjallBaseline::open();
+    let mut broker = WriterFixture::open(Durability::Sync);
     let (mut broker_seq, mut fjall_seq) = (0u64, 0u64);
     let mut g = c.benchmark_group("durable_commit");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));

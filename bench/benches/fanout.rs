@@ -2,8 +2,6 @@
 //! that hosts 1,000 receiving sessions (`shard::local::apply`): the one shared frame is pushed
 //! to each session's bounded outbound queue.
 
-use std::time::Duration;
-
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use switchboard_bench::{FanOut, RECORD_BODY};
 
@@ -32,9 +30,7 @@ fn fanout(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = switchboard_bench::quick();
     targets = fanout
 }
 criterion_main!(benches);

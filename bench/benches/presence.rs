@@ -56,9 +56,7 @@ fn presence(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = switchboard_bench::quick();
     targets = presence
 }
 criterion_main!(benches);

@@ -2,8 +2,6 @@
 //! the number is the engine's CPU cost plus the hand-off to the writer thread, not this disk's
 //! fsync latency). Records are built outside the timed section.
 
-use std::time::Duration;
-
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use switchboard_bench::{WriterFixture, message_ops, message_records};
 use switchboard_broker::config::Durability;
@@ -27,9 +25,7 @@ fn group_commit(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3));
+    config = switchboard_bench::quick();
     targets = group_commit
 }
 criterion_main!(benches);

@@ -111,33 +111,57 @@ pub fn message_ops(records: Vec<(Vec<u8>, Vec<u8>)>) -> Vec<WriteOp> {
     records.into_iter().map(|(k, v)| WriteOp::Put(Ks::Messages, k, v)).collect()
 }
 
-/// The broker's storage and its group-commit writer thread, in a temporary directory (on the
-/// same file system as `/tmp`).
+/// Criterion settings shared by the benchmarks: 1 s of warm-up, 3 s of measurement.
+#[must_use]
+pub fn quick() -> criterion::Criterion {
+    criterion::Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+}
+
+/// The broker's group-commit writer thread over a store; stopped (everything flushed) on drop.
 pub struct WriterFixture {
     writer: WriterHandle,
     join: Option<std::thread::JoinHandle<()>>,
     sink: CommitSink,
     rx: mpsc::Receiver<Committed>,
     token: u64,
-    _dir: tempfile::TempDir,
+    /// The store's temporary directory, when this fixture made it (dropped last).
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl WriterFixture {
-    /// Opens the store with `durability` and starts the writer.
+    /// Opens a store with `durability` in a temporary directory (on the same file system as
+    /// `/tmp`) and starts the writer.
     ///
     /// # Panics
     /// When the store cannot be opened (a benchmark cannot go on).
     #[must_use]
     pub fn open(durability: Durability) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = StorageConfig { data_dir: dir.path().to_owned(), durability, cache_mb: 64 };
-        let storage = Storage::open(&cfg).expect("open storage");
+        let mut fixture = Self::on(storage_in(&dir, durability));
+        fixture._dir = Some(dir);
+        fixture
+    }
+
+    /// Starts the writer over `storage`.
+    ///
+    /// # Panics
+    /// When the thread cannot be spawned.
+    #[must_use]
+    pub fn on(storage: Arc<Storage>) -> Self {
         let (writer, join) = storage::writer::spawn(storage).expect("writer thread");
         let (tx, rx) = mpsc::channel::<Committed>();
         let sink: CommitSink = Arc::new(move |c| {
             let _ = tx.send(c);
         });
-        Self { writer, join: Some(join), sink, rx, token: 0, _dir: dir }
+        Self { writer, join: Some(join), sink, rx, token: 0, _dir: None }
+    }
+
+    /// A handle for submitting batches (what a shard holds).
+    #[must_use]
+    pub fn handle(&self) -> WriterHandle {
+        self.writer.clone()
     }
 
     /// Submits one batch and waits until the writer reports it committed (and, in `sync`
@@ -205,13 +229,9 @@ impl FjallBaseline {
     }
 }
 
-fn storage_in(dir: &tempfile::TempDir) -> Arc<Storage> {
-    Storage::open(&StorageConfig {
-        data_dir: dir.path().to_owned(),
-        durability: Durability::Buffered,
-        cache_mb: 64,
-    })
-    .expect("open storage")
+fn storage_in(dir: &tempfile::TempDir, durability: Durability) -> Arc<Storage> {
+    Storage::open(&StorageConfig { data_dir: dir.path().to_owned(), durability, cache_mb: 64 })
+        .expect("open storage")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,8 +247,7 @@ pub struct FanOut {
     conversation: Arc<str>,
     frame: SharedFrame,
     drained: RefCell<Vec<SharedFrame>>,
-    writer: WriterHandle,
-    writer_thread: Option<std::thread::JoinHandle<()>>,
+    _writer: WriterFixture,
     _mailbox: tokio::sync::mpsc::Receiver<ShardMsg>,
     _dir: tempfile::TempDir,
 }
@@ -242,9 +261,8 @@ impl FanOut {
     #[must_use]
     pub fn new(n: usize, body: usize) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let storage = storage_in(&dir);
-        let (writer, writer_thread) =
-            storage::writer::spawn(storage.clone()).expect("writer thread");
+        let storage = storage_in(&dir, Durability::Buffered);
+        let writer = WriterFixture::on(storage.clone());
         let mut config = Config::default();
         config.auth.secret = Some("bench-secret-bench-secret-bench-secret".into());
         let auth = switchboard_broker::auth::Authenticator::from_config(&config.auth, dir.path())
@@ -256,7 +274,7 @@ impl FanOut {
             id: 0,
             config: Arc::new(config),
             storage,
-            writer: writer.clone(),
+            writer: writer.handle(),
             auth: Arc::new(auth),
             mailboxes: vec![tx],
             limiters,
@@ -294,8 +312,7 @@ impl FanOut {
             conversation,
             frame: delivery_frame(body, 1),
             drained: RefCell::default(),
-            writer,
-            writer_thread: Some(writer_thread),
+            _writer: writer,
             _mailbox: rx,
             _dir: dir,
         }
@@ -334,15 +351,6 @@ impl FanOut {
     }
 }
 
-impl Drop for FanOut {
-    fn drop(&mut self) {
-        self.writer.shutdown();
-        if let Some(join) = self.writer_thread.take() {
-            let _ = join.join();
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Presence: the home shard's records.
 // ---------------------------------------------------------------------------------------------
@@ -364,11 +372,10 @@ impl PresenceFixture {
     #[must_use]
     pub fn new(n: usize) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let storage = storage_in(&dir);
+        let storage = storage_in(&dir, Durability::Buffered);
         let users: Vec<Arc<str>> =
             (0..n).map(|i| Arc::from(format!("user{i:05}@example").as_str())).collect();
         {
-            let (writer, join) = storage::writer::spawn(storage.clone()).expect("writer thread");
             let mut ops = Vec::new();
             for (i, a) in users.iter().enumerate() {
                 let b = &users[(i + 1) % n];
@@ -381,14 +388,7 @@ impl PresenceFixture {
                     ));
                 }
             }
-            let (tx, rx) = mpsc::channel();
-            let sink: CommitSink = Arc::new(move |c: Committed| {
-                let _ = tx.send(c.result.is_ok());
-            });
-            assert!(writer.submit(WriteBatch { token: 1, ops, sink }).is_ok());
-            assert!(rx.recv().expect("committed"), "memberships written");
-            writer.shutdown();
-            let _ = join.join();
+            WriterFixture::on(storage.clone()).commit(ops);
         }
         let config = Config::default();
         let grace = Duration::from_millis(config.presence.grace_ms);
