@@ -281,6 +281,7 @@ impl FanOut {
             webhook: None,
             metrics: None,
             dev_secret: None,
+            cluster: None,
         });
         let conversation: Arc<str> = Arc::from(CONVERSATION);
         let mut sessions = Vec::with_capacity(n);

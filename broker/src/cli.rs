@@ -110,6 +110,15 @@ struct RunArgs {
     /// Required `iss` claim.
     #[arg(long, env = "SWITCHBOARD_JWT_ISSUER", global = true)]
     jwt_issuer: Option<String>,
+    /// This node's cluster id (unique per node; default: generated once, kept in the data dir).
+    #[arg(long, env = "SWITCHBOARD_NODE_ID", global = true)]
+    node_id: Option<u64>,
+    /// Gossip (UDP) address; enables clustering, e.g. 127.0.0.1:7402.
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_LISTEN", global = true)]
+    cluster_listen: Option<SocketAddr>,
+    /// Gossip addresses of nodes to join through, comma-separated.
+    #[arg(long, env = "SWITCHBOARD_SEEDS", global = true, value_delimiter = ',')]
+    seeds: Option<Vec<String>>,
     /// Log filter (tracing EnvFilter syntax) [default: info].
     #[arg(long, env = "SWITCHBOARD_LOG", global = true)]
     log: Option<String>,
@@ -172,6 +181,9 @@ impl RunArgs {
             jwt_public_key: self.jwt_public_key.clone(),
             jwt_audience: self.jwt_audience.clone(),
             jwt_issuer: self.jwt_issuer.clone(),
+            node_id: self.node_id,
+            cluster_listen: self.cluster_listen,
+            seeds: self.seeds.clone(),
         });
         // `--set` comes last: it wins over the dedicated flags and every variable.
         let config = config.assign(&self.set)?;

@@ -60,6 +60,8 @@ pub struct Config {
     pub presence: PresenceConfig,
     /// Push notifications for offline users.
     pub push: PushConfig,
+    /// Clustering with other brokers (off unless `cluster.listen` is set).
+    pub cluster: ClusterConfig,
 }
 
 /// `[server]`
@@ -270,6 +272,45 @@ impl Default for PushConfig {
     }
 }
 
+/// `[cluster]`: gossip membership with other brokers. Off unless `listen` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Gossip (UDP) address. Clustering is off when unset.
+    pub listen: Option<SocketAddr>,
+    /// Address peers reach this node at, when it differs from `listen` (NAT, 0.0.0.0).
+    pub advertise: Option<SocketAddr>,
+    /// Gossip addresses (`host:port`) of nodes to join through. Empty: this node founds a
+    /// cluster.
+    pub seeds: Vec<String>,
+    /// Nodes gossip only with nodes of the same cluster id.
+    pub cluster_id: String,
+    /// This node's id, unique in the cluster. Unset: generated on the first start and kept in
+    /// `<data_dir>/cluster/node_id`.
+    pub node_id: Option<u64>,
+    /// Gossip round interval. Default 250.
+    pub gossip_interval_ms: u64,
+    /// Phi-accrual failure detector threshold: higher suspects later. Default 8.
+    pub phi_threshold: f64,
+    /// A node suspected down this long is forgotten. Default 3600000 (1 h).
+    pub dead_node_grace_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            advertise: None,
+            seeds: Vec::new(),
+            cluster_id: "switchboard".into(),
+            node_id: None,
+            gossip_interval_ms: 250,
+            phi_threshold: 8.0,
+            dead_node_grace_ms: 3_600_000,
+        }
+    }
+}
+
 /// `[auth]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -404,6 +445,9 @@ pub struct Overrides {
     pub jwt_public_key: Option<PathBuf>,
     pub jwt_audience: Option<String>,
     pub jwt_issuer: Option<String>,
+    pub node_id: Option<u64>,
+    pub cluster_listen: Option<SocketAddr>,
+    pub seeds: Option<Vec<String>>,
 }
 
 impl Config {
@@ -528,6 +572,13 @@ impl Config {
         if o.jwt_issuer.is_some() {
             self.auth.issuer = o.jwt_issuer;
         }
+        if o.node_id.is_some() {
+            self.cluster.node_id = o.node_id;
+        }
+        if o.cluster_listen.is_some() {
+            self.cluster.listen = o.cluster_listen;
+        }
+        set!(self.cluster.seeds, o.seeds);
     }
 
     /// Whether `POST /dev/token` may be served, and if not, why.
@@ -668,6 +719,28 @@ impl Config {
                 "window, attempts and timeout must be at least 1",
             ));
         }
+        let c = &self.cluster;
+        if c.node_id == Some(0) {
+            return Err(invalid("cluster.node_id", "must be at least 1"));
+        }
+        if c.gossip_interval_ms == 0 {
+            return Err(invalid("cluster.gossip_interval_ms", "must be at least 1"));
+        }
+        if !(c.phi_threshold.is_finite() && c.phi_threshold > 0.0) {
+            return Err(invalid("cluster.phi_threshold", "must be a positive number"));
+        }
+        if let Some(listen) = c.listen
+            && listen.ip().is_unspecified()
+            && c.advertise.is_none_or(|a| a.ip().is_unspecified())
+        {
+            return Err(invalid(
+                "cluster.advertise",
+                "is required (with a concrete IP) when cluster.listen is a wildcard address",
+            ));
+        }
+        if c.cluster_id.is_empty() {
+            return Err(invalid("cluster.cluster_id", "must not be empty"));
+        }
         match self.auth.algorithm {
             JwtAlgorithm::Hs256 => {
                 if self.auth.secret.as_ref().is_some_and(|s| s.len() < 16) {
@@ -786,6 +859,23 @@ max_group_size = {max_group}
 # Delivery attempts (with exponential backoff) before a notification is dropped.
 max_attempts = {attempts}
 timeout_ms = {timeout}
+
+[cluster]
+# Gossip (UDP) address; clustering is off while unset. E.g. "127.0.0.1:7402".
+# listen = "127.0.0.1:7402"
+# Address peers reach this node at, if not `listen` (required when listen is 0.0.0.0).
+# advertise = "10.0.0.5:7402"
+# Gossip addresses of nodes to join through; empty: this node founds the cluster.
+seeds = []
+# Nodes gossip only within one cluster id.
+cluster_id = "{cluster_id}"
+# Unique node id; default: generated on the first start, kept in <data_dir>/cluster/node_id.
+# node_id = 1
+gossip_interval_ms = {gossip_interval}
+# Failure detector (phi accrual): higher suspects a silent node later.
+phi_threshold = {phi:?}
+# A node suspected down for this long is forgotten.
+dead_node_grace_ms = {dead_grace}
 "#,
             listen = d.server.listen,
             shards = d.server.shards,
@@ -826,6 +916,10 @@ timeout_ms = {timeout}
             max_group = d.push.max_group_size,
             attempts = d.push.max_attempts,
             timeout = d.push.timeout_ms,
+            cluster_id = d.cluster.cluster_id,
+            gossip_interval = d.cluster.gossip_interval_ms,
+            phi = d.cluster.phi_threshold,
+            dead_grace = d.cluster.dead_node_grace_ms,
         )
     }
 }

@@ -13,6 +13,8 @@
 //! | `switchboard_messages_stored_total` | counter | | user messages made durable |
 //! | `switchboard_deliveries_total` | counter | | message pushes queued to sessions |
 //! | `switchboard_send_ack_seconds` | histogram | | from a send reaching its owner to its ack |
+//! | `switchboard_storage_round_seconds` | histogram | | one storage-writer round (write, then flush or fsync) |
+//! | `switchboard_cluster_nodes` | gauge | `state` | nodes gossip knows of, `live` or `down` (cluster only) |
 
 use std::cell::Cell;
 
@@ -34,6 +36,9 @@ pub const SEND_ACK_SECONDS: &str = "switchboard_send_ack_seconds";
 /// Seconds one storage-writer round took: the atomic batch write plus, by durability, its
 /// flush or fsync.
 pub const STORAGE_ROUND_SECONDS: &str = "switchboard_storage_round_seconds";
+
+/// Cluster nodes known to gossip, by state (`live`, `down`).
+pub const CLUSTER_NODES: &str = "switchboard_cluster_nodes";
 
 /// How often the recorder's histogram samples are folded into their buckets.
 pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -64,7 +69,20 @@ pub fn install() -> Option<PrometheusHandle> {
         STORAGE_ROUND_SECONDS,
         "Seconds per storage-writer round (batch write, then flush or fsync by durability)."
     );
+    metrics::describe_gauge!(
+        CLUSTER_NODES,
+        "Cluster nodes known to gossip, by state (live: heard from and serving; down: suspected or leaving)."
+    );
     Some(handle)
+}
+
+/// Open client connections of this process (every transport), for the load gossiped to peers.
+static OPEN_CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Open client connections of this process.
+#[must_use]
+pub fn open_connections() -> u64 {
+    OPEN_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A transport, as a label value.
@@ -138,6 +156,7 @@ impl ConnectionGauge {
     #[must_use]
     pub fn open(t: Transport) -> Self {
         metrics::gauge!(CONNECTIONS, "transport" => t.label()).increment(1.0);
+        OPEN_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self(t)
     }
 }
@@ -145,5 +164,6 @@ impl ConnectionGauge {
 impl Drop for ConnectionGauge {
     fn drop(&mut self) {
         metrics::gauge!(CONNECTIONS, "transport" => self.0.label()).decrement(1.0);
+        OPEN_CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -33,6 +33,9 @@ pub enum StartError {
     /// Key material is missing or invalid.
     #[error("cannot load token keys: {0}")]
     Keys(#[from] crate::auth::KeyError),
+    /// The cluster identity in the data directory is unusable.
+    #[error(transparent)]
+    Identity(#[from] crate::cluster::membership::IdentityError),
     /// A listener could not be bound, or a thread could not start.
     #[error("cannot start: {0}")]
     Io(#[from] std::io::Error),
@@ -56,6 +59,19 @@ pub struct Bound {
     pub http: SocketAddr,
     /// Number of shards.
     pub shards: usize,
+    /// The cluster identity and gossip address, when clustering is on.
+    pub cluster: Option<ClusterBound>,
+}
+
+/// A clustered broker's identity.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterBound {
+    /// The node id.
+    pub node: crate::cluster::NodeId,
+    /// This start's generation.
+    pub generation: u64,
+    /// The gossip address peers use.
+    pub gossip: SocketAddr,
 }
 
 /// Lets another thread stop a running broker.
@@ -124,6 +140,9 @@ pub fn run(config: Config) -> Result<Exit, StartError> {
             "http": bound.http.to_string(),
             "shards": bound.shards,
             "pid": std::process::id(),
+            "node": bound.cluster.map(|c| c.node),
+            "generation": bound.cluster.map(|c| c.generation),
+            "gossip": bound.cluster.map(|c| c.gossip.to_string()),
         });
         println!("{line}");
         use std::io::Write;
@@ -149,6 +168,29 @@ pub fn run_with(
     let (bound_tcp, listeners) = bind_all(config.server.listen, shards)?;
     let (bound_http, http_listeners) = bind_all(config.http.listen, shards)?;
     let metrics = crate::metrics::install();
+    let membership = match config.cluster.listen {
+        Some(_) => {
+            let identity = crate::cluster::membership::Identity::load(
+                &config.storage.data_dir,
+                config.cluster.node_id,
+            )?;
+            let advertise =
+                crate::cluster::membership::Advertise { tcp: bound_tcp, http: bound_http, shards };
+            let m = crate::cluster::membership::Membership::start(
+                &config.cluster,
+                identity,
+                advertise,
+            )?;
+            Some((m, identity))
+        }
+        None => None,
+    };
+    let cluster_bound = membership.as_ref().map(|(m, id)| ClusterBound {
+        node: id.node,
+        generation: id.generation,
+        gossip: m.gossip_addr(),
+    });
+    let cluster_view = membership.as_ref().map(|(m, _)| m.view());
     let dev_secret = match config.dev_tokens() {
         Ok(()) => {
             tracing::info!(
@@ -183,6 +225,7 @@ pub fn run_with(
             webhook: webhook.clone(),
             metrics: metrics.clone(),
             dev_secret: dev_secret.clone(),
+            cluster: cluster_view.clone(),
         };
         joins.push(
             std::thread::Builder::new()
@@ -192,7 +235,7 @@ pub fn run_with(
     }
 
     tracing::info!(tcp = %bound_tcp, http = %bound_http, shards, nofile, durability = %config.storage.durability, "broker ready");
-    on_ready(&Bound { tcp: bound_tcp, http: bound_http, shards });
+    on_ready(&Bound { tcp: bound_tcp, http: bound_http, shards, cluster: cluster_bound });
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let exit = rt.block_on(async {
@@ -216,6 +259,10 @@ pub fn run_with(
             }
         };
         tracing::info!("shutting down");
+        if let Some((m, _)) = membership {
+            // Peers stop routing here at once instead of after failure detection.
+            tokio::task::spawn_blocking(move || m.leave()).await.ok();
+        }
         let budget = Duration::from_millis(config.server.shutdown_timeout_ms);
         let mut drained = Vec::new();
         for tx in &txs {

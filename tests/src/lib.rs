@@ -45,13 +45,23 @@ impl Permit {
         *n += 1;
         Self
     }
+
+    /// Every slot at once, for a cluster (its nodes then start without permits of their own).
+    fn acquire_all() -> Vec<Self> {
+        let mut n = RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *n > 0 {
+            n = FREED.wait(n).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *n = MAX_BROKERS;
+        (0..MAX_BROKERS).map(|_| Self).collect()
+    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
         let mut n = RUNNING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         *n -= 1;
-        FREED.notify_one();
+        FREED.notify_all();
     }
 }
 
@@ -67,11 +77,23 @@ pub struct Options {
     /// Pass `--jwt-secret SECRET` (true by default); without it the broker generates its own
     /// secret, which also enables its development-token endpoint.
     pub jwt_secret: bool,
+    /// The loopback address every listener binds (127.0.0.1 by default; cluster nodes use one
+    /// address each, so a partition can be cut between addresses).
+    pub ip: std::net::Ipv4Addr,
+    /// Gossip on `ip` (a free port, kept across restarts): `--cluster-listen`.
+    pub gossip: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { shards: 3, durability: "buffered".into(), args: Vec::new(), jwt_secret: true }
+        Self {
+            shards: 3,
+            durability: "buffered".into(),
+            args: Vec::new(),
+            jwt_secret: true,
+            ip: std::net::Ipv4Addr::LOCALHOST,
+            gossip: false,
+        }
     }
 }
 
@@ -90,10 +112,12 @@ pub struct Broker {
     pub addr: SocketAddr,
     /// The HTTP address (WebSocket bridge, metrics, demo page).
     pub http: SocketAddr,
+    /// The gossip address, when clustered.
+    pub gossip: Option<SocketAddr>,
     dir: tempfile::TempDir,
     opts: Options,
     starts: usize,
-    _permit: Permit,
+    _permit: Option<Permit>,
 }
 
 impl Broker {
@@ -109,12 +133,17 @@ impl Broker {
     /// When the broker does not come up.
     #[must_use]
     pub fn start_with(opts: Options) -> Self {
-        let permit = Permit::acquire();
+        Self::start_permitted(opts, Some(Permit::acquire()))
+    }
+
+    fn start_permitted(opts: Options, permit: Option<Permit>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let any = SocketAddr::from((opts.ip, 0));
         let mut b = Self {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr: any,
+            http: any,
+            gossip: opts.gossip.then_some(any),
             dir,
             opts,
             starts: 0,
@@ -163,6 +192,7 @@ impl Broker {
                 "--set",
                 "limits.connect_burst_per_ip=1000000",
             ])
+            .args(self.gossip.map(|g| format!("--cluster-listen={g}")))
             .args(&self.opts.args)
             .env(
                 "SWITCHBOARD_LOG",
@@ -194,6 +224,10 @@ impl Broker {
         assert_eq!(ready["event"], "ready");
         self.addr = ready["tcp"].as_str().and_then(|s| s.parse().ok()).expect("tcp address");
         self.http = ready["http"].as_str().and_then(|s| s.parse().ok()).expect("http address");
+        if self.gossip.is_some() {
+            self.gossip = ready["gossip"].as_str().and_then(|s| s.parse().ok());
+            assert!(self.gossip.is_some(), "clustered broker printed no gossip address: {line}");
+        }
         self.child = Some(child);
     }
 
@@ -286,6 +320,65 @@ impl Broker {
         let w = c.hello(&self.token(user)).await;
         (c, w)
     }
+}
+
+/// A cluster of brokers on loopback, node `i` (id `i + 1`) on address `127.0.0.(i + 1)`,
+/// joined through node 1's gossip address. Holds every broker slot of the test process.
+pub struct Cluster {
+    /// The nodes, by index.
+    pub nodes: Vec<Broker>,
+    _permits: Vec<Permit>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes with `opts` (its `ip`, `gossip` and node flags are set per node).
+    #[must_use]
+    pub fn start(n: u8, opts: &Options) -> Self {
+        let permits = Permit::acquire_all();
+        let mut nodes: Vec<Broker> = Vec::new();
+        for i in 0..n {
+            let mut o = opts.clone();
+            o.ip = std::net::Ipv4Addr::new(127, 0, 0, i + 1);
+            o.gossip = true;
+            o.args.push(format!("--node-id={}", i + 1));
+            if let Some(seed) = nodes.first().and_then(|first| first.gossip) {
+                o.args.push(format!("--seeds={seed}"));
+            }
+            nodes.push(Broker::start_permitted(o, None));
+        }
+        Self { nodes, _permits: permits }
+    }
+
+    /// Waits until `node`'s gossip view satisfies `pred`, and returns that view.
+    ///
+    /// # Panics
+    /// After [`WAIT`] without it.
+    pub async fn wait_view(
+        &self,
+        node: usize,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut last = serde_json::Value::Null;
+        while tokio::time::Instant::now() < deadline {
+            let (status, body) = http_get(self.nodes[node].http, "/cluster").await;
+            if status == 200 {
+                last = serde_json::from_str(&body).unwrap_or_default();
+                if pred(&last) {
+                    return last;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("node {} never saw {what}; last view: {last:#}", node + 1);
+    }
+}
+
+/// The member with id `id` in a `/cluster` view.
+#[must_use]
+pub fn member(view: &serde_json::Value, id: u64) -> Option<&serde_json::Value> {
+    view["members"].as_array()?.iter().find(|m| m["id"] == id)
 }
 
 impl Drop for Broker {

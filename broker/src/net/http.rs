@@ -5,7 +5,8 @@
 //! |---|---|
 //! | `GET /ws` | WebSocket upgrade to the same session logic as TCP ([`super::ws`]) |
 //! | `GET /healthz` | 200 while the process runs |
-//! | `GET /readyz` | 200 once storage is open, recovery done and listeners bound; 503 while stopping |
+//! | `GET /readyz` | 200 once storage is open, recovery done, listeners bound and (in a cluster) a seeded node has heard from a peer; 503 otherwise or while stopping |
+//! | `GET /cluster` | the gossip view as JSON (404 when clustering is off) |
 //! | `GET /metrics` | Prometheus text format |
 //! | `POST /dev/token` | a development token for `{"user": …}`, only when safe (see config) |
 //! | `GET /`, `/app.js`, … | the demo chat page and the browser client ([`super::assets`]) |
@@ -94,10 +95,22 @@ async fn route(shard: &Rc<Shard>, peer: SocketAddr, req: Request<Incoming>) -> R
         (&Method::GET, "/readyz") => {
             if shard.is_shutting_down() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else if shard.cluster.as_ref().is_some_and(|v| !v.borrow().joined()) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not joined: no peer reachable through the seeds\n",
+                )
             } else {
                 text(StatusCode::OK, "ready\n")
             }
         }
+        (&Method::GET, "/cluster") => match &shard.cluster {
+            Some(view) => {
+                let body = serde_json::to_vec(&**view.borrow()).unwrap_or_default();
+                respond(StatusCode::OK, "application/json", body)
+            }
+            None => text(StatusCode::NOT_FOUND, "clustering is off\n"),
+        },
         (&Method::GET, "/metrics") => {
             let body = shard.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
             respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)

@@ -161,7 +161,12 @@ pub struct ShardSetup {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The HS256 secret for `POST /dev/token`, when development tokens are on.
     pub dev_secret: Option<Vec<u8>>,
+    /// The cluster as gossip sees it, when clustering is on.
+    pub cluster: Option<ClusterView>,
 }
+
+/// The latest cluster view, published by the gossip thread.
+pub type ClusterView = tokio::sync::watch::Receiver<Arc<crate::cluster::membership::View>>;
 
 /// A shard: its roles' state and its links to the others. Lives on its own thread.
 pub struct Shard {
@@ -181,6 +186,8 @@ pub struct Shard {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The HS256 secret for `POST /dev/token`, when development tokens are on.
     pub dev_secret: Option<Vec<u8>>,
+    /// The cluster as gossip sees it, when clustering is on.
+    pub cluster: Option<ClusterView>,
     /// This shard's counters.
     pub stats: crate::metrics::ShardStats,
     webhook: Option<Webhook>,
@@ -234,6 +241,7 @@ impl Shard {
             limiters: setup.limiters,
             metrics: setup.metrics,
             dev_secret: setup.dev_secret,
+            cluster: setup.cluster,
             stats: crate::metrics::ShardStats::default(),
             webhook: setup.webhook,
             writer: setup.writer,
