@@ -119,6 +119,9 @@ struct RunArgs {
     /// Gossip addresses of nodes to join through, comma-separated.
     #[arg(long, env = "SWITCHBOARD_SEEDS", global = true, value_delimiter = ',')]
     seeds: Option<Vec<String>>,
+    /// Found the cluster's control plane once this many nodes are live [default: 3].
+    #[arg(long, env = "SWITCHBOARD_BOOTSTRAP_EXPECT", global = true)]
+    bootstrap_expect: Option<usize>,
     /// Log filter (tracing EnvFilter syntax) [default: info].
     #[arg(long, env = "SWITCHBOARD_LOG", global = true)]
     log: Option<String>,
@@ -184,6 +187,7 @@ impl RunArgs {
             node_id: self.node_id,
             cluster_listen: self.cluster_listen,
             seeds: self.seeds.clone(),
+            bootstrap_expect: self.bootstrap_expect,
         });
         // `--set` comes last: it wins over the dedicated flags and every variable.
         let config = config.assign(&self.set)?;

@@ -294,6 +294,14 @@ pub struct ClusterConfig {
     pub phi_threshold: f64,
     /// A node suspected down this long is forgotten. Default 3600000 (1 h).
     pub dead_node_grace_ms: u64,
+    /// Replicas per partition (R). Default 3; with fewer nodes every node holds every
+    /// partition and the loss of a node is not survivable.
+    pub replication: usize,
+    /// The control plane is founded once this many nodes are live in gossip. Default 3.
+    pub bootstrap_expect: usize,
+    /// Control plane (Raft) election timeout; a new control leader is elected within one to
+    /// two of these after the old one fails. Default 1500.
+    pub election_timeout_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -307,6 +315,9 @@ impl Default for ClusterConfig {
             gossip_interval_ms: 250,
             phi_threshold: 8.0,
             dead_node_grace_ms: 3_600_000,
+            replication: 3,
+            bootstrap_expect: 3,
+            election_timeout_ms: 1_500,
         }
     }
 }
@@ -448,6 +459,7 @@ pub struct Overrides {
     pub node_id: Option<u64>,
     pub cluster_listen: Option<SocketAddr>,
     pub seeds: Option<Vec<String>>,
+    pub bootstrap_expect: Option<usize>,
 }
 
 impl Config {
@@ -579,6 +591,7 @@ impl Config {
             self.cluster.listen = o.cluster_listen;
         }
         set!(self.cluster.seeds, o.seeds);
+        set!(self.cluster.bootstrap_expect, o.bootstrap_expect);
     }
 
     /// Whether `POST /dev/token` may be served, and if not, why.
@@ -738,6 +751,15 @@ impl Config {
                 "is required (with a concrete IP) when cluster.listen is a wildcard address",
             ));
         }
+        if c.replication == 0 || c.bootstrap_expect == 0 {
+            return Err(invalid(
+                "cluster.replication",
+                "replication and bootstrap_expect must be at least 1",
+            ));
+        }
+        if c.election_timeout_ms < 50 {
+            return Err(invalid("cluster.election_timeout_ms", "must be at least 50"));
+        }
         if c.cluster_id.is_empty() {
             return Err(invalid("cluster.cluster_id", "must not be empty"));
         }
@@ -876,6 +898,13 @@ gossip_interval_ms = {gossip_interval}
 phi_threshold = {phi:?}
 # A node suspected down for this long is forgotten.
 dead_node_grace_ms = {dead_grace}
+# Replicas per partition. With fewer nodes, node loss is not survivable.
+replication = {replication}
+# The control plane (Raft) is founded once this many nodes are live; use 1 for a one-node
+# cluster. Nodes that come later join it.
+bootstrap_expect = {bootstrap_expect}
+# Control plane election timeout: a failed control leader is replaced within 1-2 of these.
+election_timeout_ms = {election}
 "#,
             listen = d.server.listen,
             shards = d.server.shards,
@@ -920,6 +949,9 @@ dead_node_grace_ms = {dead_grace}
             gossip_interval = d.cluster.gossip_interval_ms,
             phi = d.cluster.phi_threshold,
             dead_grace = d.cluster.dead_node_grace_ms,
+            replication = d.cluster.replication,
+            bootstrap_expect = d.cluster.bootstrap_expect,
+            election = d.cluster.election_timeout_ms,
         )
     }
 }

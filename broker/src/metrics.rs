@@ -15,6 +15,9 @@
 //! | `switchboard_send_ack_seconds` | histogram | | from a send reaching its owner to its ack |
 //! | `switchboard_storage_round_seconds` | histogram | | one storage-writer round (write, then flush or fsync) |
 //! | `switchboard_cluster_nodes` | gauge | `state` | nodes gossip knows of, `live` or `down` (cluster only) |
+//! | `switchboard_cluster_control_leader_changes_total` | counter | | control plane (Raft) leader changes seen by this node |
+//! | `switchboard_cluster_epoch_changes_total` | counter | | partition assignments changed by proposals of this node (as control leader) |
+//! | `switchboard_cluster_partitions_led` | gauge | | partitions this node leads in the committed table |
 
 use std::cell::Cell;
 
@@ -39,6 +42,13 @@ pub const STORAGE_ROUND_SECONDS: &str = "switchboard_storage_round_seconds";
 
 /// Cluster nodes known to gossip, by state (`live`, `down`).
 pub const CLUSTER_NODES: &str = "switchboard_cluster_nodes";
+
+/// Control plane leader changes seen by this node.
+pub const CLUSTER_LEADER_CHANGES: &str = "switchboard_cluster_control_leader_changes_total";
+/// Partition assignments changed by this node's proposals.
+pub const CLUSTER_EPOCH_CHANGES: &str = "switchboard_cluster_epoch_changes_total";
+/// Partitions this node leads.
+pub const CLUSTER_PARTITIONS_LED: &str = "switchboard_cluster_partitions_led";
 
 /// How often the recorder's histogram samples are folded into their buckets.
 pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -73,6 +83,15 @@ pub fn install() -> Option<PrometheusHandle> {
         CLUSTER_NODES,
         "Cluster nodes known to gossip, by state (live: heard from and serving; down: suspected or leaving)."
     );
+    metrics::describe_counter!(
+        CLUSTER_LEADER_CHANGES,
+        "Control plane (Raft) leader changes seen by this node."
+    );
+    metrics::describe_counter!(
+        CLUSTER_EPOCH_CHANGES,
+        "Partition assignments (epochs) changed by this node's proposals as control leader."
+    );
+    metrics::describe_gauge!(CLUSTER_PARTITIONS_LED, "Partitions this node leads.");
     Some(handle)
 }
 

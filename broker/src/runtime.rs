@@ -36,6 +36,9 @@ pub enum StartError {
     /// The cluster identity in the data directory is unusable.
     #[error(transparent)]
     Identity(#[from] crate::cluster::membership::IdentityError),
+    /// The control plane could not start.
+    #[error(transparent)]
+    Control(#[from] crate::cluster::control::ControlError),
     /// A listener could not be bound, or a thread could not start.
     #[error("cannot start: {0}")]
     Io(#[from] std::io::Error),
@@ -181,16 +184,27 @@ pub fn run_with(
                 identity,
                 advertise,
             )?;
-            Some((m, identity))
+            let control = crate::cluster::control::ControlPlane::start(
+                &config.cluster,
+                &config.storage.data_dir,
+                identity.node,
+                m.listen_addr(),
+                m.view(),
+                m.announce(),
+            )?;
+            Some((m, identity, control))
         }
         None => None,
     };
-    let cluster_bound = membership.as_ref().map(|(m, id)| ClusterBound {
+    let cluster_bound = membership.as_ref().map(|(m, id, _)| ClusterBound {
         node: id.node,
         generation: id.generation,
         gossip: m.gossip_addr(),
     });
-    let cluster_view = membership.as_ref().map(|(m, _)| m.view());
+    let cluster_view = membership.as_ref().map(|(m, _, control)| crate::shard::ClusterView {
+        gossip: m.view(),
+        control: control.view(),
+    });
     let dev_secret = match config.dev_tokens() {
         Ok(()) => {
             tracing::info!(
@@ -259,9 +273,14 @@ pub fn run_with(
             }
         };
         tracing::info!("shutting down");
-        if let Some((m, _)) = membership {
+        if let Some((m, _, control)) = membership {
             // Peers stop routing here at once instead of after failure detection.
-            tokio::task::spawn_blocking(move || m.leave()).await.ok();
+            tokio::task::spawn_blocking(move || {
+                control.stop();
+                m.leave();
+            })
+            .await
+            .ok();
         }
         let budget = Duration::from_millis(config.server.shutdown_timeout_ms);
         let mut drained = Vec::new();

@@ -1,11 +1,68 @@
-//! Cluster membership over real gossip: three broker processes on 127.0.0.1–3, joined through
-//! one seed, watched through each node's `/cluster` view and `/readyz`.
+//! Clusters of real broker processes on 127.0.0.1–3, joined through one seed: gossip
+//! membership, the Raft control plane and its partition table, watched through each node's
+//! `/cluster`, `/cluster/partitions` and `/readyz`.
 
-use switchboard_tests::{Broker, Cluster, Options, http_get, member};
+use std::collections::BTreeMap;
+
+use switchboard_tests::{Broker, Cluster, Options, WAIT, http_get, member};
 
 fn fast_gossip() -> Options {
     // Fast rounds so failure detection takes a second or two, not tens of seconds.
-    Options::with_args(&["--set", "cluster.gossip_interval_ms=100"])
+    Options::with_args(&[
+        "--set",
+        "cluster.gossip_interval_ms=100",
+        "--set",
+        "cluster.election_timeout_ms=500",
+    ])
+}
+
+/// `/cluster/partitions` of node `i`.
+async fn table(cluster: &Cluster, i: usize) -> serde_json::Value {
+    let (status, body) = http_get(cluster.nodes[i].http, "/cluster/partitions").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).expect("json")
+}
+
+/// Waits until `pred` holds for node `i`'s partition table, and returns the table.
+async fn wait_table(
+    cluster: &Cluster,
+    i: usize,
+    what: &str,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut last = serde_json::Value::Null;
+    while tokio::time::Instant::now() < deadline {
+        last = table(cluster, i).await;
+        if let Some(p) = last["partitions"].as_array()
+            && pred(p)
+        {
+            return p.clone();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let n = last["partitions"].as_array().map_or(0, Vec::len);
+    panic!("node {} never saw {what}; leader {}, {n} partitions", i + 1, last["leader"]);
+}
+
+fn leaders(partitions: &[serde_json::Value]) -> BTreeMap<u64, usize> {
+    let mut led = BTreeMap::new();
+    for p in partitions {
+        *led.entry(p["leader"].as_u64().expect("leader")).or_default() += 1;
+    }
+    led
+}
+
+async fn wait_ready(cluster: &Cluster, i: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = http_get(cluster.nodes[i].http, "/readyz").await;
+        if status == 200 {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "node {} not ready: {body}", i + 1);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 fn all_live(view: &serde_json::Value, n: u64) -> bool {
@@ -26,6 +83,7 @@ async fn given_three_nodes_joined_through_one_seed_should_all_see_each_other_wit
             assert_eq!(m["generation"], 1);
             assert_eq!(m["shards"], 3);
         }
+        wait_ready(&cluster, i).await;
         assert_eq!(http_get(node.http, "/readyz").await.0, 200);
     }
     let (_, metrics) = http_get(cluster.nodes[1].http, "/metrics").await;
@@ -86,6 +144,7 @@ async fn given_seeds_that_answer_nobody_should_not_be_ready_until_a_peer_is_hear
     opts.gossip = true;
     opts.args.push(format!("--seeds={unused}"));
     let lonely = Broker::start_with(opts);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     let (status, body) = http_get(lonely.http, "/readyz").await;
     assert_eq!((status, body.as_str()), (503, "not joined: no peer reachable through the seeds\n"));
     let (status, view) = http_get(lonely.http, "/cluster").await;
@@ -97,4 +156,94 @@ async fn given_seeds_that_answer_nobody_should_not_be_ready_until_a_peer_is_hear
     let single = Broker::start();
     assert_eq!(http_get(single.http, "/cluster").await.0, 404);
     assert_eq!(http_get(single.http, "/readyz").await.0, 200);
+}
+
+#[tokio::test]
+async fn given_three_nodes_should_agree_on_one_partition_table_with_three_replicas_and_spread_leaders()
+ {
+    let cluster = Cluster::start(3, &fast_gossip());
+    let first = wait_table(&cluster, 0, "a placed table", |p| p.len() == 1024).await;
+    for p in &first {
+        assert_eq!(p["epoch"], 1);
+        let mut replicas: Vec<u64> =
+            p["replicas"].as_array().expect("replicas").iter().filter_map(|r| r.as_u64()).collect();
+        assert_eq!(replicas[0], p["leader"], "the preferred replica leads");
+        replicas.sort_unstable();
+        assert_eq!(replicas, [1, 2, 3]);
+    }
+    let led = leaders(&first);
+    assert_eq!(led.len(), 3, "every node leads some partitions: {led:?}");
+    assert!(led.values().all(|&n| n > 200), "leaders are spread: {led:?}");
+    for i in 1..3 {
+        let other = wait_table(&cluster, i, "the same table", |p| p == first.as_slice()).await;
+        assert_eq!(other, first);
+        wait_ready(&cluster, i).await;
+    }
+    let view = cluster
+        .wait_view(0, "three voters", |v| v["control"]["voters"] == serde_json::json!([1, 2, 3]))
+        .await;
+    assert!(view["control"]["leader"].is_u64());
+}
+
+#[tokio::test]
+async fn given_the_control_leader_is_killed_should_move_its_partitions_to_live_replicas_in_new_epochs_and_keep_them_across_restarts()
+ {
+    let mut cluster = Cluster::start(3, &fast_gossip());
+    let before = wait_table(&cluster, 0, "a placed table", |p| p.len() == 1024).await;
+    let view = cluster.wait_view(0, "a control leader", |v| v["control"]["leader"].is_u64()).await;
+    let killed = view["control"]["leader"].as_u64().expect("leader");
+    let k = usize::try_from(killed - 1).expect("index");
+    cluster.nodes[k].kill();
+    let survivor = (k + 1) % 3;
+
+    let after = wait_table(&cluster, survivor, "no partition led by the killed node", |p| {
+        p.len() == 1024 && !leaders(p).contains_key(&killed)
+    })
+    .await;
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(a["replicas"], b["replicas"], "failover keeps replica sets");
+        if b["leader"] == killed {
+            let next = b["replicas"]
+                .as_array()
+                .and_then(|r| r.iter().find(|&n| n != &serde_json::json!(killed)))
+                .expect("another replica");
+            assert_eq!(&a["leader"], next, "the next replica in placement order leads");
+            assert_eq!(a["epoch"], 2);
+        } else {
+            assert_eq!(a, b, "partitions of live leaders are untouched");
+        }
+    }
+    let other = (k + 2) % 3;
+    wait_table(&cluster, other, "the survivor's table", |p| p == after.as_slice()).await;
+    let view = cluster
+        .wait_view(survivor, "a new control leader", |v| {
+            v["control"]["leader"].as_u64().is_some_and(|l| l != killed)
+        })
+        .await;
+    assert!(view["control"]["term"].as_u64() > Some(0));
+
+    // The killed node comes back as a follower and learns the table it missed.
+    cluster.nodes[k].restart();
+    wait_table(&cluster, k, "the table it missed", |p| p == after.as_slice()).await;
+    wait_ready(&cluster, k).await;
+
+    // Every node stops and starts again: epochs come back from disk, never from scratch.
+    for node in &mut cluster.nodes {
+        assert!(node.terminate().success());
+    }
+    for node in &mut cluster.nodes {
+        node.restart();
+    }
+    for i in 0..3 {
+        wait_ready(&cluster, i).await;
+        let t = table(&cluster, i).await;
+        let now = t["partitions"].as_array().expect("partitions");
+        for (a, n) in after.iter().zip(now) {
+            assert!(
+                n["epoch"].as_u64() >= a["epoch"].as_u64(),
+                "an epoch went backwards: {a} -> {n}"
+            );
+            assert_eq!(n["replicas"], a["replicas"]);
+        }
+    }
 }

@@ -36,6 +36,26 @@ mod key {
     pub(super) const STATE: &str = "state";
 }
 
+/// Gossip key set to `member` once the node belongs to a control plane (Raft group).
+pub const CONTROL_KEY: &str = "control";
+
+/// Publishes extra gossip keys about this node (applied on the next gossip round).
+#[derive(Debug, Clone)]
+pub struct Announce(Arc<watch::Sender<BTreeMap<String, String>>>);
+
+impl Announce {
+    /// Sets `key` to `value` unless it already has that value.
+    pub fn set(&self, key: &str, value: &str) {
+        self.0.send_if_modified(|keys| {
+            if keys.get(key).map(String::as_str) == Some(value) {
+                return false;
+            }
+            keys.insert(key.to_owned(), value.to_owned());
+            true
+        });
+    }
+}
+
 /// `state` while the node serves; `leaving` once it has started a graceful shutdown.
 const SERVING: &str = "serving";
 const LEAVING: &str = "leaving";
@@ -154,6 +174,8 @@ pub struct Member {
     pub live: bool,
     /// It announced a graceful shutdown.
     pub leaving: bool,
+    /// It belongs to a control plane.
+    pub control: bool,
 }
 
 /// The cluster as this node sees it.
@@ -209,6 +231,7 @@ fn fold<'a>(
             load: state.get(key::LOAD).and_then(|s| s.parse().ok()).unwrap_or(0),
             live: !leaving && live.contains(&cid),
             leaving,
+            control: state.get(CONTROL_KEY) == Some("member"),
         };
         by_id.insert(id, member);
     }
@@ -244,6 +267,8 @@ pub struct Membership {
     view: watch::Receiver<Arc<View>>,
     leave: Arc<Notify>,
     gossip: SocketAddr,
+    listen: SocketAddr,
+    announce: Announce,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -292,6 +317,8 @@ impl Membership {
         let interval = chitchat_config.gossip_interval;
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let leave_rx = leave.clone();
+        let (keys_tx, keys_rx) = watch::channel(BTreeMap::new());
+        let announce = Announce(Arc::new(keys_tx));
         let thread = std::thread::Builder::new().name("sb-gossip".into()).spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -311,13 +338,13 @@ impl Membership {
                 // The view holds this node before anyone reads it.
                 refresh(&handle, &me, seeded, &view_tx).await;
                 let _ = started_tx.send(Ok(()));
-                run(&handle, &me, seeded, interval, &view_tx, &leave_rx).await;
+                run(&handle, &me, seeded, interval, &view_tx, keys_rx, &leave_rx).await;
                 let _ = handle.shutdown().await;
             });
         })?;
         started_rx.recv().map_err(|_| std::io::Error::other("gossip thread died"))??;
         tracing::info!(node = identity.node, generation = identity.generation, %gossip, seeds = ?config.seeds, "gossip started");
-        Ok(Self { view, leave, gossip, thread: Some(thread) })
+        Ok(Self { view, leave, gossip, listen, announce, thread: Some(thread) })
     }
 
     /// The live view; `borrow()` it for the latest.
@@ -330,6 +357,18 @@ impl Membership {
     #[must_use]
     pub fn gossip_addr(&self) -> SocketAddr {
         self.gossip
+    }
+
+    /// The bound gossip address (the control plane's TCP listener uses the same one).
+    #[must_use]
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// A handle to publish extra keys about this node.
+    #[must_use]
+    pub fn announce(&self) -> Announce {
+        self.announce.clone()
     }
 
     /// Announces that this node is leaving, gives the announcement a few gossip rounds to
@@ -366,6 +405,7 @@ async fn run(
     seeded: bool,
     interval: Duration,
     view_tx: &watch::Sender<Arc<View>>,
+    mut keys: watch::Receiver<BTreeMap<String, String>>,
     leave: &Notify,
 ) {
     let chitchat = handle.chitchat();
@@ -377,6 +417,15 @@ async fn run(
             () = leave.notified() => break,
             _ = tick.tick() => {}
             changed = live_changes.changed() => if changed.is_err() { break },
+            changed = keys.changed() => {
+                if changed.is_err() { break }
+                let kvs = keys.borrow_and_update().clone();
+                handle.with_chitchat(|c| {
+                    for (k, v) in &kvs {
+                        c.self_node_state().set(k, v);
+                    }
+                }).await;
+            }
         }
         refresh(handle, me, seeded, view_tx).await;
     }

@@ -95,20 +95,18 @@ async fn route(shard: &Rc<Shard>, peer: SocketAddr, req: Request<Incoming>) -> R
         (&Method::GET, "/readyz") => {
             if shard.is_shutting_down() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-            } else if shard.cluster.as_ref().is_some_and(|v| !v.borrow().joined()) {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not joined: no peer reachable through the seeds\n",
-                )
+            } else if let Some(why) = shard.cluster.as_ref().and_then(not_ready) {
+                text(StatusCode::SERVICE_UNAVAILABLE, why)
             } else {
                 text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::GET, "/cluster") => match &shard.cluster {
-            Some(view) => {
-                let body = serde_json::to_vec(&**view.borrow()).unwrap_or_default();
-                respond(StatusCode::OK, "application/json", body)
-            }
+            Some(c) => respond(StatusCode::OK, "application/json", cluster_json(c, false)),
+            None => text(StatusCode::NOT_FOUND, "clustering is off\n"),
+        },
+        (&Method::GET, "/cluster/partitions") => match &shard.cluster {
+            Some(c) => respond(StatusCode::OK, "application/json", cluster_json(c, true)),
             None => text(StatusCode::NOT_FOUND, "clustering is off\n"),
         },
         (&Method::GET, "/metrics") => {
@@ -124,6 +122,47 @@ async fn route(shard: &Rc<Shard>, peer: SocketAddr, req: Request<Incoming>) -> R
         },
         _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
     }
+}
+
+/// Why a clustered node is not ready, if it is not.
+fn not_ready(c: &crate::shard::ClusterView) -> Option<&'static str> {
+    if !c.gossip.borrow().joined() {
+        return Some("not joined: no peer reachable through the seeds\n");
+    }
+    if !c.control.borrow().ready() {
+        return Some("no control plane yet: waiting for a leader and the partition table\n");
+    }
+    None
+}
+
+/// `/cluster`: gossip's view plus the control plane's summary; with `table`, the whole
+/// partition table instead of the summary.
+fn cluster_json(c: &crate::shard::ClusterView, table: bool) -> Vec<u8> {
+    let gossip = c.gossip.borrow().clone();
+    let control = c.control.borrow().clone();
+    let partitions = &control.machine.table.partitions;
+    let body = if table {
+        serde_json::json!({
+            "leader": control.leader,
+            "term": control.term,
+            "partitions": partitions,
+        })
+    } else {
+        let mut view = serde_json::to_value(&*gossip).unwrap_or_default();
+        let led: std::collections::BTreeMap<String, usize> =
+            control.machine.table.led().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        view["control"] = serde_json::json!({
+            "leader": control.leader,
+            "term": control.term,
+            "voters": control.voters,
+            "learners": control.learners,
+            "partitions": partitions.len(),
+            "max_epoch": partitions.iter().map(|a| a.epoch).max().unwrap_or(0),
+            "led": led,
+        });
+        view
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
 }
 
 fn header_has(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {

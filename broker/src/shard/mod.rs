@@ -165,8 +165,14 @@ pub struct ShardSetup {
     pub cluster: Option<ClusterView>,
 }
 
-/// The latest cluster view, published by the gossip thread.
-pub type ClusterView = tokio::sync::watch::Receiver<Arc<crate::cluster::membership::View>>;
+/// The latest cluster state: gossip's view and the control plane's.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// Membership, published by the gossip thread.
+    pub gossip: tokio::sync::watch::Receiver<Arc<crate::cluster::membership::View>>,
+    /// Raft leader and the partition table, published by the control thread.
+    pub control: tokio::sync::watch::Receiver<Arc<crate::cluster::control::ControlView>>,
+}
 
 /// A shard: its roles' state and its links to the others. Lives on its own thread.
 pub struct Shard {

@@ -1,0 +1,590 @@
+//! The control plane: which node leads each partition, in which epoch, with which replicas.
+//!
+//! The partition table is the state machine of a Raft group (openraft, [`super::raft`]) whose
+//! voters are the cluster's nodes. Only its leader plans changes, and a change exists only once
+//! Raft has committed it, so two nodes can never both be told they lead a partition in one
+//! epoch: epochs are allocated by the Raft log, as the replication rule requires.
+//!
+//! - **Bootstrap**: once `cluster.bootstrap_expect` nodes are live in gossip and none of them is
+//!   already part of a control plane, the one with the lowest id initializes Raft with them.
+//! - **Joining**: the Raft leader adds every live node that gossip knows and Raft does not,
+//!   first as a learner (it catches up), then as a voter. Nodes are never removed
+//!   automatically: gossip only suspects, and a suspected node may be partitioned, not dead.
+//! - **Placement**: when the table is empty and enough voters exist, every partition gets
+//!   `min(cluster.replication, voters)` replicas by rendezvous hashing, epoch 1, led by its
+//!   preferred replica.
+//! - **Failover**: a partition whose leader gossip suspects gets a new epoch led by the first
+//!   live node of its replica set. Gossip triggers it; the Raft commit decides it. The replica
+//!   set does not change.
+//!
+//! [`plan`] is pure; [`ControlPlane`] runs Raft, the peer RPC server and the planner on the
+//! control thread.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use openraft::BasicNode;
+use openraft::ChangeMembers;
+use openraft::error::{InitializeError, RaftError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+
+use super::NodeId;
+use super::membership::View;
+use super::placement::{PARTITION_COUNT, PartitionId, Placement};
+use super::raft::{self, Machine, Network, Raft, StateMachine, Store};
+use crate::config::ClusterConfig;
+
+/// One partition's assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// Incremented on every leader change; never reused.
+    pub epoch: u64,
+    /// The node that leads the partition in this epoch.
+    pub leader: NodeId,
+    /// The replica set, in placement order (the first is the preferred leader).
+    pub replicas: Vec<NodeId>,
+}
+
+/// The partition table: empty until placed, then one assignment per partition.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Table {
+    /// Indexed by partition.
+    pub partitions: Vec<Assignment>,
+}
+
+/// A leader change of one partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lead {
+    /// The partition.
+    pub partition: PartitionId,
+    /// Its new epoch: exactly one more than the current one, or the change is void.
+    pub epoch: u64,
+    /// The new leader, a member of the replica set.
+    pub leader: NodeId,
+}
+
+/// A change to the table, proposed by the Raft leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// The first placement of every partition (void unless the table is empty).
+    Place {
+        /// One per partition, each at epoch 1.
+        partitions: Vec<Assignment>,
+    },
+    /// New epochs with new leaders for some partitions.
+    Lead {
+        /// The changes; each is checked on its own.
+        changes: Vec<Lead>,
+    },
+}
+
+/// What applying a command changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Partitions whose assignment changed.
+    pub changed: u32,
+}
+
+impl Table {
+    /// Applies a committed command. A change that is stale (its epoch is not the next one) or
+    /// invalid (a leader outside the replica set) is void, so a planner that acted on an old
+    /// table cannot undo a newer decision.
+    pub fn apply(&mut self, cmd: &Command) -> Applied {
+        let mut changed = 0u32;
+        match cmd {
+            Command::Place { partitions } => {
+                let valid = self.partitions.is_empty()
+                    && partitions.len() == PARTITION_COUNT
+                    && partitions.iter().all(|a| a.epoch == 1 && a.replicas.contains(&a.leader));
+                if valid {
+                    self.partitions.clone_from(partitions);
+                    changed = u32::try_from(partitions.len()).unwrap_or(u32::MAX);
+                }
+            }
+            Command::Lead { changes } => {
+                for c in changes {
+                    let Some(a) = self.partitions.get_mut(usize::from(c.partition)) else {
+                        continue;
+                    };
+                    if c.epoch == a.epoch + 1 && a.replicas.contains(&c.leader) {
+                        a.epoch = c.epoch;
+                        a.leader = c.leader;
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        Applied { changed }
+    }
+
+    /// Partitions led by each node.
+    #[must_use]
+    pub fn led(&self) -> BTreeMap<NodeId, usize> {
+        let mut led = BTreeMap::new();
+        for a in &self.partitions {
+            *led.entry(a.leader).or_default() += 1;
+        }
+        led
+    }
+}
+
+/// What the Raft leader should propose next, if anything: the first placement once `voters`
+/// has at least `min_voters` nodes, else new leaders for partitions whose leader gossip
+/// suspects (`down`: heard from, then silent or leaving) and which have a `live` replica. A
+/// node gossip has not heard from yet is neither: a control leader that just started must not
+/// fail over partitions of nodes it simply has not met.
+#[must_use]
+pub fn plan(
+    table: &Table,
+    voters: &BTreeSet<NodeId>,
+    live: &BTreeSet<NodeId>,
+    down: &BTreeSet<NodeId>,
+    replication: usize,
+    min_voters: usize,
+) -> Option<Command> {
+    if table.partitions.is_empty() {
+        if voters.is_empty() || voters.len() < min_voters {
+            return None;
+        }
+        let placement = Placement::uniform(voters.iter().copied(), replication).ok()?;
+        let partitions = placement
+            .iter()
+            .map(|(_, set)| Assignment {
+                epoch: 1,
+                leader: set.iter().copied().find(|n| live.contains(n)).unwrap_or(set[0]),
+                replicas: set.to_vec(),
+            })
+            .collect();
+        return Some(Command::Place { partitions });
+    }
+    let changes: Vec<Lead> = table
+        .partitions
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| down.contains(&a.leader))
+        .filter_map(|(p, a)| {
+            let leader = a.replicas.iter().copied().find(|n| live.contains(n))?;
+            Some(Lead { partition: PartitionId::try_from(p).ok()?, epoch: a.epoch + 1, leader })
+        })
+        .collect();
+    (!changes.is_empty()).then_some(Command::Lead { changes })
+}
+
+/// The control plane as this node sees it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ControlView {
+    /// The Raft leader, if one is known.
+    pub leader: Option<NodeId>,
+    /// The Raft term.
+    pub term: u64,
+    /// Raft voters.
+    pub voters: Vec<NodeId>,
+    /// Raft learners (joining nodes catching up).
+    pub learners: Vec<NodeId>,
+    /// The committed partition table.
+    #[serde(skip)]
+    pub machine: Arc<Machine>,
+}
+
+impl ControlView {
+    /// Whether the partition table is placed and a Raft leader is known.
+    #[must_use]
+    pub fn ready(&self) -> bool {
+        self.leader.is_some() && !self.machine.table.partitions.is_empty()
+    }
+}
+
+/// The running control plane of this node.
+#[derive(Debug)]
+pub struct ControlPlane {
+    view: watch::Receiver<Arc<ControlView>>,
+    stop: Arc<Notify>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// Its database could not be opened or read.
+    #[error("control plane storage: {0}")]
+    Storage(String),
+    /// Its listener or thread could not start.
+    #[error("control plane: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ControlPlane {
+    /// Opens the control plane's storage, binds the peer RPC listener on `listen` (TCP, the
+    /// gossip port) and starts Raft and the planner on their own thread.
+    ///
+    /// # Errors
+    /// When storage cannot be opened or the listener cannot be bound.
+    pub fn start(
+        config: &ClusterConfig,
+        data_dir: &std::path::Path,
+        node: NodeId,
+        listen: SocketAddr,
+        gossip: watch::Receiver<Arc<View>>,
+        announce: super::membership::Announce,
+    ) -> Result<Self, ControlError> {
+        let store = Store::open(data_dir).map_err(|e| ControlError::Storage(e.to_string()))?;
+        let (state_machine, machine) =
+            StateMachine::open(store.clone()).map_err(|e| ControlError::Storage(e.to_string()))?;
+        let listener = std::net::TcpListener::bind(listen)?;
+        listener.set_nonblocking(true)?;
+        let network = Network::new().map_err(std::io::Error::other)?;
+        let election = config.election_timeout_ms;
+        let raft_config = openraft::Config {
+            cluster_name: config.cluster_id.clone(),
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            heartbeat_interval: (election / 5).max(1),
+            install_snapshot_timeout: election * 2,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|e| ControlError::Storage(e.to_string()))?;
+        let settings = Settings {
+            node,
+            replication: config.replication,
+            bootstrap_expect: config.bootstrap_expect,
+        };
+        let (view_tx, view) = watch::channel(Arc::new(ControlView::default()));
+        let stop = Arc::new(Notify::new());
+        let stop_rx = stop.clone();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name("sb-control".into()).spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = started_tx.send(Err(ControlError::Io(e)));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let raft =
+                    match Raft::new(node, Arc::new(raft_config), network, store, state_machine)
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = started_tx.send(Err(ControlError::Storage(e.to_string())));
+                            return;
+                        }
+                    };
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(ControlError::Io(e)));
+                        return;
+                    }
+                };
+                let _ = started_tx.send(Ok(()));
+                let server = tokio::spawn(serve_peers(raft.clone(), listener));
+                run(&raft, &settings, gossip, machine, &view_tx, &announce, &stop_rx).await;
+                server.abort();
+                let _ = raft.shutdown().await;
+            });
+        })?;
+        started_rx.recv().map_err(|_| std::io::Error::other("control thread died"))??;
+        tracing::info!(node, %listen, "control plane started");
+        Ok(Self { view, stop, thread: Some(thread) })
+    }
+
+    /// The live control view.
+    #[must_use]
+    pub fn view(&self) -> watch::Receiver<Arc<ControlView>> {
+        self.view.clone()
+    }
+
+    /// Stops Raft and the peer server.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.notify_one();
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+struct Settings {
+    node: NodeId,
+    replication: usize,
+    bootstrap_expect: usize,
+}
+
+/// How often the planner looks at gossip and the table.
+const PLAN_EVERY: Duration = Duration::from_millis(200);
+
+async fn run(
+    raft: &Raft,
+    settings: &Settings,
+    mut gossip: watch::Receiver<Arc<View>>,
+    mut machine: watch::Receiver<Arc<Machine>>,
+    view_tx: &watch::Sender<Arc<ControlView>>,
+    announce: &super::membership::Announce,
+    stop: &Notify,
+) {
+    let mut metrics = raft.metrics();
+    let mut tick = tokio::time::interval(PLAN_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_leader = None;
+    loop {
+        tokio::select! {
+            () = stop.notified() => return,
+            _ = tick.tick() => {}
+            r = metrics.changed() => if r.is_err() { return },
+            r = machine.changed() => if r.is_err() { return },
+            r = gossip.changed() => if r.is_err() { return },
+        }
+        let m = metrics.borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let known: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let table = machine.borrow().clone();
+        if known.contains(&settings.node) {
+            // Tells bootstrapping nodes that a control plane exists here.
+            announce.set(super::membership::CONTROL_KEY, "member");
+        }
+        if m.current_leader != last_leader {
+            last_leader = m.current_leader;
+            metrics::counter!(crate::metrics::CLUSTER_LEADER_CHANGES).increment(1);
+            tracing::info!(leader = ?m.current_leader, term = m.current_term, "control plane leader");
+        }
+        let led = table.table.led().get(&settings.node).copied().unwrap_or(0);
+        metrics::gauge!(crate::metrics::CLUSTER_PARTITIONS_LED).set(led as f64);
+        view_tx.send_replace(Arc::new(ControlView {
+            leader: m.current_leader,
+            term: m.current_term,
+            voters: voters.iter().copied().collect(),
+            learners: membership.learner_ids().collect(),
+            machine: table.clone(),
+        }));
+        let view = gossip.borrow().clone();
+        let live: BTreeSet<NodeId> = view.members.iter().filter(|m| m.live).map(|m| m.id).collect();
+        let down: BTreeSet<NodeId> =
+            view.members.iter().filter(|m| !m.live).map(|m| m.id).collect();
+        if known.is_empty() && m.last_log_index.is_none() {
+            bootstrap(raft, settings, &view).await;
+        } else if m.current_leader == Some(settings.node) {
+            if join(raft, &view, &known).await {
+                continue;
+            }
+            let min_voters = settings.bootstrap_expect.min(settings.replication);
+            let (r, t) = (settings.replication, &table.table);
+            if let Some(cmd) = plan(t, &voters, &live, &down, r, min_voters) {
+                propose(raft, cmd).await;
+            }
+        }
+    }
+}
+
+/// Initializes Raft when this node is the lowest-id live node, enough nodes are live, and no
+/// live node already belongs to a control plane (a restarted member must rejoin its cluster,
+/// not found another).
+async fn bootstrap(raft: &Raft, settings: &Settings, view: &View) {
+    let live: Vec<_> = view.members.iter().filter(|m| m.live).collect();
+    let lowest = live.iter().map(|m| m.id).min();
+    if !view.joined()
+        || live.len() < settings.bootstrap_expect
+        || lowest != Some(settings.node)
+        || live.iter().any(|m| m.control)
+    {
+        return;
+    }
+    let nodes: BTreeMap<NodeId, BasicNode> =
+        live.iter().map(|m| (m.id, BasicNode::new(m.gossip.to_string()))).collect();
+    tracing::info!(voters = ?nodes.keys().collect::<Vec<_>>(), "bootstrapping the control plane");
+    match raft.initialize(nodes).await {
+        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+        Err(e) => tracing::warn!(error = %e, "control plane bootstrap failed"),
+    }
+}
+
+/// Adds one live node that Raft does not know yet: learner first, then voter. Returns whether
+/// it tried (one change at a time).
+async fn join(raft: &Raft, view: &View, known: &BTreeSet<NodeId>) -> bool {
+    let Some(new) = view.members.iter().find(|m| m.live && !known.contains(&m.id)) else {
+        return false;
+    };
+    tracing::info!(node = new.id, "adding node to the control plane");
+    let node = BasicNode::new(new.gossip.to_string());
+    if let Err(e) = raft.add_learner(new.id, node, true).await {
+        tracing::warn!(node = new.id, error = %e, "cannot add learner");
+        return true;
+    }
+    let voters = ChangeMembers::AddVoterIds(BTreeSet::from([new.id]));
+    if let Err(e) = raft.change_membership(voters, false).await {
+        tracing::warn!(node = new.id, error = %e, "cannot promote learner to voter");
+    }
+    true
+}
+
+async fn propose(raft: &Raft, cmd: Command) {
+    let what = match &cmd {
+        Command::Place { partitions } => format!("place {} partitions", partitions.len()),
+        Command::Lead { changes } => format!("new leaders for {} partitions", changes.len()),
+    };
+    match raft.client_write(cmd).await {
+        Ok(r) => {
+            metrics::counter!(crate::metrics::CLUSTER_EPOCH_CHANGES)
+                .increment(u64::from(r.data.changed));
+            tracing::info!(change = what, applied = r.data.changed, "partition table changed");
+        }
+        Err(e) => tracing::warn!(change = what, error = %e, "partition table change failed"),
+    }
+}
+
+type Body = Full<Bytes>;
+
+/// Largest peer request body (a snapshot chunk is at most openraft's 3 MiB default).
+const MAX_PEER_BODY: usize = 16 << 20;
+
+async fn serve_peers(raft: Raft, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let raft = raft.clone();
+                async move { Ok::<_, Infallible>(peer_request(&raft, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+async fn peer_request(raft: &Raft, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let body = match Limited::new(req.into_body(), MAX_PEER_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return json(StatusCode::PAYLOAD_TOO_LARGE, Vec::new()),
+    };
+    let reply = match path.as_str() {
+        raft::path::APPEND => match serde_json::from_slice(&body) {
+            Ok(rpc) => serde_json::to_vec(&raft.append_entries(rpc).await),
+            Err(_) => return json(StatusCode::BAD_REQUEST, Vec::new()),
+        },
+        raft::path::VOTE => match serde_json::from_slice(&body) {
+            Ok(rpc) => serde_json::to_vec(&raft.vote(rpc).await),
+            Err(_) => return json(StatusCode::BAD_REQUEST, Vec::new()),
+        },
+        raft::path::SNAPSHOT => match serde_json::from_slice(&body) {
+            Ok(rpc) => serde_json::to_vec(&raft.install_snapshot(rpc).await),
+            Err(_) => return json(StatusCode::BAD_REQUEST, Vec::new()),
+        },
+        _ => return json(StatusCode::NOT_FOUND, Vec::new()),
+    };
+    match reply {
+        Ok(body) => json(StatusCode::OK, body),
+        Err(_) => json(StatusCode::INTERNAL_SERVER_ERROR, Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+
+    fn placed(voters: &[NodeId]) -> Table {
+        let mut t = Table::default();
+        let cmd = plan(&t, &set(voters), &set(voters), &set(&[]), 3, 3).expect("placement");
+        assert_eq!(t.apply(&cmd).changed as usize, PARTITION_COUNT);
+        t
+    }
+
+    #[test]
+    fn given_too_few_voters_should_not_place() {
+        assert_eq!(plan(&Table::default(), &set(&[1, 2]), &set(&[1, 2]), &set(&[]), 3, 3), None);
+    }
+
+    #[test]
+    fn given_enough_voters_should_place_every_partition_on_three_replicas_at_epoch_one() {
+        let t = placed(&[1, 2, 3, 4]);
+        assert!(t.partitions.iter().all(|a| a.epoch == 1 && a.replicas.len() == 3));
+        assert!(t.partitions.iter().all(|a| a.leader == a.replicas[0]));
+        assert_eq!(t.led().len(), 4, "every node leads some partitions");
+        assert_eq!(plan(&t, &set(&[1, 2, 3, 4]), &set(&[1, 2, 3, 4]), &set(&[]), 3, 3), None);
+    }
+
+    #[test]
+    fn given_a_suspected_leader_should_move_only_its_partitions_to_a_live_replica_with_the_next_epoch()
+     {
+        let mut t = placed(&[1, 2, 3]);
+        let before = t.clone();
+        let cmd = plan(&t, &set(&[1, 2, 3]), &set(&[1, 2]), &set(&[3]), 3, 3).expect("failover");
+        t.apply(&cmd);
+        for (a, b) in before.partitions.iter().zip(&t.partitions) {
+            assert_eq!(a.replicas, b.replicas, "replica sets do not change on failover");
+            if a.leader == 3 {
+                assert_eq!(b.epoch, 2);
+                assert_eq!(b.leader, a.replicas.iter().copied().find(|&n| n != 3).unwrap());
+            } else {
+                assert_eq!(a, b);
+            }
+        }
+        assert_eq!(t.led().get(&3), None);
+    }
+
+    #[test]
+    fn given_a_stale_or_invalid_change_should_apply_nothing() {
+        let mut t = placed(&[1, 2, 3]);
+        let a = t.partitions[0].clone();
+        let stale = Lead { partition: 0, epoch: a.epoch, leader: a.replicas[1] };
+        let outsider = Lead { partition: 0, epoch: a.epoch + 1, leader: 99 };
+        let out_of_range = Lead { partition: u16::MAX, epoch: 2, leader: 1 };
+        let cmd = Command::Lead { changes: vec![stale, outsider, out_of_range] };
+        assert_eq!(t.apply(&cmd).changed, 0);
+        assert_eq!(t.partitions[0], a);
+        let again =
+            plan(&Table::default(), &set(&[1, 2, 3]), &set(&[1, 2, 3]), &set(&[]), 3, 3).unwrap();
+        assert_eq!(t.apply(&again).changed, 0, "a second placement is void");
+    }
+
+    #[test]
+    fn given_no_live_replica_should_leave_the_partition_alone() {
+        let t = placed(&[1, 2, 3]);
+        assert_eq!(plan(&t, &set(&[1, 2, 3]), &set(&[]), &set(&[1, 2, 3]), 3, 3), None);
+    }
+
+    #[test]
+    fn given_a_leader_gossip_has_not_heard_from_yet_should_not_fail_over() {
+        let t = placed(&[1, 2, 3]);
+        assert_eq!(plan(&t, &set(&[1, 2, 3]), &set(&[1]), &set(&[]), 3, 3), None);
+    }
+}
