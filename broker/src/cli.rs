@@ -197,7 +197,7 @@ impl RunArgs {
 }
 
 /// Default log filter: our own info logs, only warnings from the storage engine.
-const DEFAULT_LOG: &str = "info,lsm_tree=warn,fjall=warn";
+const DEFAULT_LOG: &str = "info,lsm_tree=warn,fjall=warn,openraft=warn";
 
 fn init_logging(filter: Option<&str>, format: Option<&str>) {
     use tracing_subscriber::EnvFilter;

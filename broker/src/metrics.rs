@@ -18,6 +18,10 @@
 //! | `switchboard_cluster_control_leader_changes_total` | counter | | control plane (Raft) leader changes seen by this node |
 //! | `switchboard_cluster_epoch_changes_total` | counter | | partition assignments changed by proposals of this node (as control leader) |
 //! | `switchboard_cluster_partitions_led` | gauge | | partitions this node leads in the committed table |
+//! | `switchboard_cluster_partitions_serving` | gauge | | partitions this node leads and serves (epoch marker committed by a majority) |
+//! | `switchboard_replication_sync_seconds` | histogram | | one replication round's write and fsync |
+//! | `switchboard_replication_step_downs_total` | counter | | leaderships of this node ended by a newer epoch |
+//! | `switchboard_replication_dropped_total` | counter | `direction` | replication frames dropped on a full queue (`in`, `out`); leaders retransmit |
 
 use std::cell::Cell;
 
@@ -49,6 +53,15 @@ pub const CLUSTER_LEADER_CHANGES: &str = "switchboard_cluster_control_leader_cha
 pub const CLUSTER_EPOCH_CHANGES: &str = "switchboard_cluster_epoch_changes_total";
 /// Partitions this node leads.
 pub const CLUSTER_PARTITIONS_LED: &str = "switchboard_cluster_partitions_led";
+
+/// Partitions this node leads and serves.
+pub const CLUSTER_PARTITIONS_SERVING: &str = "switchboard_cluster_partitions_serving";
+/// One replication round's write and fsync.
+pub const REPLICATION_SYNC_SECONDS: &str = "switchboard_replication_sync_seconds";
+/// Leaderships ended by a newer epoch.
+pub const REPLICATION_STEP_DOWNS: &str = "switchboard_replication_step_downs_total";
+/// Replication frames dropped on a full queue.
+pub const REPLICATION_DROPPED: &str = "switchboard_replication_dropped_total";
 
 /// How often the recorder's histogram samples are folded into their buckets.
 pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -92,6 +105,22 @@ pub fn install() -> Option<PrometheusHandle> {
         "Partition assignments (epochs) changed by this node's proposals as control leader."
     );
     metrics::describe_gauge!(CLUSTER_PARTITIONS_LED, "Partitions this node leads.");
+    metrics::describe_gauge!(
+        CLUSTER_PARTITIONS_SERVING,
+        "Partitions this node leads and serves (its epoch marker is committed by a majority)."
+    );
+    metrics::describe_histogram!(
+        REPLICATION_SYNC_SECONDS,
+        "Seconds per replication round (write of promises and log suffixes, then one fsync)."
+    );
+    metrics::describe_counter!(
+        REPLICATION_STEP_DOWNS,
+        "Partition leaderships of this node ended by a newer epoch."
+    );
+    metrics::describe_counter!(
+        REPLICATION_DROPPED,
+        "Replication frames dropped on a full queue, by direction; leaders retransmit."
+    );
     Some(handle)
 }
 

@@ -204,6 +204,7 @@ pub fn run_with(
     let cluster_view = membership.as_ref().map(|(m, _, control)| crate::shard::ClusterView {
         gossip: m.view(),
         control: control.view(),
+        replication: control.replication(),
     });
     let dev_secret = match config.dev_tokens() {
         Ok(()) => {

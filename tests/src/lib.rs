@@ -197,7 +197,7 @@ impl Broker {
             .env(
                 "SWITCHBOARD_LOG",
                 std::env::var("SB_TEST_LOG")
-                    .unwrap_or_else(|_| "info,lsm_tree=warn,fjall=warn".into()),
+                    .unwrap_or_else(|_| "info,lsm_tree=warn,fjall=warn,openraft=warn".into()),
             )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -53,6 +53,30 @@ fn leaders(partitions: &[serde_json::Value]) -> BTreeMap<u64, usize> {
     led
 }
 
+/// Partitions served (led, epoch marker committed by a majority) by each listed node.
+async fn serving(cluster: &Cluster, nodes: &[usize]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for &i in nodes {
+        let (_, body) = http_get(cluster.nodes[i].http, "/cluster").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        out.push(v["replication"]["serving"].as_u64().unwrap_or(0));
+    }
+    out
+}
+
+/// Waits until the listed nodes together serve every partition through replication.
+async fn wait_all_serving(cluster: &Cluster, nodes: &[usize]) -> Vec<u64> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = serving(cluster, nodes).await;
+        if s.iter().sum::<u64>() == 1024 {
+            return s;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "partitions served: {s:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 async fn wait_ready(cluster: &Cluster, i: usize) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
@@ -215,6 +239,8 @@ async fn given_the_control_leader_is_killed_should_move_its_partitions_to_live_r
     }
     let other = (k + 2) % 3;
     wait_table(&cluster, other, "the survivor's table", |p| p == after.as_slice()).await;
+    // The new leaders adopted with the two live replicas and serve everything.
+    wait_all_serving(&cluster, &[survivor, other]).await;
     let view = cluster
         .wait_view(survivor, "a new control leader", |v| {
             v["control"]["leader"].as_u64().is_some_and(|l| l != killed)
@@ -234,6 +260,9 @@ async fn given_the_control_leader_is_killed_should_move_its_partitions_to_live_r
     for node in &mut cluster.nodes {
         node.restart();
     }
+    // Restarted leaders lost their leading state: new generations get new epochs, and every
+    // partition is served again.
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
     for i in 0..3 {
         wait_ready(&cluster, i).await;
         let t = table(&cluster, i).await;

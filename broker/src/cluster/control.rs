@@ -15,7 +15,8 @@
 //!   preferred replica.
 //! - **Failover**: a partition whose leader gossip suspects gets a new epoch led by the first
 //!   live node of its replica set. Gossip triggers it; the Raft commit decides it. The replica
-//!   set does not change.
+//!   set does not change. A leader that restarted (newer generation) gets a new epoch too: its
+//!   leading state was in memory.
 //!
 //! [`plan`] is pure; [`ControlPlane`] runs Raft, the peer RPC server and the planner on the
 //! control thread.
@@ -35,6 +36,7 @@ use openraft::ChangeMembers;
 use openraft::error::{InitializeError, RaftError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::NodeId;
 use super::membership::View;
@@ -49,6 +51,9 @@ pub struct Assignment {
     pub epoch: u64,
     /// The node that leads the partition in this epoch.
     pub leader: NodeId,
+    /// The leader's generation when it was appointed: a leader that restarted lost its
+    /// leading state (it is in memory), so a newer generation of it gets a new epoch.
+    pub generation: u64,
     /// The replica set, in placement order (the first is the preferred leader).
     pub replicas: Vec<NodeId>,
 }
@@ -69,6 +74,8 @@ pub struct Lead {
     pub epoch: u64,
     /// The new leader, a member of the replica set.
     pub leader: NodeId,
+    /// The new leader's current generation.
+    pub generation: u64,
 }
 
 /// A change to the table, proposed by the Raft leader.
@@ -117,6 +124,7 @@ impl Table {
                     if c.epoch == a.epoch + 1 && a.replicas.contains(&c.leader) {
                         a.epoch = c.epoch;
                         a.leader = c.leader;
+                        a.generation = c.generation;
                         changed += 1;
                     }
                 }
@@ -136,16 +144,21 @@ impl Table {
     }
 }
 
-/// What the Raft leader should propose next, if anything: the first placement once `voters`
-/// has at least `min_voters` nodes, else new leaders for partitions whose leader gossip
-/// suspects (`down`: heard from, then silent or leaving) and which have a `live` replica. A
-/// node gossip has not heard from yet is neither: a control leader that just started must not
-/// fail over partitions of nodes it simply has not met.
+/// What the Raft leader should propose next, if anything:
+/// - the first placement, once `voters` has at least `min_voters` nodes;
+/// - a new epoch for every partition whose leader gossip suspects (`down`: heard from, then
+///   silent or leaving), led by the first `live` node of its replica set. A node gossip has
+///   not heard from yet is neither live nor down: a control leader that just started must not
+///   fail over partitions of nodes it simply has not met;
+/// - a new epoch, same leader, for every partition whose leader restarted (gossip shows a
+///   newer generation than the one it was appointed in).
+///
+/// `live` maps each live node to its current generation.
 #[must_use]
 pub fn plan(
     table: &Table,
     voters: &BTreeSet<NodeId>,
-    live: &BTreeSet<NodeId>,
+    live: &BTreeMap<NodeId, u64>,
     down: &BTreeSet<NodeId>,
     replication: usize,
     min_voters: usize,
@@ -157,10 +170,14 @@ pub fn plan(
         let placement = Placement::uniform(voters.iter().copied(), replication).ok()?;
         let partitions = placement
             .iter()
-            .map(|(_, set)| Assignment {
-                epoch: 1,
-                leader: set.iter().copied().find(|n| live.contains(n)).unwrap_or(set[0]),
-                replicas: set.to_vec(),
+            .map(|(_, set)| {
+                let leader = set.iter().copied().find(|n| live.contains_key(n)).unwrap_or(set[0]);
+                Assignment {
+                    epoch: 1,
+                    leader,
+                    generation: live.get(&leader).copied().unwrap_or(0),
+                    replicas: set.to_vec(),
+                }
             })
             .collect();
         return Some(Command::Place { partitions });
@@ -169,10 +186,19 @@ pub fn plan(
         .partitions
         .iter()
         .enumerate()
-        .filter(|(_, a)| down.contains(&a.leader))
         .filter_map(|(p, a)| {
-            let leader = a.replicas.iter().copied().find(|n| live.contains(n))?;
-            Some(Lead { partition: PartitionId::try_from(p).ok()?, epoch: a.epoch + 1, leader })
+            let partition = PartitionId::try_from(p).ok()?;
+            let epoch = a.epoch + 1;
+            if down.contains(&a.leader) {
+                let leader = a.replicas.iter().copied().find(|n| live.contains_key(n))?;
+                return Some(Lead { partition, epoch, leader, generation: live[&leader] });
+            }
+            match live.get(&a.leader) {
+                Some(&generation) if generation != a.generation => {
+                    Some(Lead { partition, epoch, leader: a.leader, generation })
+                }
+                _ => None,
+            }
         })
         .collect();
     (!changes.is_empty()).then_some(Command::Lead { changes })
@@ -206,7 +232,8 @@ impl ControlView {
 #[derive(Debug)]
 pub struct ControlPlane {
     view: watch::Receiver<Arc<ControlView>>,
-    stop: Arc<Notify>,
+    replication: watch::Receiver<super::replication::ReplicationView>,
+    stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -242,6 +269,10 @@ impl ControlPlane {
         let listener = std::net::TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
         let network = Network::new().map_err(std::io::Error::other)?;
+        let (engine, inbox, replication) =
+            super::replication::open(node, data_dir, network.client())
+                .map_err(ControlError::Storage)?;
+        let engine_table = machine.clone();
         let election = config.election_timeout_ms;
         let raft_config = openraft::Config {
             cluster_name: config.cluster_id.clone(),
@@ -259,7 +290,7 @@ impl ControlPlane {
             bootstrap_expect: config.bootstrap_expect,
         };
         let (view_tx, view) = watch::channel(Arc::new(ControlView::default()));
-        let stop = Arc::new(Notify::new());
+        let stop = CancellationToken::new();
         let stop_rx = stop.clone();
         let (started_tx, started_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name("sb-control".into()).spawn(move || {
@@ -289,15 +320,25 @@ impl ControlPlane {
                     }
                 };
                 let _ = started_tx.send(Ok(()));
-                let server = tokio::spawn(serve_peers(raft.clone(), listener));
+                let server = tokio::spawn(serve_peers(raft.clone(), inbox, listener));
+                let engine_stop = Arc::new(Notify::new());
+                let data = tokio::spawn(engine.run(engine_table, engine_stop.clone()));
                 run(&raft, &settings, gossip, machine, &view_tx, &announce, &stop_rx).await;
+                engine_stop.notify_one();
+                let _ = data.await;
                 server.abort();
-                let _ = raft.shutdown().await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), raft.shutdown()).await;
             });
         })?;
         started_rx.recv().map_err(|_| std::io::Error::other("control thread died"))??;
         tracing::info!(node, %listen, "control plane started");
-        Ok(Self { view, stop, thread: Some(thread) })
+        Ok(Self { view, replication, stop, thread: Some(thread) })
+    }
+
+    /// The replication engine's live summary.
+    #[must_use]
+    pub fn replication(&self) -> watch::Receiver<super::replication::ReplicationView> {
+        self.replication.clone()
     }
 
     /// The live control view.
@@ -313,7 +354,7 @@ impl ControlPlane {
 
     fn halt(&mut self) {
         if let Some(t) = self.thread.take() {
-            self.stop.notify_one();
+            self.stop.cancel();
             let _ = t.join();
         }
     }
@@ -334,6 +375,9 @@ struct Settings {
 /// How often the planner looks at gossip and the table.
 const PLAN_EVERY: Duration = Duration::from_millis(200);
 
+/// Longest wait for one control plane change (bootstrap, join, proposal).
+const RAFT_OP_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn run(
     raft: &Raft,
     settings: &Settings,
@@ -341,15 +385,16 @@ async fn run(
     mut machine: watch::Receiver<Arc<Machine>>,
     view_tx: &watch::Sender<Arc<ControlView>>,
     announce: &super::membership::Announce,
-    stop: &Notify,
+    stop: &CancellationToken,
 ) {
     let mut metrics = raft.metrics();
     let mut tick = tokio::time::interval(PLAN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_leader = None;
+    let mut suspicion = Suspicion::default();
     loop {
         tokio::select! {
-            () = stop.notified() => return,
+            () = stop.cancelled() => return,
             _ = tick.tick() => {}
             r = metrics.changed() => if r.is_err() { return },
             r = machine.changed() => if r.is_err() { return },
@@ -379,21 +424,59 @@ async fn run(
             machine: table.clone(),
         }));
         let view = gossip.borrow().clone();
-        let live: BTreeSet<NodeId> = view.members.iter().filter(|m| m.live).map(|m| m.id).collect();
-        let down: BTreeSet<NodeId> =
-            view.members.iter().filter(|m| !m.live).map(|m| m.id).collect();
-        if known.is_empty() && m.last_log_index.is_none() {
-            bootstrap(raft, settings, &view).await;
-        } else if m.current_leader == Some(settings.node) {
-            if join(raft, &view, &known).await {
-                continue;
+        let live: BTreeMap<NodeId, u64> =
+            view.members.iter().filter(|m| m.live).map(|m| (m.id, m.generation)).collect();
+        let down = suspicion.down(&view, tokio::time::Instant::now());
+        // Raft operations wait for a quorum that may be gone: each is bounded, and stopping
+        // interrupts it, so the loop never hangs on a cluster that lost its majority.
+        let step = async {
+            if known.is_empty() && m.last_log_index.is_none() {
+                bootstrap(raft, settings, &view).await;
+            } else if m.current_leader == Some(settings.node) {
+                if join(raft, &view, &known).await {
+                    return;
+                }
+                let min_voters = settings.bootstrap_expect.min(settings.replication);
+                let (r, t) = (settings.replication, &table.table);
+                if let Some(cmd) = plan(t, &voters, &live, &down, r, min_voters) {
+                    propose(raft, cmd).await;
+                }
             }
-            let min_voters = settings.bootstrap_expect.min(settings.replication);
-            let (r, t) = (settings.replication, &table.table);
-            if let Some(cmd) = plan(t, &voters, &live, &down, r, min_voters) {
-                propose(raft, cmd).await;
+        };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            r = tokio::time::timeout(RAFT_OP_TIMEOUT, step) => if r.is_err() {
+                tracing::warn!("control plane change timed out (no quorum?); retrying");
+            },
+        }
+    }
+}
+
+/// How long a node gossip knows of but has never seen live counts as merely unknown.
+const UNMET_GRACE: Duration = Duration::from_secs(10);
+
+/// Which nodes the planner treats as down. Gossip learns of a node (from a third party)
+/// before it hears from it, and shows it not live meanwhile: a node that was live in this
+/// process and is not now is down at once, but one never seen live only after
+/// [`UNMET_GRACE`] (so a control leader that just started, or a cluster restarting together,
+/// does not fail over partitions of nodes that are merely slow to be heard from).
+#[derive(Debug, Default)]
+struct Suspicion {
+    /// Per node: when this process first knew of it, and whether it has been live since.
+    known: BTreeMap<NodeId, (tokio::time::Instant, bool)>,
+}
+
+impl Suspicion {
+    fn down(&mut self, view: &View, now: tokio::time::Instant) -> BTreeSet<NodeId> {
+        let mut down = BTreeSet::new();
+        for m in &view.members {
+            let (since, met) = self.known.entry(m.id).or_insert((now, false));
+            *met |= m.live;
+            if !m.live && (*met || m.leaving || now.duration_since(*since) >= UNMET_GRACE) {
+                down.insert(m.id);
             }
         }
+        down
     }
 }
 
@@ -458,18 +541,22 @@ type Body = Full<Bytes>;
 /// Largest peer request body (a snapshot chunk is at most openraft's 3 MiB default).
 const MAX_PEER_BODY: usize = 16 << 20;
 
-async fn serve_peers(raft: Raft, listener: tokio::net::TcpListener) {
+async fn serve_peers(
+    raft: Raft,
+    inbox: super::replication::Inbox,
+    listener: tokio::net::TcpListener,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let raft = raft.clone();
+        let (raft, inbox) = (raft.clone(), inbox.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let raft = raft.clone();
-                async move { Ok::<_, Infallible>(peer_request(&raft, req).await) }
+                let (raft, inbox) = (raft.clone(), inbox.clone());
+                async move { Ok::<_, Infallible>(peer_request(&raft, &inbox, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -486,13 +573,23 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     r
 }
 
-async fn peer_request(raft: &Raft, req: Request<hyper::body::Incoming>) -> Response<Body> {
+async fn peer_request(
+    raft: &Raft,
+    inbox: &super::replication::Inbox,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let body = match Limited::new(req.into_body(), MAX_PEER_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return json(StatusCode::PAYLOAD_TOO_LARGE, Vec::new()),
     };
     let reply = match path.as_str() {
+        super::replication::PATH => {
+            return match inbox.deliver(&body) {
+                Ok(()) => json(StatusCode::NO_CONTENT, Vec::new()),
+                Err(_) => json(StatusCode::BAD_REQUEST, Vec::new()),
+            };
+        }
         raft::path::APPEND => match serde_json::from_slice(&body) {
             Ok(rpc) => serde_json::to_vec(&raft.append_entries(rpc).await),
             Err(_) => return json(StatusCode::BAD_REQUEST, Vec::new()),
@@ -521,16 +618,21 @@ mod tests {
         ids.iter().copied().collect()
     }
 
+    /// Live nodes, each at generation 1.
+    fn live(ids: &[NodeId]) -> BTreeMap<NodeId, u64> {
+        ids.iter().map(|&id| (id, 1)).collect()
+    }
+
     fn placed(voters: &[NodeId]) -> Table {
         let mut t = Table::default();
-        let cmd = plan(&t, &set(voters), &set(voters), &set(&[]), 3, 3).expect("placement");
+        let cmd = plan(&t, &set(voters), &live(voters), &set(&[]), 3, 3).expect("placement");
         assert_eq!(t.apply(&cmd).changed as usize, PARTITION_COUNT);
         t
     }
 
     #[test]
     fn given_too_few_voters_should_not_place() {
-        assert_eq!(plan(&Table::default(), &set(&[1, 2]), &set(&[1, 2]), &set(&[]), 3, 3), None);
+        assert_eq!(plan(&Table::default(), &set(&[1, 2]), &live(&[1, 2]), &set(&[]), 3, 3), None);
     }
 
     #[test]
@@ -539,7 +641,7 @@ mod tests {
         assert!(t.partitions.iter().all(|a| a.epoch == 1 && a.replicas.len() == 3));
         assert!(t.partitions.iter().all(|a| a.leader == a.replicas[0]));
         assert_eq!(t.led().len(), 4, "every node leads some partitions");
-        assert_eq!(plan(&t, &set(&[1, 2, 3, 4]), &set(&[1, 2, 3, 4]), &set(&[]), 3, 3), None);
+        assert_eq!(plan(&t, &set(&[1, 2, 3, 4]), &live(&[1, 2, 3, 4]), &set(&[]), 3, 3), None);
     }
 
     #[test]
@@ -547,7 +649,7 @@ mod tests {
      {
         let mut t = placed(&[1, 2, 3]);
         let before = t.clone();
-        let cmd = plan(&t, &set(&[1, 2, 3]), &set(&[1, 2]), &set(&[3]), 3, 3).expect("failover");
+        let cmd = plan(&t, &set(&[1, 2, 3]), &live(&[1, 2]), &set(&[3]), 3, 3).expect("failover");
         t.apply(&cmd);
         for (a, b) in before.partitions.iter().zip(&t.partitions) {
             assert_eq!(a.replicas, b.replicas, "replica sets do not change on failover");
@@ -565,26 +667,71 @@ mod tests {
     fn given_a_stale_or_invalid_change_should_apply_nothing() {
         let mut t = placed(&[1, 2, 3]);
         let a = t.partitions[0].clone();
-        let stale = Lead { partition: 0, epoch: a.epoch, leader: a.replicas[1] };
-        let outsider = Lead { partition: 0, epoch: a.epoch + 1, leader: 99 };
-        let out_of_range = Lead { partition: u16::MAX, epoch: 2, leader: 1 };
+        let stale = Lead { partition: 0, epoch: a.epoch, leader: a.replicas[1], generation: 1 };
+        let outsider = Lead { partition: 0, epoch: a.epoch + 1, leader: 99, generation: 1 };
+        let out_of_range = Lead { partition: u16::MAX, epoch: 2, leader: 1, generation: 1 };
         let cmd = Command::Lead { changes: vec![stale, outsider, out_of_range] };
         assert_eq!(t.apply(&cmd).changed, 0);
         assert_eq!(t.partitions[0], a);
         let again =
-            plan(&Table::default(), &set(&[1, 2, 3]), &set(&[1, 2, 3]), &set(&[]), 3, 3).unwrap();
+            plan(&Table::default(), &set(&[1, 2, 3]), &live(&[1, 2, 3]), &set(&[]), 3, 3).unwrap();
         assert_eq!(t.apply(&again).changed, 0, "a second placement is void");
     }
 
     #[test]
     fn given_no_live_replica_should_leave_the_partition_alone() {
         let t = placed(&[1, 2, 3]);
-        assert_eq!(plan(&t, &set(&[1, 2, 3]), &set(&[]), &set(&[1, 2, 3]), 3, 3), None);
+        assert_eq!(plan(&t, &set(&[1, 2, 3]), &live(&[]), &set(&[1, 2, 3]), 3, 3), None);
+    }
+
+    #[test]
+    fn given_a_restarted_leader_should_give_it_a_new_epoch_of_its_own_partitions() {
+        let mut t = placed(&[1, 2, 3]);
+        let before = t.clone();
+        let mut restarted = live(&[1, 2, 3]);
+        restarted.insert(2, 2);
+        let cmd = plan(&t, &set(&[1, 2, 3]), &restarted, &set(&[]), 3, 3).expect("new epochs");
+        t.apply(&cmd);
+        for (a, b) in before.partitions.iter().zip(&t.partitions) {
+            if a.leader == 2 {
+                assert_eq!((b.epoch, b.leader, b.generation), (2, 2, 2));
+            } else {
+                assert_eq!(a, b);
+            }
+        }
+        assert_eq!(plan(&t, &set(&[1, 2, 3]), &restarted, &set(&[]), 3, 3), None);
+    }
+
+    #[test]
+    fn given_a_node_never_seen_live_should_count_as_down_only_after_the_grace() {
+        let member = |id, live| crate::cluster::membership::Member {
+            id,
+            generation: 1,
+            gossip: ([127, 0, 0, 1], 1).into(),
+            tcp: None,
+            http: None,
+            shards: 1,
+            load: 0,
+            live,
+            leaving: false,
+            control: true,
+        };
+        let view = |members| View { self_id: 1, generation: 1, seeded: false, members };
+        let t0 = tokio::time::Instant::now();
+        let mut s = Suspicion::default();
+        assert_eq!(s.down(&view(vec![member(1, true), member(2, false)]), t0), set(&[]));
+        assert_eq!(
+            s.down(&view(vec![member(1, true), member(2, false)]), t0 + UNMET_GRACE),
+            set(&[2])
+        );
+        let mut s = Suspicion::default();
+        s.down(&view(vec![member(2, true)]), t0);
+        assert_eq!(s.down(&view(vec![member(2, false)]), t0), set(&[2]), "seen live, now silent");
     }
 
     #[test]
     fn given_a_leader_gossip_has_not_heard_from_yet_should_not_fail_over() {
         let t = placed(&[1, 2, 3]);
-        assert_eq!(plan(&t, &set(&[1, 2, 3]), &set(&[1]), &set(&[]), 3, 3), None);
+        assert_eq!(plan(&t, &set(&[1, 2, 3]), &live(&[1]), &set(&[]), 3, 3), None);
     }
 }

@@ -397,6 +397,12 @@ impl Network {
             .build()?;
         Ok(Self { client })
     }
+
+    /// The HTTP client (shared with the replication engine's peer senders).
+    #[must_use]
+    pub fn client(&self) -> reqwest::Client {
+        self.client.clone()
+    }
 }
 
 /// A client for one peer.

@@ -160,6 +160,7 @@ fn cluster_json(c: &crate::shard::ClusterView, table: bool) -> Vec<u8> {
             "max_epoch": partitions.iter().map(|a| a.epoch).max().unwrap_or(0),
             "led": led,
         });
+        view["replication"] = serde_json::to_value(&*c.replication.borrow()).unwrap_or_default();
         view
     };
     serde_json::to_vec(&body).unwrap_or_default()

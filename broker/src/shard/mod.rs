@@ -172,6 +172,8 @@ pub struct ClusterView {
     pub gossip: tokio::sync::watch::Receiver<Arc<crate::cluster::membership::View>>,
     /// Raft leader and the partition table, published by the control thread.
     pub control: tokio::sync::watch::Receiver<Arc<crate::cluster::control::ControlView>>,
+    /// The replication engine's summary.
+    pub replication: tokio::sync::watch::Receiver<crate::cluster::replication::ReplicationView>,
 }
 
 /// A shard: its roles' state and its links to the others. Lives on its own thread.

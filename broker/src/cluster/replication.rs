@@ -1,0 +1,635 @@
+//! The data plane's replication engine: one [`Replica`] per partition this node holds a copy
+//! of, driven by the committed partition table, with durable state in fjall and messages to
+//! peers over the cluster port.
+//!
+//! One loop owns every replica. A round takes everything that arrived (peer messages, a new
+//! table, a tick), feeds it to the replicas, writes what changed (promised epochs, log
+//! suffixes) and covers it with **one fsync**, tells the replicas their writes are durable, and
+//! only then sends the round's messages. So a promise is on disk before the `Promised` reply
+//! leaves, an acknowledgement never precedes the fsync it reports, and the cost is one fsync
+//! per round however many partitions changed (group commit, as in the storage writer).
+//!
+//! Appointments come from the table: when it names this node leader of a partition in an epoch
+//! it has not led yet, the engine calls [`Replica::lead`]; followers learn epochs from their
+//! leaders' messages. Entries carry opaque bytes; today only epoch markers are appended (the
+//! message path is not routed through replication yet), so a partition is *serving* once its
+//! leader's marker is committed by a majority.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use prost::Message as _;
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc, watch};
+
+use super::NodeId;
+use super::placement::{PARTITION_COUNT, PartitionId};
+use super::raft::Machine;
+use super::replica::{Durable, Entry, Epoch, Index, Msg, Out, Replica};
+
+/// Peer path that receives replication frames.
+pub const PATH: &str = "/replicate";
+
+/// How often leaders retransmit what may have been lost.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Inbound frames waiting for the engine; beyond this they are dropped (leaders retransmit).
+const INBOX: usize = 256;
+
+/// Outbound frames waiting per peer; beyond this they are dropped (leaders retransmit).
+const OUTBOX: usize = 64;
+
+mod wire {
+    //! The replication frame: every message of one round from one node to another.
+
+    use bytes::Bytes;
+
+    /// One log entry.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct Entry {
+        /// Epoch of the leader that appended it.
+        #[prost(uint64, tag = "1")]
+        pub epoch: u64,
+        /// Absent for an epoch marker.
+        #[prost(bytes = "bytes", optional, tag = "2")]
+        pub payload: Option<Bytes>,
+    }
+
+    /// One message for one partition; `kind` says which fields mean what.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct Msg {
+        /// The partition.
+        #[prost(uint32, tag = "1")]
+        pub partition: u32,
+        /// 1 Promise, 2 Promised, 3 Append, 4 Appended, 5 Mismatch, 6 Stale.
+        #[prost(uint32, tag = "2")]
+        pub kind: u32,
+        /// The epoch (the promised one, for Stale).
+        #[prost(uint64, tag = "3")]
+        pub epoch: u64,
+        /// `prev_index` (Append, Mismatch) or `index` (Appended).
+        #[prost(uint64, tag = "4")]
+        pub index: u64,
+        /// `prev_epoch` (Append).
+        #[prost(uint64, tag = "5")]
+        pub prev_epoch: u64,
+        /// The commit index (Append).
+        #[prost(uint64, tag = "6")]
+        pub commit: u64,
+        /// The log (Promised) or the entries (Append).
+        #[prost(message, repeated, tag = "7")]
+        pub entries: Vec<Entry>,
+        /// The replica's log length (Mismatch).
+        #[prost(uint64, tag = "8")]
+        pub len: u64,
+    }
+
+    /// A frame.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub(super) struct Frame {
+        /// The sending node.
+        #[prost(uint64, tag = "1")]
+        pub from: u64,
+        /// Its messages.
+        #[prost(message, repeated, tag = "2")]
+        pub msgs: Vec<Msg>,
+    }
+}
+
+fn to_wire(partition: PartitionId, msg: Msg<Bytes>) -> wire::Msg {
+    let entries = |log: Vec<Entry<Bytes>>| -> Vec<wire::Entry> {
+        log.into_iter().map(|e| wire::Entry { epoch: e.epoch, payload: e.payload }).collect()
+    };
+    let mut w = wire::Msg { partition: u32::from(partition), ..wire::Msg::default() };
+    match msg {
+        Msg::Promise { epoch } => {
+            w.kind = 1;
+            w.epoch = epoch;
+        }
+        Msg::Promised { epoch, log } => {
+            w.kind = 2;
+            w.epoch = epoch;
+            w.entries = entries(log);
+        }
+        Msg::Append { epoch, prev_index, prev_epoch, entries: log, commit } => {
+            w.kind = 3;
+            w.epoch = epoch;
+            w.index = prev_index;
+            w.prev_epoch = prev_epoch;
+            w.commit = commit;
+            w.entries = entries(log);
+        }
+        Msg::Appended { epoch, index } => {
+            w.kind = 4;
+            w.epoch = epoch;
+            w.index = index;
+        }
+        Msg::Mismatch { epoch, prev_index, len } => {
+            w.kind = 5;
+            w.epoch = epoch;
+            w.index = prev_index;
+            w.len = len;
+        }
+        Msg::Stale { promised } => {
+            w.kind = 6;
+            w.epoch = promised;
+        }
+    }
+    w
+}
+
+/// A decoded message, or `None` for an unknown kind or partition (dropped: the sender
+/// retransmits what matters, and a newer peer's extensions must not break an older one).
+fn from_wire(w: wire::Msg) -> Option<(PartitionId, Msg<Bytes>)> {
+    let partition = PartitionId::try_from(w.partition).ok()?;
+    if usize::from(partition) >= PARTITION_COUNT {
+        return None;
+    }
+    let log = || -> Vec<Entry<Bytes>> {
+        w.entries.iter().map(|e| Entry { epoch: e.epoch, payload: e.payload.clone() }).collect()
+    };
+    let msg = match w.kind {
+        1 => Msg::Promise { epoch: w.epoch },
+        2 => Msg::Promised { epoch: w.epoch, log: log() },
+        3 => Msg::Append {
+            epoch: w.epoch,
+            prev_index: w.index,
+            prev_epoch: w.prev_epoch,
+            entries: log(),
+            commit: w.commit,
+        },
+        4 => Msg::Appended { epoch: w.epoch, index: w.index },
+        5 => Msg::Mismatch { epoch: w.epoch, prev_index: w.index, len: w.len },
+        6 => Msg::Stale { promised: w.epoch },
+        _ => return None,
+    };
+    Some((partition, msg))
+}
+
+/// One decoded frame: its sender and its messages by partition.
+type Batch = (NodeId, Vec<(PartitionId, Msg<Bytes>)>);
+
+/// Where peer frames enter the engine.
+#[derive(Debug, Clone)]
+pub struct Inbox(mpsc::Sender<Batch>);
+
+impl Inbox {
+    /// Decodes a frame and queues it; a full queue or a bad frame drops it.
+    ///
+    /// # Errors
+    /// When the frame does not decode.
+    pub fn deliver(&self, body: &[u8]) -> Result<(), prost::DecodeError> {
+        let frame = wire::Frame::decode(body)?;
+        let msgs: Vec<_> = frame.msgs.into_iter().filter_map(from_wire).collect();
+        if !msgs.is_empty() && self.0.try_send((frame.from, msgs)).is_err() {
+            metrics::counter!(crate::metrics::REPLICATION_DROPPED, "direction" => "in")
+                .increment(1);
+        }
+        Ok(())
+    }
+}
+
+/// The engine's durable state: its own fjall database (`<data_dir>/replication`).
+struct Store {
+    db: Database,
+    /// `partition ++ index` → `epoch ++ kind ++ payload`.
+    log: Keyspace,
+    /// `partition` → promised epoch.
+    promised: Keyspace,
+}
+
+fn log_key(p: PartitionId, index: Index) -> [u8; 10] {
+    let mut k = [0u8; 10];
+    k[..2].copy_from_slice(&p.to_be_bytes());
+    k[2..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn encode_entry(e: &Entry<Bytes>) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + e.payload.as_ref().map_or(0, Bytes::len));
+    v.extend_from_slice(&e.epoch.to_be_bytes());
+    match &e.payload {
+        None => v.push(0),
+        Some(p) => {
+            v.push(1);
+            v.extend_from_slice(p);
+        }
+    }
+    v
+}
+
+fn decode_entry(v: &[u8]) -> Option<Entry<Bytes>> {
+    let epoch = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let payload = match v.get(8)? {
+        0 => None,
+        1 => Some(Bytes::copy_from_slice(v.get(9..)?)),
+        _ => return None,
+    };
+    Some(Entry { epoch, payload })
+}
+
+impl Store {
+    fn open(data_dir: &std::path::Path) -> Result<Self, fjall::Error> {
+        let db = Database::builder(data_dir.join("replication"))
+            .manual_journal_persist(true)
+            .cache_size(8 << 20)
+            .open()?;
+        let log = db.keyspace("log", KeyspaceCreateOptions::default)?;
+        let promised = db.keyspace("promised", KeyspaceCreateOptions::default)?;
+        Ok(Self { db, log, promised })
+    }
+
+    /// Every partition's durable state.
+    fn load(&self) -> Result<BTreeMap<PartitionId, Durable<Bytes>>, String> {
+        let mut out: BTreeMap<PartitionId, Durable<Bytes>> = BTreeMap::new();
+        for kv in self.promised.iter() {
+            let (k, v) = kv.into_inner().map_err(|e| e.to_string())?;
+            let p = PartitionId::from_be_bytes(k.as_ref().try_into().map_err(|_| "bad key")?);
+            let e = Epoch::from_be_bytes(v.as_ref().try_into().map_err(|_| "bad epoch")?);
+            out.entry(p).or_default().promised = e;
+        }
+        for kv in self.log.iter() {
+            let (k, v) = kv.into_inner().map_err(|e| e.to_string())?;
+            let p = PartitionId::from_be_bytes(
+                k.get(..2).and_then(|b| b.try_into().ok()).ok_or("bad key")?,
+            );
+            let index =
+                Index::from_be_bytes(k.get(2..).and_then(|b| b.try_into().ok()).ok_or("bad key")?);
+            let entry = decode_entry(&v).ok_or_else(|| format!("damaged entry {p}/{index}"))?;
+            let log = &mut out.entry(p).or_default().log;
+            if index != log.len() as Index + 1 {
+                return Err(format!("gap in the log of partition {p} at {index}"));
+            }
+            log.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+/// One partition this node holds.
+struct Slot {
+    replica: Replica<Bytes>,
+    /// What is on disk: the promised epoch and the log length.
+    stored_promise: Epoch,
+    stored_len: Index,
+    /// The highest epoch this node was appointed leader of (so `lead` is called once).
+    appointed: Epoch,
+}
+
+/// What the engine reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReplicationView {
+    /// Partitions this node holds a replica of.
+    pub replicas: usize,
+    /// Partitions it leads (serving or still adopting).
+    pub leading: usize,
+    /// Partitions it leads and serves (its epoch marker is committed).
+    pub serving: usize,
+    /// The sum of commit indexes this node knows (grows as entries commit).
+    pub committed: u64,
+}
+
+/// The running engine's handles.
+pub struct Engine {
+    node: NodeId,
+    store: Store,
+    slots: HashMap<PartitionId, Slot>,
+    durable: BTreeMap<PartitionId, Durable<Bytes>>,
+    inbox: mpsc::Receiver<Batch>,
+    peers: HashMap<NodeId, Outbox>,
+    client: reqwest::Client,
+    view: watch::Sender<ReplicationView>,
+}
+
+struct Outbox {
+    addr: String,
+    tx: mpsc::Sender<Vec<wire::Msg>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("node", &self.node).finish_non_exhaustive()
+    }
+}
+
+/// Opens the engine's storage and loads every partition's durable state.
+///
+/// # Errors
+/// When the database cannot be opened or holds damaged state.
+pub fn open(
+    node: NodeId,
+    data_dir: &std::path::Path,
+    client: reqwest::Client,
+) -> Result<(Engine, Inbox, watch::Receiver<ReplicationView>), String> {
+    let store = Store::open(data_dir).map_err(|e| e.to_string())?;
+    let durable = store.load()?;
+    let (tx, inbox) = mpsc::channel(INBOX);
+    let (view, view_rx) = watch::channel(ReplicationView::default());
+    let engine = Engine {
+        node,
+        store,
+        slots: HashMap::new(),
+        durable,
+        inbox,
+        peers: HashMap::new(),
+        client,
+        view,
+    };
+    Ok((engine, Inbox(tx), view_rx))
+}
+
+impl Engine {
+    /// Runs until `stop` is notified.
+    pub async fn run(mut self, mut table: watch::Receiver<Arc<Machine>>, stop: Arc<Notify>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut outs: Vec<(PartitionId, Out<Bytes>)> = Vec::new();
+            tokio::select! {
+                () = stop.notified() => return,
+                _ = tick.tick() => {
+                    for (&p, slot) in &mut self.slots {
+                        outs.extend(slot.replica.tick().into_iter().map(|o| (p, o)));
+                    }
+                }
+                r = table.changed() => {
+                    if r.is_err() { return }
+                    let machine = table.borrow_and_update().clone();
+                    self.follow(&machine, &mut outs);
+                }
+                batch = self.inbox.recv() => {
+                    let Some(batch) = batch else { return };
+                    self.receive(batch, &mut outs);
+                }
+            }
+            // Everything else that already arrived joins this round.
+            while let Ok(batch) = self.inbox.try_recv() {
+                self.receive(batch, &mut outs);
+            }
+            if let Err(e) = self.persist(&mut outs).await {
+                // The promise or log could not be made durable: nothing of this round may
+                // leave. The replicas' in-memory state ran ahead of the disk, so stop here.
+                tracing::error!(error = %e, "replication storage failed; the data plane stops");
+                return;
+            }
+            self.dispatch(outs);
+            self.publish();
+        }
+    }
+
+    /// Follows the committed table: a slot for every partition this node replicates, and a
+    /// leadership round for every new epoch it is appointed to lead.
+    fn follow(&mut self, machine: &Machine, outs: &mut Vec<(PartitionId, Out<Bytes>)>) {
+        for (id, node) in machine.membership.membership().nodes() {
+            if *id != self.node && !self.peers.contains_key(id) {
+                let (tx, rx) = mpsc::channel(OUTBOX);
+                tokio::spawn(send_loop(self.client.clone(), node.addr.clone(), self.node, rx));
+                self.peers.insert(*id, Outbox { addr: node.addr.clone(), tx });
+            }
+        }
+        for (p, a) in machine.table.partitions.iter().enumerate() {
+            if !a.replicas.contains(&self.node) {
+                continue;
+            }
+            let Ok(p) = PartitionId::try_from(p) else { continue };
+            let me = self.node;
+            let slot = self.slot(p);
+            if a.leader == me && a.epoch > slot.appointed {
+                slot.appointed = a.epoch;
+                let set: BTreeSet<NodeId> = a.replicas.iter().copied().collect();
+                let led = slot.replica.lead(a.epoch, set, BTreeSet::new());
+                outs.extend(led.into_iter().map(|o| (p, o)));
+            }
+        }
+    }
+
+    fn slot(&mut self, p: PartitionId) -> &mut Slot {
+        let (node, durable) = (self.node, &mut self.durable);
+        self.slots.entry(p).or_insert_with(|| {
+            let d = durable.remove(&p).unwrap_or_default();
+            let (stored_promise, stored_len) = (d.promised, d.log.len() as Index);
+            Slot { replica: Replica::recover(node, d), stored_promise, stored_len, appointed: 0 }
+        })
+    }
+
+    fn receive(&mut self, (from, msgs): Batch, outs: &mut Vec<(PartitionId, Out<Bytes>)>) {
+        for (p, msg) in msgs {
+            // A message for a partition this node does not hold (yet): a table it has not
+            // applied names it. Creating the slot lets it promise and follow right away.
+            let slot = self.slot(p);
+            outs.extend(slot.replica.handle(from, msg).into_iter().map(|o| (p, o)));
+        }
+    }
+
+    /// Writes every changed promise and log suffix, fsyncs once, and tells the replicas.
+    async fn persist(&mut self, outs: &mut Vec<(PartitionId, Out<Bytes>)>) -> Result<(), String> {
+        let mut batch = self.store.db.batch();
+        let mut dirty = Vec::new();
+        for (&p, slot) in &mut self.slots {
+            let r = &slot.replica;
+            let len = r.log().len() as Index;
+            if r.promised() == slot.stored_promise && !r.needs_sync() && len == slot.stored_len {
+                continue;
+            }
+            if r.promised() != slot.stored_promise {
+                batch.insert(&self.store.promised, p.to_be_bytes(), r.promised().to_be_bytes());
+            }
+            let keep = r.durable_prefix().min(len);
+            for index in keep + 1..=slot.stored_len.max(len) {
+                match r.log().get(index as usize - 1) {
+                    Some(e) => batch.insert(&self.store.log, log_key(p, index), encode_entry(e)),
+                    None => batch.remove(&self.store.log, log_key(p, index)),
+                }
+            }
+            dirty.push(p);
+        }
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        batch.commit().map_err(|e| e.to_string())?;
+        let db = self.store.db.clone();
+        let started = std::time::Instant::now();
+        tokio::task::spawn_blocking(move || db.persist(PersistMode::SyncData))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        metrics::histogram!(crate::metrics::REPLICATION_SYNC_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        for p in dirty {
+            if let Some(slot) = self.slots.get_mut(&p) {
+                slot.stored_promise = slot.replica.promised();
+                slot.stored_len = slot.replica.log().len() as Index;
+                outs.extend(slot.replica.synced().into_iter().map(|o| (p, o)));
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, outs: Vec<(PartitionId, Out<Bytes>)>) {
+        let mut frames: HashMap<NodeId, Vec<wire::Msg>> = HashMap::new();
+        for (p, out) in outs {
+            match out {
+                Out::Send { to, msg } => frames.entry(to).or_default().push(to_wire(p, msg)),
+                Out::Committed(_) => {}
+                Out::SteppedDown => {
+                    metrics::counter!(crate::metrics::REPLICATION_STEP_DOWNS).increment(1);
+                }
+            }
+        }
+        for (to, msgs) in frames {
+            match self.peers.get(&to) {
+                Some(outbox) => {
+                    if outbox.tx.try_send(msgs).is_err() {
+                        metrics::counter!(crate::metrics::REPLICATION_DROPPED, "direction" => "out")
+                            .increment(1);
+                    }
+                }
+                None => tracing::debug!(to, "no address for replication peer yet"),
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let mut v = ReplicationView { replicas: self.slots.len(), ..ReplicationView::default() };
+        for slot in self.slots.values() {
+            let r = &slot.replica;
+            v.leading += usize::from(r.leading().is_some());
+            v.serving += usize::from(r.serving().is_some());
+            v.committed += r.commit_index();
+        }
+        metrics::gauge!(crate::metrics::CLUSTER_PARTITIONS_SERVING).set(v.serving as f64);
+        self.view.send_if_modified(|old| {
+            let changed = *old != v;
+            *old = v;
+            changed
+        });
+    }
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+/// Sends frames to one peer in order, merging whatever queued up while the previous POST was
+/// in flight. A failed POST is dropped: the protocol retransmits on its ticks.
+async fn send_loop(
+    client: reqwest::Client,
+    addr: String,
+    from: NodeId,
+    mut rx: mpsc::Receiver<Vec<wire::Msg>>,
+) {
+    let url = format!("http://{addr}{PATH}");
+    while let Some(mut msgs) = rx.recv().await {
+        while let Ok(more) = rx.try_recv() {
+            msgs.extend(more);
+        }
+        let body = wire::Frame { from, msgs }.encode_to_vec();
+        let sent = client
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
+            .body(body)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(peer = %addr, error = %e, "replication frame not delivered");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_every_message_kind_should_survive_the_wire() {
+        let e = |epoch, p: Option<&'static str>| Entry { epoch, payload: p.map(Bytes::from) };
+        let msgs = vec![
+            Msg::Promise { epoch: 3 },
+            Msg::Promised { epoch: 3, log: vec![e(1, Some("a")), e(3, None)] },
+            Msg::Append {
+                epoch: 4,
+                prev_index: 2,
+                prev_epoch: 3,
+                entries: vec![e(4, None), e(4, Some(""))],
+                commit: 2,
+            },
+            Msg::Appended { epoch: 4, index: 9 },
+            Msg::Mismatch { epoch: 4, prev_index: 7, len: 5 },
+            Msg::Stale { promised: 8 },
+        ];
+        for m in msgs {
+            let frame = wire::Frame { from: 2, msgs: vec![to_wire(1023, m.clone())] };
+            let back = wire::Frame::decode(frame.encode_to_vec().as_slice()).unwrap();
+            assert_eq!(back.from, 2);
+            let (p, decoded) = from_wire(back.msgs[0].clone()).unwrap();
+            assert_eq!((p, decoded), (1023, m));
+        }
+    }
+
+    #[test]
+    fn given_an_unknown_kind_or_partition_should_drop_the_message() {
+        let unknown = wire::Msg { kind: 99, ..wire::Msg::default() };
+        assert!(from_wire(unknown).is_none());
+        let outside = to_wire(0, Msg::Promise { epoch: 1 });
+        assert!(from_wire(wire::Msg { partition: 1024, ..outside }).is_none());
+    }
+
+    #[test]
+    fn given_entries_should_encode_markers_and_payloads_apart() {
+        for e in
+            [Entry { epoch: 7, payload: None }, Entry { epoch: 7, payload: Some(Bytes::new()) }]
+        {
+            assert_eq!(decode_entry(&encode_entry(&e)), Some(e));
+        }
+        assert_eq!(decode_entry(&[0; 8]), None);
+        assert_eq!(decode_entry(&[0, 0, 0, 0, 0, 0, 0, 1, 2]), None);
+    }
+
+    #[tokio::test]
+    async fn given_a_restart_should_recover_promises_and_logs_and_rewrite_truncated_suffixes() {
+        let dir = tempfile::tempdir().unwrap();
+        let client = crate::cluster::raft::Network::new().unwrap().client();
+        {
+            let (mut engine, _, _) = open(1, dir.path(), client.clone()).unwrap();
+            let slot = engine.slot(5);
+            // A follower accepts an append of three entries in epoch 2.
+            let entries = vec![
+                Entry { epoch: 2, payload: None },
+                Entry { epoch: 2, payload: Some(Bytes::from("x")) },
+                Entry { epoch: 2, payload: Some(Bytes::from("y")) },
+            ];
+            let append = Msg::Append { epoch: 2, prev_index: 0, prev_epoch: 0, entries, commit: 0 };
+            slot.replica.handle(9, append);
+            let mut outs = Vec::new();
+            engine.persist(&mut outs).await.unwrap();
+            assert!(outs.iter().any(|(p, o)| *p == 5
+                && matches!(o, Out::Send { to: 9, msg: Msg::Appended { epoch: 2, index: 3 } })));
+            // A newer leader truncates the suffix after the marker.
+            let slot = engine.slot(5);
+            let replace = Msg::Append {
+                epoch: 3,
+                prev_index: 1,
+                prev_epoch: 2,
+                entries: vec![Entry { epoch: 3, payload: None }],
+                commit: 0,
+            };
+            slot.replica.handle(8, replace);
+            engine.persist(&mut Vec::new()).await.unwrap();
+        }
+        let (_, _, _) = open(1, dir.path(), client.clone())
+            .map(|(mut e, i, v)| {
+                let r = &e.slot(5).replica;
+                assert_eq!(r.promised(), 3);
+                let epochs: Vec<Epoch> = r.log().iter().map(|e| e.epoch).collect();
+                assert_eq!(epochs, [2, 3], "the truncated entry is gone from disk");
+                (e, i, v)
+            })
+            .unwrap();
+    }
+}
