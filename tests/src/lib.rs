@@ -334,19 +334,28 @@ impl Cluster {
     /// Starts `n` nodes with `opts` (its `ip`, `gossip` and node flags are set per node).
     #[must_use]
     pub fn start(n: u8, opts: &Options) -> Self {
-        let permits = Permit::acquire_all();
-        let mut nodes: Vec<Broker> = Vec::new();
-        for i in 0..n {
-            let mut o = opts.clone();
-            o.ip = std::net::Ipv4Addr::new(127, 0, 0, i + 1);
-            o.gossip = true;
-            o.args.push(format!("--node-id={}", i + 1));
-            if let Some(seed) = nodes.first().and_then(|first| first.gossip) {
-                o.args.push(format!("--seeds={seed}"));
-            }
-            nodes.push(Broker::start_permitted(o, None));
+        let mut cluster = Self { nodes: Vec::new(), _permits: Permit::acquire_all() };
+        for _ in 0..n {
+            cluster.add_node(opts);
         }
-        Self { nodes, _permits: permits }
+        cluster
+    }
+
+    /// Starts one more node, joined through node 1.
+    ///
+    /// # Panics
+    /// When it does not come up.
+    pub fn add_node(&mut self, opts: &Options) -> &mut Broker {
+        let i = u8::try_from(self.nodes.len()).expect("at most 255 nodes");
+        let mut o = opts.clone();
+        o.ip = std::net::Ipv4Addr::new(127, 0, 0, i + 1);
+        o.gossip = true;
+        o.args.push(format!("--node-id={}", i + 1));
+        if let Some(seed) = self.nodes.first().and_then(|first| first.gossip) {
+            o.args.push(format!("--seeds={seed}"));
+        }
+        self.nodes.push(Broker::start_permitted(o, None));
+        self.nodes.last_mut().expect("just added")
     }
 
     /// Waits until `node`'s gossip view satisfies `pred`, and returns that view.

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use switchboard_broker::cluster::placement::Placement;
 use switchboard_tests::{Broker, Cluster, Options, WAIT, http_get, member};
 
 fn fast_gossip() -> Options {
@@ -273,6 +274,66 @@ async fn given_the_control_leader_is_killed_should_move_its_partitions_to_live_r
                 "an epoch went backwards: {a} -> {n}"
             );
             assert_eq!(n["replicas"], a["replicas"]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn given_a_fourth_node_joins_should_move_partitions_onto_it_through_joint_epochs_and_serve_all()
+ {
+    let mut cluster = Cluster::start(3, &fast_gossip());
+    wait_table(&cluster, 0, "a placed table", |p| p.len() == 1024).await;
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+
+    cluster.add_node(&fast_gossip());
+    // The target: rendezvous placement of every partition over the four voters.
+    let target = Placement::uniform([1, 2, 3, 4], 3).expect("placement");
+    let settled = |p: &[serde_json::Value]| {
+        p.len() == 1024
+            && p.iter().zip(target.iter()).all(|(a, (_, want))| {
+                let mut have: Vec<u64> = a["replicas"]
+                    .as_array()
+                    .map(|r| r.iter().filter_map(serde_json::Value::as_u64).collect())
+                    .unwrap_or_default();
+                let mut want = want.to_vec();
+                have.sort_unstable();
+                want.sort_unstable();
+                have == want && a["previous"].as_array().is_some_and(Vec::is_empty)
+            })
+    };
+    let moved = wait_table(&cluster, 0, "partitions moved onto node 4 and settled", settled).await;
+    let holding = |id: u64| {
+        moved
+            .iter()
+            .filter(|a| a["replicas"].as_array().is_some_and(|r| r.contains(&id.into())))
+            .count() as u64
+    };
+    // Rendezvous hashing: node 4 takes about R/N = 3/4 of the partitions, each old node
+    // gives up about a quarter of its copies, and nothing else moves.
+    assert!((700..=840).contains(&holding(4)), "node 4 holds {}", holding(4));
+    assert_eq!((1..=4).map(holding).sum::<u64>(), 3 * 1024);
+    let led = leaders(&moved);
+    assert!(led.get(&4).is_some_and(|&n| n > 150), "node 4 leads: {led:?}");
+
+    // The moves committed with majorities of both sets, and every partition is served again.
+    wait_all_serving(&cluster, &[0, 1, 2, 3]).await;
+    // Each node keeps exactly the copies the table gives it: moved-away copies are dropped.
+    for i in 0..4 {
+        let want = holding(i as u64 + 1);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, body) = http_get(cluster.nodes[i].http, "/cluster").await;
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if v["replication"]["replicas"].as_u64() == Some(want) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} holds {} copies, want {want}",
+                i + 1,
+                v["replication"]["replicas"]
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct Assignment {
     pub generation: u64,
     /// The replica set, in placement order (the first is the preferred leader).
     pub replicas: Vec<NodeId>,
+    /// While the set changes: the previous set. The epoch's leader needs majorities of both
+    /// until it has served in the new set, which [`Command::Settle`] records.
+    #[serde(default)]
+    pub previous: Vec<NodeId>,
 }
 
 /// The partition table: empty until placed, then one assignment per partition.
@@ -76,6 +80,11 @@ pub struct Lead {
     pub leader: NodeId,
     /// The new leader's current generation.
     pub generation: u64,
+    /// A new replica set (a rebalancing move), or `None` to keep the set. A move starts only
+    /// when no other move of the partition is in progress; the current set becomes
+    /// `previous`.
+    #[serde(default)]
+    pub replicas: Option<Vec<NodeId>>,
 }
 
 /// A change to the table, proposed by the Raft leader.
@@ -86,10 +95,16 @@ pub enum Command {
         /// One per partition, each at epoch 1.
         partitions: Vec<Assignment>,
     },
-    /// New epochs with new leaders for some partitions.
+    /// New epochs with new leaders (and possibly new replica sets) for some partitions.
     Lead {
         /// The changes; each is checked on its own.
         changes: Vec<Lead>,
+    },
+    /// Ends set changes whose epoch's leader has served in the new set: `previous` is
+    /// dropped (a change for an older epoch is void).
+    Settle {
+        /// `(partition, epoch)` pairs.
+        settled: Vec<(PartitionId, u64)>,
     },
 }
 
@@ -121,10 +136,29 @@ impl Table {
                     let Some(a) = self.partitions.get_mut(usize::from(c.partition)) else {
                         continue;
                     };
-                    if c.epoch == a.epoch + 1 && a.replicas.contains(&c.leader) {
-                        a.epoch = c.epoch;
-                        a.leader = c.leader;
-                        a.generation = c.generation;
+                    if c.epoch != a.epoch + 1 {
+                        continue;
+                    }
+                    match &c.replicas {
+                        None if a.replicas.contains(&c.leader) => {}
+                        Some(set) if valid_move(a, set, c.leader) => {
+                            a.previous = std::mem::replace(&mut a.replicas, set.clone());
+                        }
+                        _ => continue,
+                    }
+                    a.epoch = c.epoch;
+                    a.leader = c.leader;
+                    a.generation = c.generation;
+                    changed += 1;
+                }
+            }
+            Command::Settle { settled } => {
+                for &(p, epoch) in settled {
+                    if let Some(a) = self.partitions.get_mut(usize::from(p))
+                        && a.epoch == epoch
+                        && !a.previous.is_empty()
+                    {
+                        a.previous.clear();
                         changed += 1;
                     }
                 }
@@ -144,6 +178,20 @@ impl Table {
     }
 }
 
+/// A move to `set` led by `leader` is valid when no move is in progress, the set is new,
+/// non-empty and without duplicates, and the leader belongs to it.
+fn valid_move(a: &Assignment, set: &[NodeId], leader: NodeId) -> bool {
+    let distinct: BTreeSet<NodeId> = set.iter().copied().collect();
+    a.previous.is_empty()
+        && !set.is_empty()
+        && distinct.len() == set.len()
+        && set.contains(&leader)
+        && distinct != a.replicas.iter().copied().collect()
+}
+
+/// Most partitions whose replica set changes at once (bounds the data in motion).
+pub const MAX_MOVING: usize = 128;
+
 /// What the Raft leader should propose next, if anything:
 /// - the first placement, once `voters` has at least `min_voters` nodes;
 /// - a new epoch for every partition whose leader gossip suspects (`down`: heard from, then
@@ -151,7 +199,10 @@ impl Table {
 ///   not heard from yet is neither live nor down: a control leader that just started must not
 ///   fail over partitions of nodes it simply has not met;
 /// - a new epoch, same leader, for every partition whose leader restarted (gossip shows a
-///   newer generation than the one it was appointed in).
+///   newer generation than the one it was appointed in);
+/// - otherwise, rebalancing: partitions whose replica set differs from the placement over the
+///   current voters move to it (at most [`MAX_MOVING`] at a time, only onto live nodes), led
+///   by the new set's preferred replica.
 ///
 /// `live` maps each live node to its current generation.
 #[must_use]
@@ -177,6 +228,7 @@ pub fn plan(
                     leader,
                     generation: live.get(&leader).copied().unwrap_or(0),
                     replicas: set.to_vec(),
+                    previous: Vec::new(),
                 }
             })
             .collect();
@@ -191,15 +243,59 @@ pub fn plan(
             let epoch = a.epoch + 1;
             if down.contains(&a.leader) {
                 let leader = a.replicas.iter().copied().find(|n| live.contains_key(n))?;
-                return Some(Lead { partition, epoch, leader, generation: live[&leader] });
+                let generation = live[&leader];
+                return Some(Lead { partition, epoch, leader, generation, replicas: None });
             }
             match live.get(&a.leader) {
                 Some(&generation) if generation != a.generation => {
-                    Some(Lead { partition, epoch, leader: a.leader, generation })
+                    Some(Lead { partition, epoch, leader: a.leader, generation, replicas: None })
                 }
                 _ => None,
             }
         })
+        .collect();
+    if !changes.is_empty() {
+        return Some(Command::Lead { changes });
+    }
+    rebalance(table, voters, live, replication)
+}
+
+/// Moves toward the placement over `voters` (see [`plan`]).
+fn rebalance(
+    table: &Table,
+    voters: &BTreeSet<NodeId>,
+    live: &BTreeMap<NodeId, u64>,
+    replication: usize,
+) -> Option<Command> {
+    let moving = table.partitions.iter().filter(|a| !a.previous.is_empty()).count();
+    let room = MAX_MOVING.saturating_sub(moving);
+    if room == 0 {
+        return None;
+    }
+    let placement = Placement::uniform(voters.iter().copied(), replication).ok()?;
+    let changes: Vec<Lead> = placement
+        .iter()
+        .filter_map(|(p, want)| {
+            let a = table.partitions.get(usize::from(p))?;
+            let same: BTreeSet<NodeId> = want.iter().copied().collect();
+            if !a.previous.is_empty()
+                || same == a.replicas.iter().copied().collect()
+                || !want.iter().all(|n| live.contains_key(n))
+            {
+                return None;
+            }
+            // The preferred replica leads: the new epoch changes leaders' state anyway, and
+            // keeping old leaders would leave a new node leading nothing.
+            let leader = want[0];
+            Some(Lead {
+                partition: p,
+                epoch: a.epoch + 1,
+                leader,
+                generation: live[&leader],
+                replicas: Some(want.to_vec()),
+            })
+        })
+        .take(room)
         .collect();
     (!changes.is_empty()).then_some(Command::Lead { changes })
 }
@@ -269,9 +365,11 @@ impl ControlPlane {
         let listener = std::net::TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
         let network = Network::new().map_err(std::io::Error::other)?;
+        let (settle_tx, settle_rx) = tokio::sync::mpsc::channel(64);
         let (engine, inbox, replication) =
-            super::replication::open(node, data_dir, network.client())
+            super::replication::open(node, data_dir, network.client(), settle_tx.clone())
                 .map_err(ControlError::Storage)?;
+        let client = network.client();
         let engine_table = machine.clone();
         let election = config.election_timeout_ms;
         let raft_config = openraft::Config {
@@ -320,10 +418,12 @@ impl ControlPlane {
                     }
                 };
                 let _ = started_tx.send(Ok(()));
-                let server = tokio::spawn(serve_peers(raft.clone(), inbox, listener));
+                let peers = Peers { raft: raft.clone(), inbox, settle: settle_tx };
+                let server = tokio::spawn(serve_peers(peers, listener));
                 let engine_stop = Arc::new(Notify::new());
                 let data = tokio::spawn(engine.run(engine_table, engine_stop.clone()));
-                run(&raft, &settings, gossip, machine, &view_tx, &announce, &stop_rx).await;
+                let links = Links { gossip, machine, settle: settle_rx, client };
+                run(&raft, &settings, links, &view_tx, &announce, &stop_rx).await;
                 engine_stop.notify_one();
                 let _ = data.await;
                 server.abort();
@@ -378,15 +478,25 @@ const PLAN_EVERY: Duration = Duration::from_millis(200);
 /// Longest wait for one control plane change (bootstrap, join, proposal).
 const RAFT_OP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What the control loop listens to besides Raft.
+struct Links {
+    gossip: watch::Receiver<Arc<View>>,
+    machine: watch::Receiver<Arc<Machine>>,
+    /// Settled moves, from this node's engine and forwarded by peers.
+    settle: tokio::sync::mpsc::Receiver<super::replication::Settled>,
+    /// For forwarding settled moves to the Raft leader.
+    client: reqwest::Client,
+}
+
 async fn run(
     raft: &Raft,
     settings: &Settings,
-    mut gossip: watch::Receiver<Arc<View>>,
-    mut machine: watch::Receiver<Arc<Machine>>,
+    links: Links,
     view_tx: &watch::Sender<Arc<ControlView>>,
     announce: &super::membership::Announce,
     stop: &CancellationToken,
 ) {
+    let Links { mut gossip, mut machine, mut settle, client } = links;
     let mut metrics = raft.metrics();
     let mut tick = tokio::time::interval(PLAN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -399,6 +509,14 @@ async fn run(
             r = metrics.changed() => if r.is_err() { return },
             r = machine.changed() => if r.is_err() { return },
             r = gossip.changed() => if r.is_err() { return },
+            s = settle.recv() => {
+                let Some(mut settled) = s else { return };
+                while let Ok(more) = settle.try_recv() {
+                    settled.extend(more);
+                }
+                settle_moves(raft, settings.node, settled, &client, stop).await;
+                continue;
+            }
         }
         let m = metrics.borrow().clone();
         let membership = m.membership_config.membership();
@@ -451,6 +569,41 @@ async fn run(
         }
     }
 }
+
+/// Records settled moves: proposed here when this node is the Raft leader, else forwarded to
+/// the leader (a lost report is repeated by the partition's leader until the table has it).
+async fn settle_moves(
+    raft: &Raft,
+    me: NodeId,
+    settled: super::replication::Settled,
+    client: &reqwest::Client,
+    stop: &CancellationToken,
+) {
+    let m = raft.metrics().borrow().clone();
+    match m.current_leader {
+        Some(leader) if leader == me => {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                _ = tokio::time::timeout(RAFT_OP_TIMEOUT, propose(raft, Command::Settle { settled })) => {}
+            }
+        }
+        Some(leader) => {
+            let Some(node) = m.membership_config.membership().get_node(&leader) else { return };
+            let url = format!("http://{}{SETTLE_PATH}", node.addr);
+            let body = serde_json::to_vec(&settled).unwrap_or_default();
+            let post = client.post(url).body(body).timeout(Duration::from_secs(2)).send();
+            tokio::spawn(async move {
+                if let Err(e) = post.await {
+                    tracing::debug!(error = %e, "settle report not delivered to the control leader");
+                }
+            });
+        }
+        None => {}
+    }
+}
+
+/// Peer path where nodes forward settled moves to the control leader.
+const SETTLE_PATH: &str = "/control/settle";
 
 /// How long a node gossip knows of but has never seen live counts as merely unknown.
 const UNMET_GRACE: Duration = Duration::from_secs(10);
@@ -524,7 +677,11 @@ async fn join(raft: &Raft, view: &View, known: &BTreeSet<NodeId>) -> bool {
 async fn propose(raft: &Raft, cmd: Command) {
     let what = match &cmd {
         Command::Place { partitions } => format!("place {} partitions", partitions.len()),
-        Command::Lead { changes } => format!("new leaders for {} partitions", changes.len()),
+        Command::Lead { changes } => {
+            let moves = changes.iter().filter(|c| c.replicas.is_some()).count();
+            format!("new epochs for {} partitions ({moves} moving)", changes.len())
+        }
+        Command::Settle { settled } => format!("settle {} moved partitions", settled.len()),
     };
     match raft.client_write(cmd).await {
         Ok(r) => {
@@ -541,22 +698,26 @@ type Body = Full<Bytes>;
 /// Largest peer request body (a snapshot chunk is at most openraft's 3 MiB default).
 const MAX_PEER_BODY: usize = 16 << 20;
 
-async fn serve_peers(
+/// What the peer server hands requests to.
+#[derive(Clone)]
+struct Peers {
     raft: Raft,
     inbox: super::replication::Inbox,
-    listener: tokio::net::TcpListener,
-) {
+    settle: tokio::sync::mpsc::Sender<super::replication::Settled>,
+}
+
+async fn serve_peers(peers: Peers, listener: tokio::net::TcpListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (raft, inbox) = (raft.clone(), inbox.clone());
+        let peers = peers.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let (raft, inbox) = (raft.clone(), inbox.clone());
-                async move { Ok::<_, Infallible>(peer_request(&raft, &inbox, req).await) }
+                let peers = peers.clone();
+                async move { Ok::<_, Infallible>(peer_request(&peers, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -573,17 +734,23 @@ fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
     r
 }
 
-async fn peer_request(
-    raft: &Raft,
-    inbox: &super::replication::Inbox,
-    req: Request<hyper::body::Incoming>,
-) -> Response<Body> {
+async fn peer_request(peers: &Peers, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let (raft, inbox) = (&peers.raft, &peers.inbox);
     let path = req.uri().path().to_owned();
     let body = match Limited::new(req.into_body(), MAX_PEER_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return json(StatusCode::PAYLOAD_TOO_LARGE, Vec::new()),
     };
     let reply = match path.as_str() {
+        SETTLE_PATH => {
+            return match serde_json::from_slice(&body) {
+                Ok(settled) => {
+                    let _ = peers.settle.try_send(settled);
+                    json(StatusCode::NO_CONTENT, Vec::new())
+                }
+                Err(_) => json(StatusCode::BAD_REQUEST, Vec::new()),
+            };
+        }
         super::replication::PATH => {
             return match inbox.deliver(&body) {
                 Ok(()) => json(StatusCode::NO_CONTENT, Vec::new()),
@@ -667,9 +834,16 @@ mod tests {
     fn given_a_stale_or_invalid_change_should_apply_nothing() {
         let mut t = placed(&[1, 2, 3]);
         let a = t.partitions[0].clone();
-        let stale = Lead { partition: 0, epoch: a.epoch, leader: a.replicas[1], generation: 1 };
-        let outsider = Lead { partition: 0, epoch: a.epoch + 1, leader: 99, generation: 1 };
-        let out_of_range = Lead { partition: u16::MAX, epoch: 2, leader: 1, generation: 1 };
+        let lead = |partition, epoch, leader| Lead {
+            partition,
+            epoch,
+            leader,
+            generation: 1,
+            replicas: None,
+        };
+        let stale = lead(0, a.epoch, a.replicas[1]);
+        let outsider = lead(0, a.epoch + 1, 99);
+        let out_of_range = lead(u16::MAX, 2, 1);
         let cmd = Command::Lead { changes: vec![stale, outsider, out_of_range] };
         assert_eq!(t.apply(&cmd).changed, 0);
         assert_eq!(t.partitions[0], a);
@@ -727,6 +901,70 @@ mod tests {
         let mut s = Suspicion::default();
         s.down(&view(vec![member(2, true)]), t0);
         assert_eq!(s.down(&view(vec![member(2, false)]), t0), set(&[2]), "seen live, now silent");
+    }
+
+    #[test]
+    fn given_a_new_voter_should_move_bounded_batches_onto_it_and_settle_each_move() {
+        let mut t = placed(&[1, 2, 3]);
+        let four = set(&[1, 2, 3, 4]);
+        let all = live(&[1, 2, 3, 4]);
+        let want = Placement::uniform([1, 2, 3, 4], 3).unwrap();
+        let mut rounds = 0;
+        while let Some(cmd) = plan(&t, &four, &all, &set(&[]), 3, 3) {
+            rounds += 1;
+            assert!(rounds < 100, "rebalancing does not converge");
+            let Command::Lead { changes } = &cmd else { panic!("expected moves: {cmd:?}") };
+            assert!(changes.len() <= MAX_MOVING);
+            t.apply(&cmd);
+            let moving: Vec<(PartitionId, u64)> = t
+                .partitions
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| !a.previous.is_empty())
+                .map(|(p, a)| (PartitionId::try_from(p).unwrap(), a.epoch))
+                .collect();
+            assert!(moving.len() <= MAX_MOVING);
+            for &(p, _) in &moving {
+                let a = &t.partitions[usize::from(p)];
+                assert!(a.replicas.contains(&a.leader));
+                assert_eq!(a.epoch, 2);
+            }
+            // Nothing else moves until these settle.
+            assert_eq!(plan(&t, &four, &all, &set(&[]), 3, 3), None);
+            t.apply(&Command::Settle { settled: moving });
+        }
+        for (p, set) in want.iter() {
+            let a = &t.partitions[usize::from(p)];
+            let mut have = a.replicas.clone();
+            let mut want = set.to_vec();
+            have.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(have, want, "partition {p}");
+            assert!(a.previous.is_empty());
+        }
+        assert!(t.led().get(&4).is_some_and(|&n| n > 100), "node 4 leads: {:?}", t.led());
+    }
+
+    #[test]
+    fn given_a_move_in_progress_should_refuse_a_second_move_and_a_stale_settle() {
+        let mut t = placed(&[1, 2, 3]);
+        let a = t.partitions[0].clone();
+        let mv = |epoch, replicas: Vec<NodeId>| Command::Lead {
+            changes: vec![Lead {
+                partition: 0,
+                epoch,
+                leader: replicas[0],
+                generation: 1,
+                replicas: Some(replicas),
+            }],
+        };
+        assert_eq!(t.apply(&mv(2, vec![4, 1, 2])).changed, 1);
+        assert_eq!(t.partitions[0].previous, a.replicas);
+        assert_eq!(t.apply(&mv(3, vec![5, 1, 2])).changed, 0, "one move at a time");
+        assert_eq!(t.apply(&Command::Settle { settled: vec![(0, 1)] }).changed, 0, "stale epoch");
+        assert_eq!(t.apply(&Command::Settle { settled: vec![(0, 2)] }).changed, 1);
+        assert!(t.partitions[0].previous.is_empty());
+        assert_eq!(t.apply(&mv(3, vec![4, 4, 2])).changed, 0, "duplicate replica");
     }
 
     #[test]

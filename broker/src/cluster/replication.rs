@@ -42,6 +42,13 @@ const INBOX: usize = 256;
 /// Outbound frames waiting per peer; beyond this they are dropped (leaders retransmit).
 const OUTBOX: usize = 64;
 
+/// A leader that serves a moved partition reports it this often until the table records it.
+const SETTLE_REPORT_EVERY: Duration = Duration::from_secs(2);
+
+/// `(partition, epoch)` pairs whose leader serves in a new replica set: the control plane
+/// may drop the previous set.
+pub type Settled = Vec<(PartitionId, Epoch)>;
+
 mod wire {
     //! The replication frame: every message of one round from one node to another.
 
@@ -302,6 +309,13 @@ pub struct Engine {
     peers: HashMap<NodeId, Outbox>,
     client: reqwest::Client,
     view: watch::Sender<ReplicationView>,
+    /// The latest committed table.
+    table: Arc<Machine>,
+    /// Partitions this node no longer replicates: their data is deleted in the next round.
+    dropped: Vec<PartitionId>,
+    /// Where settled moves are reported, and when each was last reported.
+    settle: mpsc::Sender<Settled>,
+    reported: HashMap<PartitionId, (Epoch, tokio::time::Instant)>,
 }
 
 struct Outbox {
@@ -323,6 +337,7 @@ pub fn open(
     node: NodeId,
     data_dir: &std::path::Path,
     client: reqwest::Client,
+    settle: mpsc::Sender<Settled>,
 ) -> Result<(Engine, Inbox, watch::Receiver<ReplicationView>), String> {
     let store = Store::open(data_dir).map_err(|e| e.to_string())?;
     let durable = store.load()?;
@@ -337,6 +352,10 @@ pub fn open(
         peers: HashMap::new(),
         client,
         view,
+        table: Arc::default(),
+        dropped: Vec::new(),
+        settle,
+        reported: HashMap::new(),
     };
     Ok((engine, Inbox(tx), view_rx))
 }
@@ -359,6 +378,7 @@ impl Engine {
                     if r.is_err() { return }
                     let machine = table.borrow_and_update().clone();
                     self.follow(&machine, &mut outs);
+                    self.table = machine;
                 }
                 batch = self.inbox.recv() => {
                     let Some(batch) = batch else { return };
@@ -376,6 +396,7 @@ impl Engine {
                 return;
             }
             self.dispatch(outs);
+            self.report_settled();
             self.publish();
         }
     }
@@ -390,19 +411,63 @@ impl Engine {
                 self.peers.insert(*id, Outbox { addr: node.addr.clone(), tx });
             }
         }
+        let me = self.node;
         for (p, a) in machine.table.partitions.iter().enumerate() {
-            if !a.replicas.contains(&self.node) {
+            let Ok(p) = PartitionId::try_from(p) else { continue };
+            if !a.replicas.contains(&me) && !a.previous.contains(&me) {
+                // Moved away and settled: this copy is no longer part of any majority.
+                if self.slots.remove(&p).is_some() || self.durable.remove(&p).is_some() {
+                    self.dropped.push(p);
+                }
                 continue;
             }
-            let Ok(p) = PartitionId::try_from(p) else { continue };
-            let me = self.node;
             let slot = self.slot(p);
             if a.leader == me && a.epoch > slot.appointed {
                 slot.appointed = a.epoch;
                 let set: BTreeSet<NodeId> = a.replicas.iter().copied().collect();
-                let led = slot.replica.lead(a.epoch, set, BTreeSet::new());
+                let old: BTreeSet<NodeId> = a.previous.iter().copied().collect();
+                let led = slot.replica.lead(a.epoch, set, old);
                 outs.extend(led.into_iter().map(|o| (p, o)));
             }
+        }
+    }
+
+    /// Whether a message for `p` in `epoch` concerns this node: it replicates `p` per the
+    /// table, or the message comes from an epoch the table it has applied does not know yet.
+    fn concerns(&self, p: PartitionId, epoch: Epoch) -> bool {
+        match self.table.table.partitions.get(usize::from(p)) {
+            None => true,
+            Some(a) => {
+                a.replicas.contains(&self.node)
+                    || a.previous.contains(&self.node)
+                    || epoch > a.epoch
+            }
+        }
+    }
+
+    /// Reports moved partitions this node leads and serves in their new set.
+    fn report_settled(&mut self) {
+        let now = tokio::time::Instant::now();
+        let mut settled = Vec::new();
+        for (p, a) in self.table.table.partitions.iter().enumerate() {
+            let Ok(p) = PartitionId::try_from(p) else { continue };
+            if a.previous.is_empty() || a.leader != self.node {
+                continue;
+            }
+            let Some(slot) = self.slots.get(&p) else { continue };
+            if slot.replica.serving() != Some(a.epoch) {
+                continue;
+            }
+            let due = self.reported.get(&p).is_none_or(|&(e, at)| {
+                e != a.epoch || now.duration_since(at) >= SETTLE_REPORT_EVERY
+            });
+            if due {
+                self.reported.insert(p, (a.epoch, now));
+                settled.push((p, a.epoch));
+            }
+        }
+        if !settled.is_empty() {
+            let _ = self.settle.try_send(settled);
         }
     }
 
@@ -417,8 +482,19 @@ impl Engine {
 
     fn receive(&mut self, (from, msgs): Batch, outs: &mut Vec<(PartitionId, Out<Bytes>)>) {
         for (p, msg) in msgs {
-            // A message for a partition this node does not hold (yet): a table it has not
-            // applied names it. Creating the slot lets it promise and follow right away.
+            let epoch = match &msg {
+                Msg::Promise { epoch }
+                | Msg::Promised { epoch, .. }
+                | Msg::Append { epoch, .. }
+                | Msg::Appended { epoch, .. }
+                | Msg::Mismatch { epoch, .. } => *epoch,
+                Msg::Stale { promised } => *promised,
+            };
+            if !self.concerns(p, epoch) {
+                continue;
+            }
+            // A partition this node does not hold yet (a table it has not applied names it):
+            // creating the slot lets it promise and follow right away.
             let slot = self.slot(p);
             outs.extend(slot.replica.handle(from, msg).into_iter().map(|o| (p, o)));
         }
@@ -428,6 +504,13 @@ impl Engine {
     async fn persist(&mut self, outs: &mut Vec<(PartitionId, Out<Bytes>)>) -> Result<(), String> {
         let mut batch = self.store.db.batch();
         let mut dirty = Vec::new();
+        let dropped = std::mem::take(&mut self.dropped);
+        for &p in &dropped {
+            batch.remove(&self.store.promised, p.to_be_bytes());
+            for kv in self.store.log.prefix(p.to_be_bytes()) {
+                batch.remove(&self.store.log, kv.key().map_err(|e| e.to_string())?);
+            }
+        }
         for (&p, slot) in &mut self.slots {
             let r = &slot.replica;
             let len = r.log().len() as Index;
@@ -446,7 +529,7 @@ impl Engine {
             }
             dirty.push(p);
         }
-        if dirty.is_empty() {
+        if dirty.is_empty() && dropped.is_empty() {
             return Ok(());
         }
         batch.commit().map_err(|e| e.to_string())?;
@@ -595,8 +678,9 @@ mod tests {
     async fn given_a_restart_should_recover_promises_and_logs_and_rewrite_truncated_suffixes() {
         let dir = tempfile::tempdir().unwrap();
         let client = crate::cluster::raft::Network::new().unwrap().client();
+        let (settle, _settled) = mpsc::channel(1);
         {
-            let (mut engine, _, _) = open(1, dir.path(), client.clone()).unwrap();
+            let (mut engine, _, _) = open(1, dir.path(), client.clone(), settle.clone()).unwrap();
             let slot = engine.slot(5);
             // A follower accepts an append of three entries in epoch 2.
             let entries = vec![
@@ -622,7 +706,7 @@ mod tests {
             slot.replica.handle(8, replace);
             engine.persist(&mut Vec::new()).await.unwrap();
         }
-        let (_, _, _) = open(1, dir.path(), client.clone())
+        let (_, _, _) = open(1, dir.path(), client.clone(), settle)
             .map(|(mut e, i, v)| {
                 let r = &e.slot(5).replica;
                 assert_eq!(r.promised(), 3);
