@@ -214,11 +214,24 @@ pub fn plan(
     replication: usize,
     min_voters: usize,
 ) -> Option<Command> {
+    let placement = Placement::uniform(voters.iter().copied(), replication).ok()?;
+    plan_with(table, &placement, live, down, min_voters)
+}
+
+/// [`plan`] with the placement over the voters computed already (the control loop keeps it
+/// until the voters change: computing it is most of a plan's cost).
+#[must_use]
+pub fn plan_with(
+    table: &Table,
+    placement: &Placement,
+    live: &BTreeMap<NodeId, u64>,
+    down: &BTreeSet<NodeId>,
+    min_voters: usize,
+) -> Option<Command> {
     if table.partitions.is_empty() {
-        if voters.is_empty() || voters.len() < min_voters {
+        if placement.members().len() < min_voters {
             return None;
         }
-        let placement = Placement::uniform(voters.iter().copied(), replication).ok()?;
         let partitions = placement
             .iter()
             .map(|(_, set)| {
@@ -257,29 +270,31 @@ pub fn plan(
     if !changes.is_empty() {
         return Some(Command::Lead { changes });
     }
-    rebalance(table, voters, live, replication)
+    rebalance(table, placement, live)
+}
+
+/// Whether two small replica sets hold the same nodes.
+fn same_nodes(a: &[NodeId], b: &[NodeId]) -> bool {
+    a.len() == b.len() && a.iter().all(|n| b.contains(n))
 }
 
 /// Moves toward the placement over `voters` (see [`plan`]).
 fn rebalance(
     table: &Table,
-    voters: &BTreeSet<NodeId>,
+    placement: &Placement,
     live: &BTreeMap<NodeId, u64>,
-    replication: usize,
 ) -> Option<Command> {
     let moving = table.partitions.iter().filter(|a| !a.previous.is_empty()).count();
     let room = MAX_MOVING.saturating_sub(moving);
     if room == 0 {
         return None;
     }
-    let placement = Placement::uniform(voters.iter().copied(), replication).ok()?;
     let changes: Vec<Lead> = placement
         .iter()
         .filter_map(|(p, want)| {
             let a = table.partitions.get(usize::from(p))?;
-            let same: BTreeSet<NodeId> = want.iter().copied().collect();
             if !a.previous.is_empty()
-                || same == a.replicas.iter().copied().collect()
+                || same_nodes(want, &a.replicas)
                 || !want.iter().all(|n| live.contains_key(n))
             {
                 return None;
@@ -502,6 +517,7 @@ async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_leader = None;
     let mut suspicion = Suspicion::default();
+    let mut cached: Option<(BTreeSet<NodeId>, Placement)> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -556,7 +572,14 @@ async fn run(
                 }
                 let min_voters = settings.bootstrap_expect.min(settings.replication);
                 let (r, t) = (settings.replication, &table.table);
-                if let Some(cmd) = plan(t, &voters, &live, &down, r, min_voters) {
+                let fresh = cached.as_ref().is_none_or(|(v, _)| *v != voters);
+                if fresh {
+                    cached = Placement::uniform(voters.iter().copied(), r)
+                        .ok()
+                        .map(|p| (voters.clone(), p));
+                }
+                let Some((_, placement)) = &cached else { return };
+                if let Some(cmd) = plan_with(t, placement, &live, &down, min_voters) {
                     propose(raft, cmd).await;
                 }
             }
