@@ -277,8 +277,9 @@ pub fn run_with(
         if let Some((m, _, control)) = membership {
             // Peers stop routing here at once instead of after failure detection.
             tokio::task::spawn_blocking(move || {
-                control.stop();
+                // Announce first (three gossip rounds), then stop Raft and replication.
                 m.leave();
+                control.stop();
             })
             .await
             .ok();

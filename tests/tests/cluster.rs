@@ -14,6 +14,10 @@ fn fast_gossip() -> Options {
         "cluster.gossip_interval_ms=100",
         "--set",
         "cluster.election_timeout_ms=500",
+        // Fewer false suspicions on a loaded CI machine (a spurious failover would move
+        // partitions the tests expect to stay).
+        "--set",
+        "cluster.phi_threshold=12",
     ])
 }
 

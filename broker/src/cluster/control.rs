@@ -260,7 +260,7 @@ pub fn plan_with(
                 return Some(Lead { partition, epoch, leader, generation, replicas: None });
             }
             match live.get(&a.leader) {
-                Some(&generation) if generation != a.generation => {
+                Some(&generation) if generation > a.generation => {
                     Some(Lead { partition, epoch, leader: a.leader, generation, replicas: None })
                 }
                 _ => None,
@@ -567,7 +567,7 @@ async fn run(
             if known.is_empty() && m.last_log_index.is_none() {
                 bootstrap(raft, settings, &view).await;
             } else if m.current_leader == Some(settings.node) {
-                if join(raft, &view, &known).await {
+                if join(raft, &view, &known, &voters).await {
                     return;
                 }
                 let min_voters = settings.bootstrap_expect.min(settings.replication);
@@ -656,17 +656,15 @@ impl Suspicion {
     }
 }
 
-/// Initializes Raft when this node is the lowest-id live node, enough nodes are live, and no
-/// live node already belongs to a control plane (a restarted member must rejoin its cluster,
-/// not found another).
+/// Initializes Raft when this node has no seeds (it founds the cluster), enough nodes are
+/// live, and no live node already belongs to a control plane (a restarted member must rejoin
+/// its cluster, not found another).
 async fn bootstrap(raft: &Raft, settings: &Settings, view: &View) {
     let live: Vec<_> = view.members.iter().filter(|m| m.live).collect();
-    let lowest = live.iter().map(|m| m.id).min();
-    if !view.joined()
-        || live.len() < settings.bootstrap_expect
-        || lowest != Some(settings.node)
-        || live.iter().any(|m| m.control)
-    {
+    // Only a node without seeds founds: nodes that join through seeds never do, so two
+    // groups of nodes that have not heard of each other's control plane yet cannot both
+    // found one (two control planes would allocate the same epochs twice).
+    if view.seeded || live.len() < settings.bootstrap_expect || live.iter().any(|m| m.control) {
         return;
     }
     let nodes: BTreeMap<NodeId, BasicNode> =
@@ -680,15 +678,26 @@ async fn bootstrap(raft: &Raft, settings: &Settings, view: &View) {
 
 /// Adds one live node that Raft does not know yet: learner first, then voter. Returns whether
 /// it tried (one change at a time).
-async fn join(raft: &Raft, view: &View, known: &BTreeSet<NodeId>) -> bool {
-    let Some(new) = view.members.iter().find(|m| m.live && !known.contains(&m.id)) else {
+async fn join(
+    raft: &Raft,
+    view: &View,
+    known: &BTreeSet<NodeId>,
+    voters: &BTreeSet<NodeId>,
+) -> bool {
+    // A live learner whose promotion failed earlier (timeout, leader change) is promoted now.
+    let stuck =
+        view.members.iter().find(|m| m.live && known.contains(&m.id) && !voters.contains(&m.id));
+    let new = view.members.iter().find(|m| m.live && !known.contains(&m.id));
+    let Some(new) = stuck.or(new) else {
         return false;
     };
-    tracing::info!(node = new.id, "adding node to the control plane");
-    let node = BasicNode::new(new.gossip.to_string());
-    if let Err(e) = raft.add_learner(new.id, node, true).await {
-        tracing::warn!(node = new.id, error = %e, "cannot add learner");
-        return true;
+    if !known.contains(&new.id) {
+        tracing::info!(node = new.id, "adding node to the control plane");
+        let node = BasicNode::new(new.gossip.to_string());
+        if let Err(e) = raft.add_learner(new.id, node, true).await {
+            tracing::warn!(node = new.id, error = %e, "cannot add learner");
+            return true;
+        }
     }
     let voters = ChangeMembers::AddVoterIds(BTreeSet::from([new.id]));
     if let Err(e) = raft.change_membership(voters, false).await {

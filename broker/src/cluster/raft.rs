@@ -241,7 +241,7 @@ pub struct Machine {
 pub struct StateMachine {
     store: Store,
     machine: Machine,
-    snapshot: Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>,
+    snapshot: CurrentSnapshot,
     published: watch::Sender<Arc<Machine>>,
 }
 
@@ -267,6 +267,7 @@ impl StateMachine {
     ) -> Result<(Self, watch::Receiver<Arc<Machine>>), StorageError<NodeId>> {
         let machine: Machine = store.get(MACHINE)?.unwrap_or_default();
         let snapshot = store.get::<StoredSnapshot>(SNAPSHOT)?.map(|s| (s.meta, s.data));
+        let snapshot = Arc::new(std::sync::Mutex::new(snapshot));
         let (published, rx) = watch::channel(Arc::new(machine.clone()));
         Ok((Self { store, machine, snapshot, published }, rx))
     }
@@ -278,10 +279,15 @@ impl StateMachine {
     }
 }
 
+/// The latest snapshot (built here or installed from the leader), shared by the state machine
+/// and its builders: openraft purges the log behind it and sends it to nodes that lag.
+type CurrentSnapshot = Arc<std::sync::Mutex<Option<(SnapshotMeta<NodeId, BasicNode>, Vec<u8>)>>>;
+
 /// Builds a snapshot: the serialized machine.
 pub struct SnapshotBuilder {
     store: Store,
     machine: Machine,
+    current: CurrentSnapshot,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -296,6 +302,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         // Durable before openraft may purge the log it covers.
         self.store.put(SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
         self.store.sync()?;
+        *self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((meta.clone(), data.clone()));
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -332,7 +340,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { store: self.store.clone(), machine: self.machine.clone() }
+        SnapshotBuilder {
+            store: self.store.clone(),
+            machine: self.machine.clone(),
+            current: self.snapshot.clone(),
+        }
     }
 
     async fn begin_receiving_snapshot(
@@ -352,14 +364,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.store.put(SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
         self.save_and_publish()?;
         self.store.sync()?;
-        self.snapshot = Some((meta.clone(), data));
+        *self.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((meta.clone(), data));
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(self.snapshot.as_ref().map(|(meta, data)| Snapshot {
+        let current = self.snapshot.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(current.as_ref().map(|(meta, data)| Snapshot {
             meta: meta.clone(),
             snapshot: Box::new(Cursor::new(data.clone())),
         }))
@@ -477,5 +491,25 @@ impl RaftNetwork<TypeConfig> for Peer {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(path::VOTE, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn given_a_built_snapshot_should_be_the_current_one_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (mut sm, _) = StateMachine::open(store.clone()).unwrap();
+        assert!(sm.get_current_snapshot().await.unwrap().is_none());
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        let current = sm.get_current_snapshot().await.unwrap().expect("current snapshot");
+        assert_eq!(current.meta, built.meta, "openraft sends this one to lagging nodes");
+        drop(sm);
+        let (mut reopened, _) = StateMachine::open(store).unwrap();
+        let again = reopened.get_current_snapshot().await.unwrap().expect("persisted");
+        assert_eq!(again.meta, built.meta);
     }
 }

@@ -372,8 +372,15 @@ impl Engine {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ticks = 0u32;
+        // The table loaded from disk counts as seen by this receiver: follow it now, or a
+        // node that restarts into an unchanged table would know no peers and lead nothing.
+        let mut first = Vec::new();
+        let machine = table.borrow_and_update().clone();
+        self.follow(&machine, &mut first);
+        self.table = machine;
+        let mut pending = Some(first);
         loop {
-            let mut outs: Vec<(PartitionId, Out<Bytes>)> = Vec::new();
+            let mut outs: Vec<(PartitionId, Out<Bytes>)> = pending.take().unwrap_or_default();
             tokio::select! {
                 () = stop.notified() => return,
                 _ = tick.tick() => {
@@ -405,8 +412,10 @@ impl Engine {
             if let Err(e) = self.persist(&mut outs).await {
                 // The promise or log could not be made durable: nothing of this round may
                 // leave. The replicas' in-memory state ran ahead of the disk, so stop here.
-                tracing::error!(error = %e, "replication storage failed; the data plane stops");
-                return;
+                // Stopping only the engine would leave a node that gossip shows live and
+                // Raft keeps as a voter, so its partitions would never fail over: fail-stop.
+                tracing::error!(error = %e, "replication storage failed; stopping the process");
+                std::process::abort();
             }
             self.dispatch(outs);
             self.report_settled();
@@ -428,8 +437,16 @@ impl Engine {
         for (p, a) in machine.table.partitions.iter().enumerate() {
             let Ok(p) = PartitionId::try_from(p) else { continue };
             if !a.replicas.contains(&me) && !a.previous.contains(&me) {
-                // Moved away and settled: this copy is no longer part of any majority.
-                if self.slots.remove(&p).is_some() || self.durable.remove(&p).is_some() {
+                // Moved away and settled: this copy is no longer part of any majority. Its log
+                // goes; its promise stays (on disk and here), so a copy created again later
+                // still refuses the epochs it fenced.
+                let promised = match (self.slots.remove(&p), self.durable.remove(&p)) {
+                    (Some(slot), _) => Some(slot.replica.promised()),
+                    (None, Some(d)) => Some(d.promised),
+                    (None, None) => None,
+                };
+                if let Some(promised) = promised {
+                    self.durable.insert(p, Durable { promised, log: Vec::new() });
                     self.dropped.push(p);
                 }
                 continue;
@@ -519,7 +536,6 @@ impl Engine {
         let mut dirty = Vec::new();
         let dropped = std::mem::take(&mut self.dropped);
         for &p in &dropped {
-            batch.remove(&self.store.promised, p.to_be_bytes());
             for kv in self.store.log.prefix(p.to_be_bytes()) {
                 batch.remove(&self.store.log, kv.key().map_err(|e| e.to_string())?);
             }
@@ -728,5 +744,45 @@ mod tests {
                 (e, i, v)
             })
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn given_a_partition_moved_away_should_drop_its_log_but_keep_its_promise() {
+        use crate::cluster::control::{Assignment, Table};
+        let dir = tempfile::tempdir().unwrap();
+        let client = crate::cluster::raft::Network::new().unwrap().client();
+        let (settle, _settled) = mpsc::channel(1);
+        let (mut engine, _, _) = open(1, dir.path(), client, settle).unwrap();
+        let append = Msg::Append {
+            epoch: 4,
+            prev_index: 0,
+            prev_epoch: 0,
+            entries: vec![Entry { epoch: 4, payload: None }],
+            commit: 0,
+        };
+        engine.slot(7).replica.handle(2, append);
+        engine.persist(&mut Vec::new()).await.unwrap();
+        let elsewhere = Assignment {
+            epoch: 5,
+            leader: 2,
+            generation: 1,
+            replicas: vec![2, 3, 4],
+            previous: Vec::new(),
+        };
+        let machine = Machine {
+            table: Table { partitions: vec![elsewhere; PARTITION_COUNT] },
+            ..Machine::default()
+        };
+        engine.follow(&machine, &mut Vec::new());
+        engine.persist(&mut Vec::new()).await.unwrap();
+        assert!(engine.slots.is_empty());
+        // Created again (say, a move back): the log is gone, the fence is not.
+        let r = &engine.slot(7).replica;
+        assert_eq!((r.promised(), r.log().len()), (4, 0));
+        drop(engine);
+        let (mut reopened, _, _) =
+            open(1, dir.path(), reqwest::Client::new(), mpsc::channel(1).0).unwrap();
+        let r = &reopened.slot(7).replica;
+        assert_eq!((r.promised(), r.log().len()), (4, 0), "after a restart too");
     }
 }
