@@ -368,19 +368,38 @@ impl Cluster {
         what: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        let mut last = serde_json::Value::Null;
-        while tokio::time::Instant::now() < deadline {
-            let (status, body) = http_get(self.nodes[node].http, "/cluster").await;
-            if status == 200 {
-                last = serde_json::from_str(&body).unwrap_or_default();
-                if pred(&last) {
-                    return last;
-                }
+        let http = self.nodes[node].http;
+        eventually(&format!("node {} to see {what}", node + 1), || async {
+            let (status, body) = http_get(http, "/cluster").await;
+            let view: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if status == 200 && pred(&view) {
+                Ok(view)
+            } else {
+                Err(format!("last view: {view:#}"))
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        })
+        .await
+    }
+}
+
+/// Polls `probe` every 50 ms until it returns `Ok`, and returns that value.
+///
+/// # Panics
+/// After [`WAIT`], with `what` and the last `Err` (what was seen instead).
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match probe().await {
+            Ok(v) => return v,
+            Err(seen) if tokio::time::Instant::now() >= deadline => {
+                panic!("waited {WAIT:?} for {what}; {seen}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
-        panic!("node {} never saw {what}; last view: {last:#}", node + 1);
     }
 }
 

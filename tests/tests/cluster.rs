@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use switchboard_broker::cluster::placement::Placement;
-use switchboard_tests::{Broker, Cluster, Options, WAIT, http_get, member};
+use switchboard_tests::{Broker, Cluster, Options, eventually, http_get, member};
 
 fn fast_gossip() -> Options {
     // Fast rounds so failure detection takes a second or two, not tens of seconds.
@@ -35,19 +35,14 @@ async fn wait_table(
     what: &str,
     pred: impl Fn(&[serde_json::Value]) -> bool,
 ) -> Vec<serde_json::Value> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let mut last = serde_json::Value::Null;
-    while tokio::time::Instant::now() < deadline {
-        last = table(cluster, i).await;
-        if let Some(p) = last["partitions"].as_array()
-            && pred(p)
-        {
-            return p.clone();
+    eventually(&format!("node {} to see {what}", i + 1), || async {
+        let t = table(cluster, i).await;
+        match t["partitions"].as_array() {
+            Some(p) if pred(p) => Ok(p.clone()),
+            p => Err(format!("leader {}, {} partitions", t["leader"], p.map_or(0, Vec::len))),
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let n = last["partitions"].as_array().map_or(0, Vec::len);
-    panic!("node {} never saw {what}; leader {}, {n} partitions", i + 1, last["leader"]);
+    })
+    .await
 }
 
 fn leaders(partitions: &[serde_json::Value]) -> BTreeMap<u64, usize> {
@@ -58,40 +53,43 @@ fn leaders(partitions: &[serde_json::Value]) -> BTreeMap<u64, usize> {
     led
 }
 
-/// Partitions served (led, epoch marker committed by a majority) by each listed node.
-async fn serving(cluster: &Cluster, nodes: &[usize]) -> Vec<u64> {
-    let mut out = Vec::new();
-    for &i in nodes {
-        let (_, body) = http_get(cluster.nodes[i].http, "/cluster").await;
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        out.push(v["replication"]["serving"].as_u64().unwrap_or(0));
-    }
-    out
+/// The `replication` summary of node `i`'s `/cluster`.
+async fn replication(cluster: &Cluster, i: usize) -> serde_json::Value {
+    let (_, body) = http_get(cluster.nodes[i].http, "/cluster").await;
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    v["replication"].clone()
 }
 
-/// Waits until the listed nodes together serve every partition through replication.
+/// Waits until every listed node serves (leads, epoch marker committed by a majority) exactly
+/// the partitions the table (as the first listed node sees it) gives it, and together they
+/// serve all 1,024. Returns what each serves.
 async fn wait_all_serving(cluster: &Cluster, nodes: &[usize]) -> Vec<u64> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let s = serving(cluster, nodes).await;
-        if s.iter().sum::<u64>() == 1024 {
-            return s;
+    eventually("every partition served by its leader", || async {
+        let led = leaders(
+            table(cluster, nodes[0]).await["partitions"].as_array().map_or(&[], Vec::as_slice),
+        );
+        let mut served = Vec::new();
+        for &i in nodes {
+            served.push(replication(cluster, i).await["serving"].as_u64().unwrap_or(0));
         }
-        assert!(tokio::time::Instant::now() < deadline, "partitions served: {s:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+        let expected: Vec<u64> =
+            nodes.iter().map(|&i| led.get(&(i as u64 + 1)).map_or(0, |&n| n as u64)).collect();
+        if served == expected && served.iter().sum::<u64>() == 1024 {
+            Ok(served)
+        } else {
+            Err(format!("served {served:?}, led {expected:?}"))
+        }
+    })
+    .await
 }
 
 async fn wait_ready(cluster: &Cluster, i: usize) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (status, body) = http_get(cluster.nodes[i].http, "/readyz").await;
-        if status == 200 {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "node {} not ready: {body}", i + 1);
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    let http = cluster.nodes[i].http;
+    eventually(&format!("node {} ready", i + 1), || async {
+        let (status, body) = http_get(http, "/readyz").await;
+        if status == 200 { Ok(()) } else { Err(body) }
+    })
+    .await;
 }
 
 fn all_live(view: &serde_json::Value, n: u64) -> bool {
@@ -212,6 +210,10 @@ async fn given_three_nodes_should_agree_on_one_partition_table_with_three_replic
         .wait_view(0, "three voters", |v| v["control"]["voters"] == serde_json::json!([1, 2, 3]))
         .await;
     assert!(view["control"]["leader"].is_u64());
+    // Replication runs for every partition: each leader got promises from a majority of its
+    // replica set and committed its epoch marker, so it serves exactly what it leads.
+    let served = wait_all_serving(&cluster, &[0, 1, 2]).await;
+    assert_eq!(served.iter().sum::<u64>(), 1024);
 }
 
 #[tokio::test]
@@ -324,20 +326,10 @@ async fn given_a_fourth_node_joins_should_move_partitions_onto_it_through_joint_
     // Each node keeps exactly the copies the table gives it: moved-away copies are dropped.
     for i in 0..4 {
         let want = holding(i as u64 + 1);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let (_, body) = http_get(cluster.nodes[i].http, "/cluster").await;
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            if v["replication"]["replicas"].as_u64() == Some(want) {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node {} holds {} copies, want {want}",
-                i + 1,
-                v["replication"]["replicas"]
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
+        eventually(&format!("node {} to hold {want} copies", i + 1), || async {
+            let have = replication(&cluster, i).await["replicas"].as_u64();
+            if have == Some(want) { Ok(()) } else { Err(format!("holds {have:?}")) }
+        })
+        .await;
     }
 }
