@@ -192,8 +192,10 @@ fn valid_move(a: &Assignment, set: &[NodeId], leader: NodeId) -> bool {
 /// Most partitions whose replica set changes at once (bounds the data in motion).
 pub const MAX_MOVING: usize = 128;
 
-/// What the Raft leader should propose next, if anything:
-/// - the first placement, once `voters` has at least `min_voters` nodes;
+/// What the Raft leader should propose next, if anything, given `placement`: every
+/// partition's set over the current voters (the control loop keeps it until the voters
+/// change: computing it is most of a plan's cost).
+/// - the first placement, once there are at least `min_voters` voters;
 /// - a new epoch for every partition whose leader gossip suspects (`down`: heard from, then
 ///   silent or leaving), led by the first `live` node of its replica set. A node gossip has
 ///   not heard from yet is neither live nor down: a control leader that just started must not
@@ -207,21 +209,6 @@ pub const MAX_MOVING: usize = 128;
 /// `live` maps each live node to its current generation.
 #[must_use]
 pub fn plan(
-    table: &Table,
-    voters: &BTreeSet<NodeId>,
-    live: &BTreeMap<NodeId, u64>,
-    down: &BTreeSet<NodeId>,
-    replication: usize,
-    min_voters: usize,
-) -> Option<Command> {
-    let placement = Placement::uniform(voters.iter().copied(), replication).ok()?;
-    plan_with(table, &placement, live, down, min_voters)
-}
-
-/// [`plan`] with the placement over the voters computed already (the control loop keeps it
-/// until the voters change: computing it is most of a plan's cost).
-#[must_use]
-pub fn plan_with(
     table: &Table,
     placement: &Placement,
     live: &BTreeMap<NodeId, u64>,
@@ -579,7 +566,7 @@ async fn run(
                         .map(|p| (voters.clone(), p));
                 }
                 let Some((_, placement)) = &cached else { return };
-                if let Some(cmd) = plan_with(t, placement, &live, &down, min_voters) {
+                if let Some(cmd) = plan(t, placement, &live, &down, min_voters) {
                     propose(raft, cmd).await;
                 }
             }
@@ -817,6 +804,18 @@ mod tests {
         ids.iter().copied().collect()
     }
 
+    /// [`plan`] with R = 3 over `voters`, placement computed here.
+    fn plan3(
+        table: &Table,
+        voters: &BTreeSet<NodeId>,
+        live: &BTreeMap<NodeId, u64>,
+        down: &BTreeSet<NodeId>,
+        min_voters: usize,
+    ) -> Option<Command> {
+        let placement = Placement::uniform(voters.iter().copied(), 3).ok()?;
+        plan(table, &placement, live, down, min_voters)
+    }
+
     /// Live nodes, each at generation 1.
     fn live(ids: &[NodeId]) -> BTreeMap<NodeId, u64> {
         ids.iter().map(|&id| (id, 1)).collect()
@@ -824,14 +823,14 @@ mod tests {
 
     fn placed(voters: &[NodeId]) -> Table {
         let mut t = Table::default();
-        let cmd = plan(&t, &set(voters), &live(voters), &set(&[]), 3, 3).expect("placement");
+        let cmd = plan3(&t, &set(voters), &live(voters), &set(&[]), 3).expect("placement");
         assert_eq!(t.apply(&cmd).changed as usize, PARTITION_COUNT);
         t
     }
 
     #[test]
     fn given_too_few_voters_should_not_place() {
-        assert_eq!(plan(&Table::default(), &set(&[1, 2]), &live(&[1, 2]), &set(&[]), 3, 3), None);
+        assert_eq!(plan3(&Table::default(), &set(&[1, 2]), &live(&[1, 2]), &set(&[]), 3), None);
     }
 
     #[test]
@@ -840,7 +839,7 @@ mod tests {
         assert!(t.partitions.iter().all(|a| a.epoch == 1 && a.replicas.len() == 3));
         assert!(t.partitions.iter().all(|a| a.leader == a.replicas[0]));
         assert_eq!(t.led().len(), 4, "every node leads some partitions");
-        assert_eq!(plan(&t, &set(&[1, 2, 3, 4]), &live(&[1, 2, 3, 4]), &set(&[]), 3, 3), None);
+        assert_eq!(plan3(&t, &set(&[1, 2, 3, 4]), &live(&[1, 2, 3, 4]), &set(&[]), 3), None);
     }
 
     #[test]
@@ -848,7 +847,7 @@ mod tests {
      {
         let mut t = placed(&[1, 2, 3]);
         let before = t.clone();
-        let cmd = plan(&t, &set(&[1, 2, 3]), &live(&[1, 2]), &set(&[3]), 3, 3).expect("failover");
+        let cmd = plan3(&t, &set(&[1, 2, 3]), &live(&[1, 2]), &set(&[3]), 3).expect("failover");
         t.apply(&cmd);
         for (a, b) in before.partitions.iter().zip(&t.partitions) {
             assert_eq!(a.replicas, b.replicas, "replica sets do not change on failover");
@@ -880,14 +879,14 @@ mod tests {
         assert_eq!(t.apply(&cmd).changed, 0);
         assert_eq!(t.partitions[0], a);
         let again =
-            plan(&Table::default(), &set(&[1, 2, 3]), &live(&[1, 2, 3]), &set(&[]), 3, 3).unwrap();
+            plan3(&Table::default(), &set(&[1, 2, 3]), &live(&[1, 2, 3]), &set(&[]), 3).unwrap();
         assert_eq!(t.apply(&again).changed, 0, "a second placement is void");
     }
 
     #[test]
     fn given_no_live_replica_should_leave_the_partition_alone() {
         let t = placed(&[1, 2, 3]);
-        assert_eq!(plan(&t, &set(&[1, 2, 3]), &live(&[]), &set(&[1, 2, 3]), 3, 3), None);
+        assert_eq!(plan3(&t, &set(&[1, 2, 3]), &live(&[]), &set(&[1, 2, 3]), 3), None);
     }
 
     #[test]
@@ -896,7 +895,7 @@ mod tests {
         let before = t.clone();
         let mut restarted = live(&[1, 2, 3]);
         restarted.insert(2, 2);
-        let cmd = plan(&t, &set(&[1, 2, 3]), &restarted, &set(&[]), 3, 3).expect("new epochs");
+        let cmd = plan3(&t, &set(&[1, 2, 3]), &restarted, &set(&[]), 3).expect("new epochs");
         t.apply(&cmd);
         for (a, b) in before.partitions.iter().zip(&t.partitions) {
             if a.leader == 2 {
@@ -905,7 +904,7 @@ mod tests {
                 assert_eq!(a, b);
             }
         }
-        assert_eq!(plan(&t, &set(&[1, 2, 3]), &restarted, &set(&[]), 3, 3), None);
+        assert_eq!(plan3(&t, &set(&[1, 2, 3]), &restarted, &set(&[]), 3), None);
     }
 
     #[test]
@@ -942,7 +941,7 @@ mod tests {
         let all = live(&[1, 2, 3, 4]);
         let want = Placement::uniform([1, 2, 3, 4], 3).unwrap();
         let mut rounds = 0;
-        while let Some(cmd) = plan(&t, &four, &all, &set(&[]), 3, 3) {
+        while let Some(cmd) = plan3(&t, &four, &all, &set(&[]), 3) {
             rounds += 1;
             assert!(rounds < 100, "rebalancing does not converge");
             let Command::Lead { changes } = &cmd else { panic!("expected moves: {cmd:?}") };
@@ -962,7 +961,7 @@ mod tests {
                 assert_eq!(a.epoch, 2);
             }
             // Nothing else moves until these settle.
-            assert_eq!(plan(&t, &four, &all, &set(&[]), 3, 3), None);
+            assert_eq!(plan3(&t, &four, &all, &set(&[]), 3), None);
             t.apply(&Command::Settle { settled: moving });
         }
         for (p, set) in want.iter() {
@@ -1002,6 +1001,6 @@ mod tests {
     #[test]
     fn given_a_leader_gossip_has_not_heard_from_yet_should_not_fail_over() {
         let t = placed(&[1, 2, 3]);
-        assert_eq!(plan(&t, &set(&[1, 2, 3]), &live(&[1]), &set(&[]), 3, 3), None);
+        assert_eq!(plan3(&t, &set(&[1, 2, 3]), &live(&[1]), &set(&[]), 3), None);
     }
 }

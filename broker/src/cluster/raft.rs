@@ -86,10 +86,7 @@ impl Store {
     /// # Errors
     /// When the database cannot be opened.
     pub fn open(data_dir: &Path) -> Result<Self, fjall::Error> {
-        let db = Database::builder(data_dir.join("control"))
-            .manual_journal_persist(true)
-            .cache_size(4 << 20)
-            .open()?;
+        let db = crate::storage::database(&data_dir.join("control"), 4 << 20)?;
         let log = db.keyspace("log", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         Ok(Self { db, log, meta })

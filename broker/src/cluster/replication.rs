@@ -156,13 +156,14 @@ fn to_wire(partition: PartitionId, msg: Msg<Bytes>) -> wire::Msg {
 
 /// A decoded message, or `None` for an unknown kind or partition (dropped: the sender
 /// retransmits what matters, and a newer peer's extensions must not break an older one).
-fn from_wire(w: wire::Msg) -> Option<(PartitionId, Msg<Bytes>)> {
+fn from_wire(mut w: wire::Msg) -> Option<(PartitionId, Msg<Bytes>)> {
     let partition = PartitionId::try_from(w.partition).ok()?;
     if usize::from(partition) >= PARTITION_COUNT {
         return None;
     }
-    let log = || -> Vec<Entry<Bytes>> {
-        w.entries.iter().map(|e| Entry { epoch: e.epoch, payload: e.payload.clone() }).collect()
+    let mut log = || -> Vec<Entry<Bytes>> {
+        let entries = std::mem::take(&mut w.entries);
+        entries.into_iter().map(|e| Entry { epoch: e.epoch, payload: e.payload }).collect()
     };
     let msg = match w.kind {
         1 => Msg::Promise { epoch: w.epoch },
@@ -246,10 +247,7 @@ fn decode_entry(v: &[u8]) -> Option<Entry<Bytes>> {
 
 impl Store {
     fn open(data_dir: &std::path::Path) -> Result<Self, fjall::Error> {
-        let db = Database::builder(data_dir.join("replication"))
-            .manual_journal_persist(true)
-            .cache_size(8 << 20)
-            .open()?;
+        let db = crate::storage::database(&data_dir.join("replication"), 8 << 20)?;
         let log = db.keyspace("log", KeyspaceCreateOptions::default)?;
         let promised = db.keyspace("promised", KeyspaceCreateOptions::default)?;
         Ok(Self { db, log, promised })
@@ -703,13 +701,17 @@ mod tests {
         assert_eq!(decode_entry(&[0, 0, 0, 0, 0, 0, 0, 1, 2]), None);
     }
 
+    /// Node 1's engine over `dir` (nothing is sent: no table names peers).
+    fn node_one(dir: &std::path::Path) -> Engine {
+        let client = crate::cluster::raft::Network::new().unwrap().client();
+        open(1, dir, client, mpsc::channel(1).0).unwrap().0
+    }
+
     #[tokio::test]
     async fn given_a_restart_should_recover_promises_and_logs_and_rewrite_truncated_suffixes() {
         let dir = tempfile::tempdir().unwrap();
-        let client = crate::cluster::raft::Network::new().unwrap().client();
-        let (settle, _settled) = mpsc::channel(1);
         {
-            let (mut engine, _, _) = open(1, dir.path(), client.clone(), settle.clone()).unwrap();
+            let mut engine = node_one(dir.path());
             let slot = engine.slot(5);
             // A follower accepts an append of three entries in epoch 2.
             let entries = vec![
@@ -735,24 +737,18 @@ mod tests {
             slot.replica.handle(8, replace);
             engine.persist(&mut Vec::new()).await.unwrap();
         }
-        let (_, _, _) = open(1, dir.path(), client.clone(), settle)
-            .map(|(mut e, i, v)| {
-                let r = &e.slot(5).replica;
-                assert_eq!(r.promised(), 3);
-                let epochs: Vec<Epoch> = r.log().iter().map(|e| e.epoch).collect();
-                assert_eq!(epochs, [2, 3], "the truncated entry is gone from disk");
-                (e, i, v)
-            })
-            .unwrap();
+        let mut engine = node_one(dir.path());
+        let r = &engine.slot(5).replica;
+        assert_eq!(r.promised(), 3);
+        let epochs: Vec<Epoch> = r.log().iter().map(|e| e.epoch).collect();
+        assert_eq!(epochs, [2, 3], "the truncated entry is gone from disk");
     }
 
     #[tokio::test]
     async fn given_a_partition_moved_away_should_drop_its_log_but_keep_its_promise() {
         use crate::cluster::control::{Assignment, Table};
         let dir = tempfile::tempdir().unwrap();
-        let client = crate::cluster::raft::Network::new().unwrap().client();
-        let (settle, _settled) = mpsc::channel(1);
-        let (mut engine, _, _) = open(1, dir.path(), client, settle).unwrap();
+        let mut engine = node_one(dir.path());
         let append = Msg::Append {
             epoch: 4,
             prev_index: 0,
@@ -780,8 +776,7 @@ mod tests {
         let r = &engine.slot(7).replica;
         assert_eq!((r.promised(), r.log().len()), (4, 0));
         drop(engine);
-        let (mut reopened, _, _) =
-            open(1, dir.path(), reqwest::Client::new(), mpsc::channel(1).0).unwrap();
+        let mut reopened = node_one(dir.path());
         let r = &reopened.slot(7).replica;
         assert_eq!((r.promised(), r.log().len()), (4, 0), "after a restart too");
     }

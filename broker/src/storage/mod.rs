@@ -157,10 +157,7 @@ impl Storage {
     pub fn open(cfg: &StorageConfig) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| StorageError::from(fjall::Error::from(e)))?;
-        let db = Database::builder(cfg.data_dir.join("db"))
-            .manual_journal_persist(true)
-            .cache_size(cfg.cache_mb << 20)
-            .open()?;
+        let db = database(&cfg.data_dir.join("db"), cfg.cache_mb << 20)?;
         let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         let ks = Keyspaces {
             messages: open("messages")?,
@@ -582,6 +579,19 @@ pub const BACKGROUND_NICE: i32 = 10;
 /// writer that has a message to route, instead of taking a full scheduler slice ahead of it.
 /// Background work still gets its share when the core is busy (weight 110 against 1024), and
 /// all of it when the core is idle. Linux only (nice is per thread there); elsewhere a no-op.
+/// Opens (or creates) a fjall database the way every broker database is opened: the caller
+/// owns fsync (`persist`), with a block cache of `cache_bytes`. Used for messages, the cluster
+/// control plane and the replication engine.
+///
+/// # Errors
+/// When the database cannot be opened.
+pub fn database(
+    path: &std::path::Path,
+    cache_bytes: u64,
+) -> std::result::Result<Database, fjall::Error> {
+    Database::builder(path).manual_journal_persist(true).cache_size(cache_bytes).open()
+}
+
 fn lower_background_priority() {
     #[cfg(target_os = "linux")]
     {
