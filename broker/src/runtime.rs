@@ -171,6 +171,8 @@ pub fn run_with(
     let (bound_tcp, listeners) = bind_all(config.server.listen, shards)?;
     let (bound_http, http_listeners) = bind_all(config.http.listen, shards)?;
     let metrics = crate::metrics::install();
+    let (writer, writer_join) = storage::writer::spawn(storage.clone())?;
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(MAILBOX_CAPACITY)).unzip();
     let membership = match config.cluster.listen {
         Some(_) => {
             let identity = crate::cluster::membership::Identity::load(
@@ -184,6 +186,14 @@ pub fn run_with(
                 identity,
                 advertise,
             )?;
+            let partitions = Arc::new(crate::cluster::dataplane::Partitions::default());
+            let (proposer, proposals) = crate::cluster::dataplane::proposals();
+            let data = crate::cluster::dataplane::DataPlane {
+                storage: storage.clone(),
+                writer: writer.clone(),
+                shards: txs.clone(),
+                partitions: partitions.clone(),
+            };
             let control = crate::cluster::control::ControlPlane::start(
                 &config.cluster,
                 &config.storage.data_dir,
@@ -191,21 +201,24 @@ pub fn run_with(
                 m.listen_addr(),
                 m.view(),
                 m.announce(),
+                Some((data, proposals)),
             )?;
-            Some((m, identity, control))
+            Some((m, identity, control, crate::shard::Routing { partitions, proposer }))
         }
         None => None,
     };
-    let cluster_bound = membership.as_ref().map(|(m, id, _)| ClusterBound {
+    let cluster_bound = membership.as_ref().map(|(m, id, _, _)| ClusterBound {
         node: id.node,
         generation: id.generation,
         gossip: m.gossip_addr(),
     });
-    let cluster_view = membership.as_ref().map(|(m, _, control)| crate::shard::ClusterView {
-        gossip: m.view(),
-        control: control.view(),
-        replication: control.replication(),
-    });
+    let cluster_view =
+        membership.as_ref().map(|(m, _, control, routing)| crate::shard::ClusterView {
+            gossip: m.view(),
+            control: control.view(),
+            replication: control.replication(),
+            routing: routing.clone(),
+        });
     let dev_secret = match config.dev_tokens() {
         Ok(()) => {
             tracing::info!(
@@ -218,13 +231,11 @@ pub fn run_with(
             None
         }
     };
-    let (writer, writer_join) = storage::writer::spawn(storage.clone())?;
     let limiters = Arc::new(crate::ratelimit::Limiters::new(&config.limits));
     let webhook = crate::push::Webhook::from_config(&config.push)
         .map_err(|e| StartError::Io(std::io::Error::other(format!("push webhook: {e}"))))?;
     let config = Arc::new(config);
 
-    let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(MAILBOX_CAPACITY)).unzip();
     let mut joins: Vec<JoinHandle<()>> = Vec::with_capacity(shards);
     for (id, ((rx, listener), http)) in
         rxs.into_iter().zip(listeners).zip(http_listeners).enumerate()
@@ -274,16 +285,16 @@ pub fn run_with(
             }
         };
         tracing::info!("shutting down");
-        if let Some((m, _, control)) = membership {
-            // Peers stop routing here at once instead of after failure detection.
-            tokio::task::spawn_blocking(move || {
-                // Announce first (three gossip rounds), then stop Raft and replication.
-                m.leave();
-                control.stop();
-            })
-            .await
-            .ok();
-        }
+        let control = match membership {
+            Some((m, _, control, _)) => {
+                // Peers stop routing here at once instead of after failure detection (three
+                // gossip rounds); Raft and replication stop once the shards drained, so the
+                // writes in flight still commit or fail.
+                tokio::task::spawn_blocking(move || m.leave()).await.ok();
+                Some(control)
+            }
+            None => None,
+        };
         let budget = Duration::from_millis(config.server.shutdown_timeout_ms);
         let mut drained = Vec::new();
         for tx in &txs {
@@ -309,6 +320,9 @@ pub fn run_with(
         }
         if tokio::time::timeout_at(deadline, futures::future::join_all(flushed)).await.is_err() {
             tracing::warn!("final flush did not finish in time");
+        }
+        if let Some(control) = control {
+            tokio::task::spawn_blocking(move || control.stop()).await.ok();
         }
         Ok::<_, std::io::Error>(exit)
     })?;

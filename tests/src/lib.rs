@@ -575,6 +575,33 @@ impl RawConn {
         }
     }
 
+    /// A conversation's whole log, as (seq, client_msg_id), paged through `History`.
+    ///
+    /// # Panics
+    /// When the broker answers with anything else.
+    pub async fn log(&mut self, conv: &str) -> Vec<(u64, String)> {
+        let mut log = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = match self
+                .request(client_frame::Kind::History(switchboard_protocol::History {
+                    conversation_id: conv.into(),
+                    limit: 200,
+                    anchor: Some(switchboard_protocol::history::Anchor::AfterSeq(after)),
+                }))
+                .await
+            {
+                server_frame::Kind::History(p) => p,
+                other => panic!("expected History, got {other:?}"),
+            };
+            log.extend(page.messages.iter().map(|m| (m.seq, m.client_msg_id.clone())));
+            match page.messages.last() {
+                Some(m) if page.has_more => after = m.seq,
+                _ => return log,
+            }
+        }
+    }
+
     /// One `Sync` page from `position`, continuing `continuation`.
     ///
     /// # Panics

@@ -2,10 +2,11 @@
 //! membership, the Raft control plane and its partition table, watched through each node's
 //! `/cluster`, `/cluster/partitions` and `/readyz`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use switchboard_broker::cluster::placement::Placement;
-use switchboard_tests::{Broker, Cluster, Options, eventually, http_get, member};
+use switchboard_protocol::{ClientFrame, ConversationKind, ErrorCode, client_frame, server_frame};
+use switchboard_tests::{Broker, Cluster, Options, RawConn, eventually, http_get, member};
 
 fn fast_gossip() -> Options {
     // Fast rounds so failure detection takes a second or two, not tens of seconds.
@@ -332,4 +333,171 @@ async fn given_a_fourth_node_joins_should_move_partitions_onto_it_through_joint_
         })
         .await;
     }
+}
+
+/// A connection, as `user`, to the node that accepts writes for `conv` among `alive`: a
+/// harmless request that needs the leader (a typing stop) is answered `NOT_LEADER` elsewhere
+/// and `UNAVAILABLE` while a failover is in progress.
+async fn leader_conn(
+    cluster: &Cluster,
+    alive: &[usize],
+    user: &str,
+    conv: &str,
+) -> (usize, RawConn) {
+    eventually(&format!("a node to accept writes for {conv}"), || async {
+        let mut seen = Vec::new();
+        for &i in alive {
+            let (mut c, _) = cluster.nodes[i].raw_as(user).await;
+            let probe =
+                switchboard_protocol::Typing { conversation_id: conv.into(), active: false };
+            match c.request(client_frame::Kind::Typing(probe)).await {
+                server_frame::Kind::Error(e)
+                    if e.code == ErrorCode::NotLeader as i32
+                        || e.code == ErrorCode::Unavailable as i32 =>
+                {
+                    seen.push(format!("node {}: {} (hint {:?})", i + 1, e.message, e.leader_hint));
+                }
+                _ => return Ok((i, c)),
+            }
+        }
+        Err(seen.join("; "))
+    })
+    .await
+}
+
+/// Pipelines sends of `keys` (up to 8 in flight) and records each acknowledged key's seq.
+/// Returns when every key is acknowledged (`true`) or the connection fails or a send is
+/// refused (`false`); unacknowledged keys stay for the caller to retry.
+async fn send_keys(
+    c: &mut RawConn,
+    conv: &str,
+    keys: &mut Vec<String>,
+    acks: &mut HashMap<String, u64>,
+) -> bool {
+    let mut inflight: HashMap<u64, String> = HashMap::new();
+    let mut next = 0;
+    loop {
+        while inflight.len() < 8 && next < keys.len() {
+            let key = keys[next].clone();
+            next += 1;
+            let id = c.next_id();
+            let send = switchboard_protocol::Send {
+                conversation_id: conv.into(),
+                client_msg_id: key.clone(),
+                content: Some(switchboard_protocol::Content::text(key.clone())),
+            };
+            if !c.try_send(ClientFrame::request(id, client_frame::Kind::Send(send))).await {
+                return false;
+            }
+            inflight.insert(id, key);
+        }
+        if inflight.is_empty() {
+            keys.clear();
+            return true;
+        }
+        let Some(f) = c.try_recv().await else { return false };
+        let Some(key) = inflight.remove(&f.request_id) else { continue };
+        match f.kind {
+            Some(server_frame::Kind::SendAck(a)) => {
+                if let Some(before) = acks.insert(key.clone(), a.seq) {
+                    assert_eq!(before, a.seq, "{key} acknowledged at two seqs");
+                }
+                keys.retain(|k| *k != key);
+                next -= 1;
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// Waits until node `i` holds exactly `expected` for `conv`.
+async fn wait_log(cluster: &Cluster, i: usize, conv: &str, expected: &[(u64, String)]) {
+    eventually(&format!("node {} to hold the whole log", i + 1), || async {
+        let (mut c, _) = cluster.nodes[i].raw_as("alice").await;
+        let log = c.log(conv).await;
+        if log == expected {
+            Ok(())
+        } else {
+            Err(format!("{} entries, last {:?}", log.len(), log.last()))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn given_three_nodes_when_the_leader_of_a_busy_conversation_is_killed_should_lose_no_acknowledged_message()
+ {
+    const TOTAL: usize = 3000;
+    let mut cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    let conv = "busy-room";
+    let p = usize::from(switchboard_broker::shard::partition(conv));
+    let leader = table(&cluster, 0).await["partitions"][p]["leader"].as_u64().expect("leader");
+    let leader = usize::try_from(leader).expect("id") - 1;
+
+    // A node that does not lead the conversation redirects to the one that does.
+    let other = (leader + 1) % 3;
+    let (mut c, _) = cluster.nodes[other].raw_as("alice").await;
+    let create = switchboard_protocol::CreateConversation {
+        kind: ConversationKind::Group as i32,
+        name: "busy".into(),
+        members: vec!["bob".into()],
+        conversation_id: conv.into(),
+        ..Default::default()
+    };
+    match c.request(client_frame::Kind::CreateConversation(create.clone())).await {
+        server_frame::Kind::Error(e) => {
+            assert_eq!(e.code, ErrorCode::NotLeader as i32, "{e:?}");
+            assert_eq!(e.leader_hint, cluster.nodes[leader].addr.to_string());
+        }
+        other => panic!("a follower accepted a write: {other:?}"),
+    }
+    let (at, mut c) = leader_conn(&cluster, &[0, 1, 2], "alice", conv).await;
+    assert_eq!(at, leader);
+    match c.request(client_frame::Kind::CreateConversation(create)).await {
+        server_frame::Kind::Conversation(r) => assert!(r.created),
+        other => panic!("{other:?}"),
+    }
+
+    // Acknowledged sends, then the leader dies with sends in flight.
+    let mut acks: HashMap<String, u64> = HashMap::new();
+    let mut first: Vec<String> = (0..40).map(|n| format!("m-{n}")).collect();
+    assert!(send_keys(&mut c, conv, &mut first, &mut acks).await, "sends before the kill");
+    let mut rest: Vec<String> = (40..TOTAL).map(|n| format!("m-{n}")).collect();
+    let writer = tokio::spawn(async move {
+        let mut acks = HashMap::new();
+        let done = send_keys(&mut c, conv, &mut rest, &mut acks).await;
+        (done, acks, rest)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cluster.nodes[leader].kill();
+    let (done, more, mut unacked) = writer.await.expect("writer");
+    assert!(!done, "the leader died before all sends were acknowledged (raise TOTAL)");
+    eprintln!("{} acknowledged by the leader before it died, {} not", more.len(), unacked.len());
+    acks.extend(more);
+
+    // The client retries what was not acknowledged, with the same keys, wherever the
+    // conversation is led now, then goes on.
+    let alive: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    while !unacked.is_empty() {
+        let (at, mut c) = leader_conn(&cluster, &alive, "alice", conv).await;
+        assert_ne!(at, leader);
+        send_keys(&mut c, conv, &mut unacked, &mut acks).await;
+    }
+    assert_eq!(acks.len(), TOTAL);
+
+    // Every surviving replica holds one history: the creation, then each key exactly once at
+    // its acknowledged seq, gapless.
+    let mut expected: Vec<(u64, String)> = acks.iter().map(|(k, &s)| (s, k.clone())).collect();
+    expected.push((1, String::new()));
+    expected.sort();
+    let wrong: Vec<&(u64, String)> =
+        expected.iter().zip(1..).filter(|((seq, _), i)| seq != i).map(|(e, _)| e).take(5).collect();
+    assert!(wrong.is_empty(), "acknowledged seqs not gapless or not unique from {wrong:?}");
+    for &i in &alive {
+        wait_log(&cluster, i, conv, &expected).await;
+    }
+    // The killed node comes back and catches up.
+    cluster.nodes[leader].restart();
+    wait_log(&cluster, leader, conv, &expected).await;
 }

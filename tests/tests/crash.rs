@@ -53,36 +53,12 @@ async fn write_until_killed(mut c: RawConn, conv: String, prefix: String, acks: 
     }
 }
 
-/// Reads a conversation's whole log as (seq, client_msg_id).
-async fn read_log(c: &mut RawConn, conv: &str) -> Vec<(u64, String)> {
-    let mut log = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = match c
-            .request(client_frame::Kind::History(switchboard_protocol::History {
-                conversation_id: conv.into(),
-                limit: 200,
-                anchor: Some(switchboard_protocol::history::Anchor::AfterSeq(after)),
-            }))
-            .await
-        {
-            server_frame::Kind::History(p) => p,
-            other => panic!("{other:?}"),
-        };
-        log.extend(page.messages.iter().map(|m| (m.seq, m.client_msg_id.clone())));
-        match page.messages.last() {
-            Some(m) if page.has_more => after = m.seq,
-            _ => return log,
-        }
-    }
-}
-
 async fn verify(broker: &Broker, convs: &[String], acks: &Acks) -> usize {
     let (mut c, _) = broker.raw_as("reader").await;
     let acked = acks.lock().expect("lock").clone();
     let mut entries = 0;
     for conv in convs {
-        let log = read_log(&mut c, conv).await;
+        let log = c.log(conv).await;
         switchboard_tests::assert_gapless(log.iter().map(|e| e.0), 1);
         let mut at: HashMap<&str, u64> = HashMap::new();
         for (seq, key) in log.iter().skip(1) {

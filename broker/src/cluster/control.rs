@@ -360,6 +360,10 @@ impl ControlPlane {
         listen: SocketAddr,
         gossip: watch::Receiver<Arc<View>>,
         announce: super::membership::Announce,
+        data: Option<(
+            super::dataplane::DataPlane,
+            tokio::sync::mpsc::Receiver<super::dataplane::Proposal>,
+        )>,
     ) -> Result<Self, ControlError> {
         let store = Store::open(data_dir).map_err(|e| ControlError::Storage(e.to_string()))?;
         let (state_machine, machine) =
@@ -369,7 +373,7 @@ impl ControlPlane {
         let network = Network::new().map_err(std::io::Error::other)?;
         let (settle_tx, settle_rx) = tokio::sync::mpsc::channel(64);
         let (engine, inbox, replication) =
-            super::replication::open(node, data_dir, network.client(), settle_tx.clone())
+            super::replication::open(node, data_dir, network.client(), settle_tx.clone(), data)
                 .map_err(ControlError::Storage)?;
         let client = network.client();
         let engine_table = machine.clone();

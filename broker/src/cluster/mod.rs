@@ -13,13 +13,17 @@
 //! - [`placement`]: which nodes replicate each partition (rendezvous hashing), and what a
 //!   membership change moves.
 //!
-//! Not wired into the broker yet: conversation writes do not go through replication, and
-//! routing and anti-entropy come next (see `docs/cluster.md`).
+//! - [`dataplane`]: where shards meet the engine: owners' writes become replicated entries,
+//!   applied on every replica once committed, acknowledged on the leader after that.
+//!
+//! Not built yet: forwarding between nodes (clients are redirected with `NOT_LEADER`),
+//! deliveries to sessions on other nodes, and anti-entropy (see `docs/cluster.md`).
 
 /// A node of the cluster.
 pub type NodeId = u64;
 
 pub mod control;
+pub mod dataplane;
 pub mod membership;
 pub mod placement;
 pub mod raft;

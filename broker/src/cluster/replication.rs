@@ -11,9 +11,11 @@
 //!
 //! Appointments come from the table: when it names this node leader of a partition in an epoch
 //! it has not led yet, the engine calls [`Replica::lead`]; followers learn epochs from their
-//! leaders' messages. Entries carry opaque bytes; today only epoch markers are appended (the
-//! message path is not routed through replication yet), so a partition is *serving* once its
-//! leader's marker is committed by a majority.
+//! leaders' messages. Entries carry the owners' writes ([`super::dataplane`]): a leader appends
+//! the proposals of the partitions it serves, and every replica applies committed entries to
+//! its message store through the storage writer, in log order, with the applied index in the
+//! same atomic batch. A partition is *serving* once its leader's marker is committed by a
+//! majority and everything up to it is applied here; only then do its owners accept writes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -26,9 +28,12 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::NodeId;
+use super::dataplane::{DataPlane, Outcome, Proposal};
 use super::placement::{PARTITION_COUNT, PartitionId};
 use super::raft::Machine;
 use super::replica::{Durable, Entry, Epoch, Index, Msg, Out, Replica};
+use crate::shard::ShardMsg;
+use crate::storage::{CommitSink, Committed, Ks, WriteBatch, WriteOp, keys};
 
 /// Peer path that receives replication frames.
 pub const PATH: &str = "/replicate";
@@ -288,6 +293,21 @@ struct Slot {
     stored_len: Index,
     /// The highest epoch this node was appointed leader of (so `lead` is called once).
     appointed: Epoch,
+    /// The last index applied to the message store, and the last one handed to the writer.
+    applied: Index,
+    applying: Index,
+    /// Entries this node proposed as leader and has not reported yet: index → proposer.
+    proposals: BTreeMap<Index, Proposer>,
+    /// The epoch this node serves in and the commit index when it started to: writes are
+    /// accepted once everything up to that index is applied.
+    serve_from: Option<(Epoch, Index)>,
+}
+
+/// Who proposed an entry: the owner shard and its token for the batch.
+#[derive(Debug, Clone, Copy)]
+struct Proposer {
+    shard: usize,
+    token: u64,
 }
 
 /// What the engine reports about itself.
@@ -320,6 +340,14 @@ pub struct Engine {
     /// Where settled moves are reported, and when each was last reported.
     settle: mpsc::Sender<Settled>,
     reported: HashMap<PartitionId, (Epoch, tokio::time::Instant)>,
+    /// Applying committed entries and taking proposals (absent in unit tests).
+    data: Option<DataPlane>,
+    proposals: Option<mpsc::Receiver<Proposal>>,
+    /// The applied index of each partition, as stored (for slots created later).
+    applied_at_start: HashMap<PartitionId, Index>,
+    /// `(partition, index)` applied, from the storage writer.
+    applied_tx: mpsc::UnboundedSender<(PartitionId, Index)>,
+    applied_rx: mpsc::UnboundedReceiver<(PartitionId, Index)>,
 }
 
 struct Outbox {
@@ -342,9 +370,16 @@ pub fn open(
     data_dir: &std::path::Path,
     client: reqwest::Client,
     settle: mpsc::Sender<Settled>,
+    data: Option<(DataPlane, mpsc::Receiver<Proposal>)>,
 ) -> Result<(Engine, Inbox, watch::Receiver<ReplicationView>), String> {
     let store = Store::open(data_dir).map_err(|e| e.to_string())?;
     let durable = store.load()?;
+    let applied_at_start = match &data {
+        Some((d, _)) => d.storage.applied().map_err(|e| e.to_string())?,
+        None => HashMap::new(),
+    };
+    let (data, proposals) = data.map_or((None, None), |(d, rx)| (Some(d), Some(rx)));
+    let (applied_tx, applied_rx) = mpsc::unbounded_channel();
     let (tx, inbox) = mpsc::channel(INBOX);
     let (view, view_rx) = watch::channel(ReplicationView::default());
     let engine = Engine {
@@ -360,6 +395,11 @@ pub fn open(
         dropped: Vec::new(),
         settle,
         reported: HashMap::new(),
+        data,
+        proposals,
+        applied_at_start,
+        applied_tx,
+        applied_rx,
     };
     Ok((engine, Inbox(tx), view_rx))
 }
@@ -380,7 +420,18 @@ impl Engine {
         loop {
             let mut outs: Vec<(PartitionId, Out<Bytes>)> = pending.take().unwrap_or_default();
             tokio::select! {
-                () = stop.notified() => return,
+                () = stop.notified() => {
+                    // Nothing more will commit here: owners waiting for proposals hear it.
+                    for slot in self.slots.values_mut() {
+                        let pending = std::mem::take(&mut slot.proposals);
+                        if let Some(d) = &self.data {
+                            for who in pending.into_values() {
+                                d.report(who.shard, who.token, Outcome::Failed);
+                            }
+                        }
+                    }
+                    return;
+                }
                 _ = tick.tick() => {
                     ticks = ticks.wrapping_add(1);
                     let all = ticks.is_multiple_of(SERVING_TICK_EVERY);
@@ -402,10 +453,18 @@ impl Engine {
                     let Some(batch) = batch else { return };
                     self.receive(batch, &mut outs);
                 }
+                Some(proposal) = next(&mut self.proposals) => self.propose(proposal, &mut outs),
+                Some((p, index)) = self.applied_rx.recv() => self.on_applied(p, index),
             }
             // Everything else that already arrived joins this round.
             while let Ok(batch) = self.inbox.try_recv() {
                 self.receive(batch, &mut outs);
+            }
+            while let Some(proposal) = self.proposals.as_mut().and_then(|rx| rx.try_recv().ok()) {
+                self.propose(proposal, &mut outs);
+            }
+            while let Ok((p, index)) = self.applied_rx.try_recv() {
+                self.on_applied(p, index);
             }
             if let Err(e) = self.persist(&mut outs).await {
                 // The promise or log could not be made durable: nothing of this round may
@@ -439,7 +498,10 @@ impl Engine {
                 // goes; its promise stays (on disk and here), so a copy created again later
                 // still refuses the epochs it fenced.
                 let promised = match (self.slots.remove(&p), self.durable.remove(&p)) {
-                    (Some(slot), _) => Some(slot.replica.promised()),
+                    (Some(slot), _) => {
+                        self.fail_proposals(slot.proposals);
+                        Some(slot.replica.promised())
+                    }
                     (None, Some(d)) => Some(d.promised),
                     (None, None) => None,
                 };
@@ -448,6 +510,9 @@ impl Engine {
                     self.dropped.push(p);
                 }
                 continue;
+            }
+            if let Some(d) = &self.data {
+                d.partitions.set_leader(p, a.leader);
             }
             let slot = self.slot(p);
             if a.leader == me && a.epoch > slot.appointed {
@@ -501,11 +566,107 @@ impl Engine {
 
     fn slot(&mut self, p: PartitionId) -> &mut Slot {
         let (node, durable) = (self.node, &mut self.durable);
+        let applied = self.applied_at_start.get(&p).copied().unwrap_or(0);
         self.slots.entry(p).or_insert_with(|| {
             let d = durable.remove(&p).unwrap_or_default();
             let (stored_promise, stored_len) = (d.promised, d.log.len() as Index);
-            Slot { replica: Replica::recover(node, d), stored_promise, stored_len, appointed: 0 }
+            Slot {
+                replica: Replica::recover(node, d),
+                stored_promise,
+                stored_len,
+                appointed: 0,
+                applied,
+                applying: applied,
+                proposals: BTreeMap::new(),
+                serve_from: None,
+            }
         })
+    }
+
+    /// Appends an owner's proposal to its partition's log, if this node serves the epoch the
+    /// owner accepted it in; otherwise fails it back.
+    fn propose(&mut self, prop: Proposal, outs: &mut Vec<(PartitionId, Out<Bytes>)>) {
+        let who = Proposer { shard: prop.shard, token: prop.token };
+        let serving = self.data.as_ref().and_then(|d| d.partitions.serving(prop.partition));
+        let appended = match self.slots.get_mut(&prop.partition) {
+            Some(slot) if serving == Some(prop.epoch) => {
+                slot.replica.append(prop.payload).ok().map(|(index, o)| {
+                    slot.proposals.insert(index, who);
+                    o
+                })
+            }
+            _ => None,
+        };
+        match appended {
+            Some(o) => outs.extend(o.into_iter().map(|o| (prop.partition, o))),
+            None => self.fail_proposals(BTreeMap::from([(0, who)])),
+        }
+    }
+
+    fn fail_proposals(&self, proposals: BTreeMap<Index, Proposer>) {
+        let Some(data) = &self.data else { return };
+        for who in proposals.into_values() {
+            data.report(who.shard, who.token, Outcome::Failed);
+        }
+    }
+
+    /// Hands committed entries `applying + 1 ..= commit` to the storage writer as one batch,
+    /// with the new applied index. Once durable there, the writer's thread reports each of
+    /// this node's proposals among them to its owner shard, and the index to the engine.
+    fn apply(&mut self, p: PartitionId, commit: Index) {
+        let Some(data) = &self.data else { return };
+        let Some(slot) = self.slots.get_mut(&p) else { return };
+        if commit <= slot.applying {
+            return;
+        }
+        let mut ops = Vec::new();
+        let mut reports: Vec<(Option<Proposer>, usize)> = Vec::new();
+        for index in slot.applying + 1..=commit {
+            let Some(entry) = slot.replica.log().get(index as usize - 1) else { break };
+            let Some(payload) = &entry.payload else { continue };
+            let decoded = match crate::storage::decode_ops(payload) {
+                Ok(ops) => ops,
+                Err(e) => {
+                    // A committed entry is damaged: applying around it would diverge.
+                    tracing::error!(partition = p, index, error = %e, "committed entry damaged; stopping the process");
+                    std::process::abort();
+                }
+            };
+            let feeds =
+                decoded.iter().filter(|op| matches!(op, WriteOp::FeedAppend { .. })).count();
+            reports.push((slot.proposals.remove(&index), feeds));
+            ops.extend(decoded);
+        }
+        ops.push(WriteOp::Put(Ks::Meta, keys::applied_key(p), commit.to_be_bytes().to_vec()));
+        slot.applying = commit;
+        let shards = data.shards.clone();
+        let applied = self.applied_tx.clone();
+        let sink: CommitSink = Arc::new(move |c: Committed| {
+            // An error poisoned the store and the broker stops; the owners fail what waits.
+            let ok = c.result.is_ok();
+            let mut seqs = c.result.unwrap_or_default().into_iter();
+            for (who, feeds) in &reports {
+                let mine: Vec<u64> = seqs.by_ref().take(*feeds).collect();
+                let Some(who) = who else { continue };
+                let outcome = if ok { Outcome::Applied(mine) } else { Outcome::Failed };
+                if let Some(tx) = shards.get(who.shard) {
+                    // On the writer thread: blocking only delays the next commit round.
+                    let _ = tx.blocking_send(ShardMsg::Replicated { token: who.token, outcome });
+                }
+            }
+            if ok {
+                let _ = applied.send((p, commit));
+            }
+        });
+        if data.writer.submit(WriteBatch { token: u64::from(p), ops, sink }).is_err() {
+            tracing::error!(partition = p, "storage writer gone; committed entries not applied");
+        }
+    }
+
+    fn on_applied(&mut self, p: PartitionId, index: Index) {
+        if let Some(slot) = self.slots.get_mut(&p) {
+            slot.applied = slot.applied.max(index);
+        }
     }
 
     fn receive(&mut self, (from, msgs): Batch, outs: &mut Vec<(PartitionId, Out<Bytes>)>) {
@@ -583,9 +744,16 @@ impl Engine {
         for (p, out) in outs {
             match out {
                 Out::Send { to, msg } => frames.entry(to).or_default().push(to_wire(p, msg)),
-                Out::Committed(_) => {}
+                Out::Committed(index) => self.apply(p, index),
                 Out::SteppedDown => {
                     metrics::counter!(crate::metrics::REPLICATION_STEP_DOWNS).increment(1);
+                    if let Some(d) = &self.data {
+                        d.partitions.set_serving(p, None);
+                    }
+                    if let Some(slot) = self.slots.get_mut(&p) {
+                        let pending = std::mem::take(&mut slot.proposals);
+                        self.fail_proposals(pending);
+                    }
                 }
             }
         }
@@ -602,12 +770,28 @@ impl Engine {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let mut v = ReplicationView { replicas: self.slots.len(), ..ReplicationView::default() };
-        for slot in self.slots.values() {
+        for (&p, slot) in &mut self.slots {
             let r = &slot.replica;
+            let serving = match r.serving() {
+                Some(e) => {
+                    if slot.serve_from.is_none_or(|(epoch, _)| epoch != e) {
+                        slot.serve_from = Some((e, r.commit_index()));
+                    }
+                    let from = slot.serve_from.map_or(0, |(_, index)| index);
+                    (self.data.is_none() || slot.applied >= from).then_some(e)
+                }
+                None => {
+                    slot.serve_from = None;
+                    None
+                }
+            };
+            if let Some(d) = &self.data {
+                d.partitions.set_serving(p, serving);
+            }
             v.leading += usize::from(r.leading().is_some());
-            v.serving += usize::from(r.serving().is_some());
+            v.serving += usize::from(serving.is_some());
             v.committed += r.commit_index();
         }
         metrics::gauge!(crate::metrics::CLUSTER_PARTITIONS_SERVING).set(v.serving as f64);
@@ -622,6 +806,14 @@ impl Engine {
 impl std::fmt::Debug for Outbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+/// The next item of an optional receiver; never resolves without one.
+async fn next<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -704,7 +896,7 @@ mod tests {
     /// Node 1's engine over `dir` (nothing is sent: no table names peers).
     fn node_one(dir: &std::path::Path) -> Engine {
         let client = crate::cluster::raft::Network::new().unwrap().client();
-        open(1, dir, client, mpsc::channel(1).0).unwrap().0
+        open(1, dir, client, mpsc::channel(1).0, None).unwrap().0
     }
 
     #[tokio::test]

@@ -22,6 +22,14 @@ pub enum ShardMsg {
     Local(Vec<LocalMsg>),
     /// From the storage writer: a batch of this shard's is durable (or failed).
     Committed(Committed),
+    /// From the replication engine or the storage writer (cluster mode): what became of a
+    /// replicated share of one of this shard's batches.
+    Replicated {
+        /// The batch's token.
+        token: u64,
+        /// Applied (with its feed appends' user_seqs) or failed.
+        outcome: crate::cluster::dataplane::Outcome,
+    },
     /// Begin a graceful shutdown; answer when drained.
     Shutdown(oneshot::Sender<()>),
     /// Second phase of a shutdown, once every shard drained: write what home messages
@@ -57,6 +65,24 @@ pub enum OwnerOp {
     Typing(switchboard_protocol::Typing),
     /// Every member's watermarks.
     GetReceipts(switchboard_protocol::GetReceipts),
+}
+
+impl OwnerOp {
+    /// The conversation the operation is about.
+    #[must_use]
+    pub fn conversation(&self) -> &str {
+        match self {
+            Self::Send(r) => &r.conversation_id,
+            Self::Create { conversation_id, .. } => conversation_id,
+            Self::AddMembers(r) => &r.conversation_id,
+            Self::RemoveMembers(r) => &r.conversation_id,
+            Self::Leave(r) => &r.conversation_id,
+            Self::MarkRead(r) => &r.conversation_id,
+            Self::MarkDelivered(r) => &r.conversation_id,
+            Self::Typing(r) => &r.conversation_id,
+            Self::GetReceipts(r) => &r.conversation_id,
+        }
+    }
 }
 
 /// Messages for a partition owner.

@@ -20,6 +20,8 @@
 //! - session shard → home shard: `SessionUp` (acknowledged) / `SessionDown`;
 //! - owner → home shard → session shards: membership feed events (`UserEvent`);
 //! - storage writer → owner: `Committed`, in submission order.
+//! - (cluster) storage writer or replication engine → owner: `Replicated`, a partition's
+//!   share of a batch applied after its majority commit, or failed.
 
 pub mod home;
 pub mod local;
@@ -174,6 +176,17 @@ pub struct ClusterView {
     pub control: tokio::sync::watch::Receiver<Arc<crate::cluster::control::ControlView>>,
     /// The replication engine's summary.
     pub replication: tokio::sync::watch::Receiver<crate::cluster::replication::ReplicationView>,
+    /// Where owners learn which partitions they serve and hand over their writes.
+    pub routing: Routing,
+}
+
+/// The owners' link to the replication engine (cluster mode).
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Which partitions this node serves, and their leaders.
+    pub partitions: Arc<crate::cluster::dataplane::Partitions>,
+    /// Where replicated batch shares go.
+    pub proposer: crate::cluster::dataplane::Proposer,
 }
 
 /// A shard: its roles' state and its links to the others. Lives on its own thread.
@@ -236,7 +249,12 @@ impl Shard {
                 let _ = tx.blocking_send(ShardMsg::Committed(c));
             }
         });
-        let owner = owner::Owner::new(setup.id, count, setup.storage.clone(), &setup.config);
+        let routing = setup.cluster.as_ref().map(|c| owner::Routed {
+            partitions: c.routing.partitions.clone(),
+            gossip: c.gossip.clone(),
+        });
+        let owner =
+            owner::Owner::new(setup.id, count, setup.storage.clone(), &setup.config, routing);
         let mut home = home::Home::new(&setup.config, setup.storage.clone(), count);
         home.restore_pushes(setup.id);
         Rc::new(Self {
@@ -295,6 +313,11 @@ impl Shard {
             ShardMsg::Committed(c) => {
                 let mut out = mailbox::Outgoing::new(self.count);
                 self.owner.borrow_mut().on_committed(c, &mut out);
+                self.dispatch(out);
+            }
+            ShardMsg::Replicated { token, outcome } => {
+                let mut out = mailbox::Outgoing::new(self.count);
+                self.owner.borrow_mut().on_replicated(token, outcome, &mut out);
                 self.dispatch(out);
             }
             ShardMsg::Shutdown(done) => self.begin_shutdown(done),
@@ -422,22 +445,51 @@ impl Shard {
         });
     }
 
-    /// Hands the open batch to the storage writer.
+    /// Hands the open batches to the storage writer, or (a cluster's conversation writes) to
+    /// the replication engine.
     pub fn flush(self: &Rc<Self>) {
         self.flush_scheduled.set(false);
-        let Some((token, ops)) = self.owner.borrow_mut().take_batch() else { return };
-        let batch = WriteBatch { token, ops, sink: self.commit_sink.clone() };
-        if let Err(batch) = self.writer.submit(batch) {
-            let mut out = mailbox::Outgoing::new(self.count);
-            self.owner.borrow_mut().on_committed(
-                crate::storage::Committed {
-                    token: batch.token,
-                    commit_no: 0,
-                    result: Err(crate::storage::StorageError::Poisoned),
-                },
-                &mut out,
-            );
-            self.dispatch(out);
+        let batches = self.owner.borrow_mut().take_batches();
+        for batch in batches {
+            match batch {
+                owner::Flush::Local { token, ops } => {
+                    let batch = WriteBatch { token, ops, sink: self.commit_sink.clone() };
+                    if let Err(batch) = self.writer.submit(batch) {
+                        let mut out = mailbox::Outgoing::new(self.count);
+                        self.owner.borrow_mut().on_committed(
+                            crate::storage::Committed {
+                                token: batch.token,
+                                commit_no: 0,
+                                result: Err(crate::storage::StorageError::Poisoned),
+                            },
+                            &mut out,
+                        );
+                        self.dispatch(out);
+                    }
+                }
+                owner::Flush::Replicate { token, partition, epoch, ops } => {
+                    let proposal = crate::cluster::dataplane::Proposal {
+                        partition,
+                        epoch,
+                        payload: bytes::Bytes::from(crate::storage::encode_ops(&ops)),
+                        shard: self.id,
+                        token,
+                    };
+                    let proposed = self
+                        .cluster
+                        .as_ref()
+                        .map(|c| c.routing.proposer.propose(proposal).map_err(|_| ()));
+                    if !matches!(proposed, Some(Ok(()))) {
+                        let mut out = mailbox::Outgoing::new(self.count);
+                        self.owner.borrow_mut().on_replicated(
+                            token,
+                            crate::cluster::dataplane::Outcome::Failed,
+                            &mut out,
+                        );
+                        self.dispatch(out);
+                    }
+                }
+            }
         }
     }
 

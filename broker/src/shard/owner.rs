@@ -10,8 +10,16 @@
 //! in log order: deliveries to interested shards, then the ack to the sender; a retry of the
 //! same idempotency key that arrived meanwhile gets the very same ack. Nothing is delivered or
 //! acknowledged before it is durable.
+//!
+//! In a cluster ([`Routed`]) the owner of a partition on a node accepts writes only while the
+//! node's replication engine serves the partition (it leads the current epoch and has applied
+//! everything committed before it); elsewhere requests get `NOT_LEADER` with the leader's
+//! address. Each partition's share of a batch becomes a replicated entry, and its effects run
+//! once the entry is committed by a majority and applied here. When the serving epoch changes,
+//! the cached conversations of the partition are reloaded from the store (which then holds
+//! every committed entry) and whatever waited on the old epoch is failed back.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -54,11 +62,21 @@ pub fn now_ms() -> u64 {
 pub struct OpError {
     code: ErrorCode,
     message: String,
+    /// For `NOT_LEADER`: the leader's client address.
+    hint: Option<String>,
 }
 
 impl OpError {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), hint: None }
+    }
+
+    fn frame(self, request_id: u64) -> SharedFrame {
+        let mut frame = crate::shard::error_frame(request_id, self.code, self.message);
+        if let (Some(hint), Some(server_frame::Kind::Error(e))) = (self.hint, frame.kind.as_mut()) {
+            e.leader_hint = hint;
+        }
+        Encoded::of(&frame)
     }
 
     fn not_found() -> Self {
@@ -102,6 +120,18 @@ struct Conv {
 }
 
 impl Conv {
+    /// Replaces what the store holds (after the partition's serving epoch changed); keeps who
+    /// is interested here.
+    fn reload(&mut self, l: LoadedConversation) {
+        let (last_seq, last_ts, ordinal) = l.head.unwrap_or((0, 0, 0));
+        self.record = l.record;
+        self.last_seq = last_seq;
+        self.last_ts = last_ts;
+        self.ordinal = ordinal;
+        self.durable_seq = last_seq;
+        self.members = l.members.into_iter().map(|(u, m)| (Arc::from(u), m)).collect();
+    }
+
     fn from_loaded(id: Arc<str>, partition: u16, l: LoadedConversation) -> Self {
         let (last_seq, last_ts, ordinal) = l.head.unwrap_or((0, 0, 0));
         Self {
@@ -193,9 +223,79 @@ enum Effect {
 
 #[derive(Default)]
 struct OpenBatch {
+    /// The epoch its writes were accepted in (replicated entries carry it).
+    epoch: u64,
     ops: Vec<WriteOp>,
     effects: Vec<Effect>,
     dirty_members: HashSet<(Arc<str>, Arc<str>)>,
+}
+
+/// The open batch of partition `p`.
+fn batch<'a>(
+    open: &'a mut BTreeMap<u16, OpenBatch>,
+    epochs: &HashMap<u16, u64>,
+    p: u16,
+) -> &'a mut OpenBatch {
+    open.entry(p).or_insert_with(|| OpenBatch {
+        epoch: epochs.get(&p).copied().unwrap_or(SINGLE_NODE_EPOCH),
+        ..OpenBatch::default()
+    })
+}
+
+/// A closed batch, for [`crate::shard::Shard::flush`].
+#[derive(Debug)]
+pub enum Flush {
+    /// For the local storage writer: everything on a single node; in a cluster, the writes
+    /// that belong to no conversation (presence, push queue).
+    Local {
+        /// The owner's token.
+        token: u64,
+        /// The writes.
+        ops: Vec<WriteOp>,
+    },
+    /// One partition's share, to replicate (cluster).
+    Replicate {
+        /// The owner's token.
+        token: u64,
+        /// The partition.
+        partition: u16,
+        /// The epoch the writes were accepted in.
+        epoch: u64,
+        /// The writes.
+        ops: Vec<WriteOp>,
+    },
+}
+
+/// The cluster as an owner needs it.
+#[derive(Debug, Clone)]
+pub struct Routed {
+    /// Which partitions this node serves, and their leaders.
+    pub partitions: Arc<crate::cluster::dataplane::Partitions>,
+    /// Gossip's view, for the leaders' client addresses.
+    pub gossip: tokio::sync::watch::Receiver<Arc<crate::cluster::membership::View>>,
+}
+
+impl Routed {
+    /// Why this node does not accept writes for `p`.
+    fn refuse(&self, p: u16) -> OpError {
+        let view = self.gossip.borrow();
+        match self.partitions.leader(p) {
+            Some(leader) if leader == view.self_id => OpError::new(
+                ErrorCode::Unavailable,
+                "this node is taking over the conversation; retry shortly",
+            ),
+            leader => {
+                let address = leader.and_then(|id| {
+                    view.members.iter().find(|m| m.id == id && m.live).and_then(|m| m.tcp)
+                });
+                OpError {
+                    code: ErrorCode::NotLeader,
+                    message: "another node leads this conversation".to_owned(),
+                    hint: address.map(|a| a.to_string()),
+                }
+            }
+        }
+    }
 }
 
 impl OpenBatch {
@@ -211,12 +311,9 @@ impl OpenBatch {
     ) {
         let encoded = msg.encode_to_vec();
         let frame = Encoded::new(encode_message_push(&encoded));
-        let value = StoredEntry {
-            epoch: SINGLE_NODE_EPOCH,
-            ordinal: conv.ordinal,
-            message: Bytes::from(encoded),
-        }
-        .encode_to_vec();
+        let value =
+            StoredEntry { epoch: self.epoch, ordinal: conv.ordinal, message: Bytes::from(encoded) }
+                .encode_to_vec();
         self.ops.push(WriteOp::Put(
             Ks::Messages,
             keys::message_key(conv.partition, &conv.id, msg.seq),
@@ -298,7 +395,7 @@ impl OpenBatch {
 
     fn add_member(&mut self, conv: &mut Conv, user: &Arc<str>, role: Role, seq: u64) {
         let m = StoredMember {
-            epoch: SINGLE_NODE_EPOCH,
+            epoch: self.epoch,
             role: role as i32,
             joined_seq: seq,
             read_seq: 0,
@@ -328,10 +425,17 @@ pub struct Owner {
     storage: Arc<Storage>,
     limits: LimitsConfig,
     convs: HashMap<Arc<str>, Conv>,
-    open: OpenBatch,
+    /// Open batches by partition.
+    open: BTreeMap<u16, OpenBatch>,
+    /// Writes that belong to no conversation.
+    local_ops: Vec<WriteOp>,
     next_token: u64,
-    inflight: VecDeque<(u64, Vec<Effect>)>,
+    inflight: HashMap<u64, Vec<Effect>>,
     poisoned: bool,
+    /// In a cluster: the partitions this node serves, and the epoch the cached state of each
+    /// was last validated in.
+    routing: Option<Routed>,
+    epochs: HashMap<u16, u64>,
     /// Receipts changed within a second of their last flush: (conversation, user).
     pending_receipts: HashSet<(Arc<str>, Arc<str>)>,
     /// Push notifications: conversations up to this size notify offline members.
@@ -425,17 +529,26 @@ fn names(users: &[Arc<str>]) -> Vec<String> {
 impl Owner {
     /// The owner role of shard `shard` of `shards`.
     #[must_use]
-    pub fn new(shard: usize, shards: usize, storage: Arc<Storage>, config: &Config) -> Self {
+    pub fn new(
+        shard: usize,
+        shards: usize,
+        storage: Arc<Storage>,
+        config: &Config,
+        routing: Option<Routed>,
+    ) -> Self {
         Self {
             shard,
             shards,
             storage,
             limits: config.limits.clone(),
             convs: HashMap::new(),
-            open: OpenBatch::default(),
+            open: BTreeMap::new(),
+            local_ops: Vec::new(),
             next_token: 1,
-            inflight: VecDeque::new(),
+            inflight: HashMap::new(),
             poisoned: false,
+            routing,
+            epochs: HashMap::new(),
             pending_receipts: HashSet::new(),
             push_group_max: config.push.webhook_url.as_ref().map(|_| config.push.max_group_size),
             typing_expires_ms: u32::try_from(config.presence.typing_expires_ms).unwrap_or(u32::MAX),
@@ -448,14 +561,15 @@ impl Owner {
         let now = Instant::now();
         for (conv_id, user) in std::mem::take(&mut self.pending_receipts) {
             if let Some(conv) = self.convs.get_mut(&conv_id) {
-                self.open.flush_receipt(conv, &user, now, None);
+                batch(&mut self.open, &self.epochs, conv.partition)
+                    .flush_receipt(conv, &user, now, None);
             }
         }
     }
 
     /// Adds writes that carry no effects (presence last-seen, push queue) to the open batch.
     pub fn append_ops(&mut self, ops: Vec<WriteOp>) {
-        self.open.ops.extend(ops);
+        self.local_ops.extend(ops);
     }
 
     /// Periodic work: receipts whose coalescing second has passed are written and pushed;
@@ -476,7 +590,8 @@ impl Owner {
             self.pending_receipts.remove(&key);
             let (conv_id, user) = key;
             if let Some(conv) = self.convs.get_mut(&conv_id) {
-                self.open.flush_receipt(conv, &user, now, None);
+                batch(&mut self.open, &self.epochs, conv.partition)
+                    .flush_receipt(conv, &user, now, None);
                 out.flush = true;
             }
         }
@@ -491,7 +606,7 @@ impl Owner {
     /// No batch open or in flight.
     #[must_use]
     pub fn is_idle(&self) -> bool {
-        self.inflight.is_empty() && self.open.ops.is_empty()
+        self.inflight.is_empty() && self.open.is_empty() && self.local_ops.is_empty()
     }
 
     /// Handles a message for this role.
@@ -500,6 +615,8 @@ impl Owner {
             OwnerMsg::Request { from, user, request_id, op } => {
                 let result = if self.poisoned {
                     Err(OpError::new(ErrorCode::Unavailable, "storage failed; broker is stopping"))
+                } else if let Err(e) = self.check_serving(op.conversation(), out) {
+                    Err(e)
                 } else {
                     match op {
                         OwnerOp::Send(req) => self.send(from, &user, request_id, req, out),
@@ -556,17 +673,13 @@ impl Owner {
                     }
                 };
                 if let Err(e) = result {
-                    out.to_session(
-                        from,
-                        Encoded::of(&crate::shard::error_frame(request_id, e.code, e.message)),
-                        true,
-                    );
+                    out.to_session(from, e.frame(request_id), true);
                 }
             }
             OwnerMsg::Subscribe { shard, user, sessions, conversations, token } => {
                 let outcomes = conversations
                     .iter()
-                    .map(|id| match load(&mut self.convs, &self.storage, id) {
+                    .map(|id| match self.current(id) {
                         Ok(Some(c)) if c.members.contains_key(&user) => {
                             c.interested |= 1 << shard;
                             Membership::Member
@@ -625,17 +738,18 @@ impl Owner {
             content: req.content,
             system: None,
         };
-        self.open.ops.push(WriteOp::Put(
+        let open = batch(&mut self.open, &self.epochs, conv.partition);
+        open.ops.push(WriteOp::Put(
             Ks::Dedupe,
             keys::dedupe_key(&conv.id, user, &key.1),
             encode_dedupe(seq, ts),
         ));
-        self.open.entry(conv, &msg, Some(from), Some(key.clone()), Vec::new(), Some(user.clone()));
+        open.entry(conv, &msg, Some(from), Some(key.clone()), Vec::new(), Some(user.clone()));
         // A member's own send marks everything up to it as read (written once per batch).
         if let Some(m) = conv.members.get_mut(user) {
             m.read_seq = m.read_seq.max(seq);
             m.delivered_seq = m.delivered_seq.max(seq);
-            self.open.dirty_members.insert((conv.id.clone(), user.clone()));
+            open.dirty_members.insert((conv.id.clone(), user.clone()));
         }
         let started = Instant::now();
         conv.pending.insert(
@@ -686,7 +800,7 @@ impl Owner {
         };
         let ts = now_ms();
         let record = StoredConversation {
-            epoch: SINGLE_NODE_EPOCH,
+            epoch: self.epochs.get(&super::partition(&id)).copied().unwrap_or(SINGLE_NODE_EPOCH),
             kind: kind as i32,
             name: req.name.clone(),
             visibility: visibility as i32,
@@ -710,7 +824,7 @@ impl Owner {
             receipt_flushed: HashMap::new(),
             typing: HashMap::new(),
         });
-        let open = &mut self.open;
+        let open = batch(&mut self.open, &self.epochs, partition);
         for m in &members {
             let role = if m == user && kind == ConversationKind::Group {
                 Role::Admin
@@ -774,7 +888,7 @@ impl Owner {
         }
         let seq = conv.last_seq + 1;
         let ts = conv.next_ts();
-        let open = &mut self.open;
+        let open = batch(&mut self.open, &self.epochs, conv.partition);
         for u in &added {
             open.add_member(conv, u, Role::Member, seq);
         }
@@ -835,7 +949,7 @@ impl Owner {
         } else {
             system_event::Kind::MembersRemoved(pb::MembersRemoved { users: names(&removed) })
         };
-        let open = &mut self.open;
+        let open = batch(&mut self.open, &self.epochs, conv.partition);
         for u in &removed {
             open.remove_member(conv, u);
         }
@@ -894,7 +1008,12 @@ impl Owner {
                 .get(user)
                 .is_none_or(|t| now.duration_since(*t) >= RECEIPT_INTERVAL);
             if quiet {
-                self.open.flush_receipt(conv, user, now, Some(from));
+                batch(&mut self.open, &self.epochs, conv.partition).flush_receipt(
+                    conv,
+                    user,
+                    now,
+                    Some(from),
+                );
                 out.flush = true;
             } else {
                 self.pending_receipts.insert((conv.id.clone(), user.clone()));
@@ -1017,31 +1136,116 @@ impl Owner {
         Ok(())
     }
 
-    /// Closes the open batch for the storage writer: `(token, ops)`.
-    pub fn take_batch(&mut self) -> Option<(u64, Vec<crate::storage::WriteOp>)> {
-        for (conv, user) in std::mem::take(&mut self.open.dirty_members) {
-            let Some(c) = self.convs.get(&conv) else { continue };
-            if let Some(m) = c.members.get(&user) {
-                self.open.put_member(c, &user, m);
-            }
+    /// In a cluster: whether this node accepts writes for `conversation` now. When its
+    /// partition's serving epoch changed since the cached state was validated, that state is
+    /// reloaded first.
+    fn check_serving(&mut self, conversation: &str, out: &mut Outgoing) -> Result<(), OpError> {
+        let Some(routing) = &self.routing else { return Ok(()) };
+        let p = super::partition(conversation);
+        let Some(epoch) = routing.partitions.serving(p) else { return Err(routing.refuse(p)) };
+        if self.epochs.get(&p) != Some(&epoch) {
+            self.reset_partition(p, out);
+            self.epochs.insert(p, epoch);
         }
-        if self.open.ops.is_empty() {
-            return None;
-        }
-        let token = self.next_token;
-        self.next_token += 1;
-        let open = std::mem::take(&mut self.open);
-        self.inflight.push_back((token, open.effects));
-        Some((token, open.ops))
+        Ok(())
     }
 
-    /// A batch is durable (or failed): run its effects in log order.
+    /// A conversation as the store holds it now. Where this node does not serve the partition
+    /// (a cluster's follower), the cached state is refreshed from the store, which replication
+    /// keeps current.
+    fn current(&mut self, id: &str) -> Result<Option<&mut Conv>, OpError> {
+        let p = super::partition(id);
+        let stale = self.routing.as_ref().is_some_and(|r| {
+            r.partitions.serving(p).is_none_or(|e| self.epochs.get(&p) != Some(&e))
+        });
+        if stale && let Some(conv) = self.convs.get_mut(id) {
+            match self.storage.load_conversation(p, id) {
+                Ok(Some(l)) => conv.reload(l),
+                Ok(None) => {
+                    self.convs.remove(id);
+                }
+                Err(e) => return Err(OpError::storage(&e)),
+            }
+        }
+        load(&mut self.convs, &self.storage, id)
+    }
+
+    /// The serving epoch of `p` changed, or a write of it failed: whatever waits on the old
+    /// epoch is failed back (clients retry with their idempotency keys), the open batch is
+    /// dropped, and the cached conversations are reloaded from the store.
+    fn reset_partition(&mut self, p: u16, out: &mut Outgoing) {
+        self.open.remove(&p);
+        self.epochs.remove(&p);
+        let ids: Vec<Arc<str>> =
+            self.convs.values().filter(|c| c.partition == p).map(|c| c.id.clone()).collect();
+        for id in ids {
+            let Some(conv) = self.convs.get_mut(&id) else { continue };
+            fail_waiting(conv, out);
+            match self.storage.load_conversation(p, &id) {
+                Ok(Some(l)) => conv.reload(l),
+                Ok(None) | Err(_) => {
+                    // Reloaded on next use (an error is reported then).
+                    self.convs.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn token(&mut self) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        token
+    }
+
+    /// Closes the open batches: one for the storage writer on a single node; in a cluster, one
+    /// replicated entry per partition and one local batch for the rest.
+    pub fn take_batches(&mut self) -> Vec<Flush> {
+        let dirty: Vec<(Arc<str>, Arc<str>)> =
+            self.open.values_mut().flat_map(|b| std::mem::take(&mut b.dirty_members)).collect();
+        for (conv, user) in dirty {
+            let Some(c) = self.convs.get(&conv) else { continue };
+            if let Some(m) = c.members.get(&user) {
+                batch(&mut self.open, &self.epochs, c.partition).put_member(c, &user, m);
+            }
+        }
+        let open = std::mem::take(&mut self.open);
+        let local = std::mem::take(&mut self.local_ops);
+        let mut out = Vec::new();
+        if self.routing.is_none() {
+            let (mut ops, mut effects) = (local, Vec::new());
+            for b in open.into_values() {
+                ops.extend(b.ops);
+                effects.extend(b.effects);
+            }
+            if !ops.is_empty() {
+                let token = self.token();
+                self.inflight.insert(token, effects);
+                out.push(Flush::Local { token, ops });
+            }
+            return out;
+        }
+        if !local.is_empty() {
+            let token = self.token();
+            self.inflight.insert(token, Vec::new());
+            out.push(Flush::Local { token, ops: local });
+        }
+        for (partition, b) in open {
+            if b.ops.is_empty() {
+                continue;
+            }
+            let token = self.token();
+            self.inflight.insert(token, b.effects);
+            out.push(Flush::Replicate { token, partition, epoch: b.epoch, ops: b.ops });
+        }
+        out
+    }
+
+    /// A local batch is durable (or failed): run its effects in log order.
     pub fn on_committed(&mut self, c: Committed, out: &mut Outgoing) {
-        let Some((token, effects)) = self.inflight.pop_front() else {
+        let Some(effects) = self.inflight.remove(&c.token) else {
             tracing::error!(token = c.token, "commit for no batch in flight");
             return;
         };
-        debug_assert_eq!(token, c.token, "commits arrive in submission order");
         let seqs = match c.result {
             Ok(seqs) => seqs,
             Err(e) => {
@@ -1058,6 +1262,43 @@ impl Owner {
                 c.commit_no
             );
         }
+        self.run_effects(effects, seqs, out);
+    }
+
+    /// A replicated share is committed and applied here, or failed (cluster).
+    pub fn on_replicated(
+        &mut self,
+        token: u64,
+        outcome: crate::cluster::dataplane::Outcome,
+        out: &mut Outgoing,
+    ) {
+        let Some(effects) = self.inflight.remove(&token) else {
+            tracing::error!(token, "replication outcome for no batch in flight");
+            return;
+        };
+        match outcome {
+            crate::cluster::dataplane::Outcome::Applied(seqs) => {
+                self.run_effects(effects, seqs, out);
+            }
+            crate::cluster::dataplane::Outcome::Failed => {
+                let partitions: HashSet<u16> = effects
+                    .iter()
+                    .filter_map(|e| match e {
+                        Effect::Entry { conv, .. } | Effect::Broadcast { conv, .. } => {
+                            Some(super::partition(conv))
+                        }
+                        Effect::Feed { .. } => None,
+                    })
+                    .collect();
+                for p in partitions {
+                    self.reset_partition(p, out);
+                }
+            }
+        }
+    }
+
+    /// Runs a durable batch's effects in log order; `seqs` are its feed appends' user_seqs.
+    fn run_effects(&mut self, effects: Vec<Effect>, seqs: Vec<u64>, out: &mut Outgoing) {
         let mut seqs = seqs.into_iter();
         let shards = self.shards;
         for effect in effects {
@@ -1162,21 +1403,31 @@ impl Owner {
     /// After a storage failure: answer everything waiting with `unavailable`.
     fn fail_all(&mut self, out: &mut Outgoing) {
         self.poisoned = true;
-        let err = |rid| {
-            Encoded::of(&crate::shard::error_frame(rid, ErrorCode::Unavailable, "storage failed"))
-        };
         for c in self.convs.values_mut() {
-            for (_, p) in c.pending.drain() {
-                for (to, rid) in p.waiters {
-                    out.to_session(to, err(rid), true);
-                }
-            }
-            for (_, to, frame) in c.waiting.drain(..) {
-                let rid = ServerFrame::decode(frame.payload()).map_or(0, |f| f.request_id);
-                out.to_session(to, err(rid), true);
-            }
+            fail_waiting(c, out);
         }
         self.inflight.clear();
-        self.open = OpenBatch::default();
+        self.open.clear();
+        self.local_ops.clear();
+    }
+}
+
+/// Answers every send and reply waiting on `conv` with `UNAVAILABLE` (retry).
+fn fail_waiting(conv: &mut Conv, out: &mut Outgoing) {
+    let err = |rid| {
+        Encoded::of(&crate::shard::error_frame(
+            rid,
+            ErrorCode::Unavailable,
+            "the write did not complete; retry with the same idempotency key",
+        ))
+    };
+    for (_, p) in conv.pending.drain() {
+        for (to, rid) in p.waiters {
+            out.to_session(to, err(rid), true);
+        }
+    }
+    for (_, to, frame) in conv.waiting.drain(..) {
+        let rid = ServerFrame::decode(frame.payload()).map_or(0, |f| f.request_id);
+        out.to_session(to, err(rid), true);
     }
 }

@@ -13,6 +13,8 @@
 //! | users         | user                                             |
 //! | push          | len · user · len · conversation · first_seq u64  |
 //! | meta          | name                                             |
+//!
+//! In `meta`, `applied` · partition u16 is the last replicated log index applied (cluster).
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
     debug_assert!(s.len() <= usize::from(u8::MAX));
@@ -142,6 +144,17 @@ pub fn split_push_key(key: &[u8]) -> Option<(&str, &str, u64)> {
 pub fn suffix_str<'a>(key: &'a [u8], prefix: &[u8]) -> Option<&'a str> {
     std::str::from_utf8(key.strip_prefix(prefix)?).ok()
 }
+
+/// Key in `meta` of a partition's last applied replicated log index (cluster mode).
+#[must_use]
+pub fn applied_key(partition: u16) -> Vec<u8> {
+    let mut k = APPLIED_PREFIX.to_vec();
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// Prefix in `meta` of every [`applied_key`].
+pub const APPLIED_PREFIX: &[u8] = b"applied/";
 
 #[cfg(test)]
 mod tests {

@@ -30,6 +30,63 @@ pub mod records {
 
 pub use records::{StoredConversation, StoredEntry, StoredMember, StoredPush, StoredUser};
 
+/// Encodes writes as a replicated entry's payload ([`records::ReplicatedOps`]).
+#[must_use]
+pub fn encode_ops(ops: &[WriteOp]) -> Vec<u8> {
+    let ops = ops
+        .iter()
+        .map(|op| match op {
+            WriteOp::Put(ks, key, value) => records::ReplicatedOp {
+                kind: 1,
+                keyspace: ks.code(),
+                key: key.clone().into(),
+                value: value.clone().into(),
+                user: String::new(),
+            },
+            WriteOp::Delete(ks, key) => records::ReplicatedOp {
+                kind: 2,
+                keyspace: ks.code(),
+                key: key.clone().into(),
+                ..records::ReplicatedOp::default()
+            },
+            WriteOp::FeedAppend { user, event } => records::ReplicatedOp {
+                kind: 3,
+                value: event.encode_to_vec().into(),
+                user: user.to_string(),
+                ..records::ReplicatedOp::default()
+            },
+        })
+        .collect();
+    records::ReplicatedOps { ops }.encode_to_vec()
+}
+
+/// Decodes a replicated entry's payload.
+///
+/// # Errors
+/// When the payload is damaged (a committed entry that does not decode).
+pub fn decode_ops(payload: &[u8]) -> Result<Vec<WriteOp>> {
+    let bad = |what: &str| corrupt("replicated entry", what);
+    let record =
+        records::ReplicatedOps::decode(payload).map_err(|e| corrupt("replicated entry", e))?;
+    record
+        .ops
+        .into_iter()
+        .map(|op| {
+            let ks = || Ks::from_code(op.keyspace).ok_or_else(|| bad("unknown keyspace"));
+            Ok(match op.kind {
+                1 => WriteOp::Put(ks()?, op.key.to_vec(), op.value.to_vec()),
+                2 => WriteOp::Delete(ks()?, op.key.to_vec()),
+                3 => WriteOp::FeedAppend {
+                    user: Arc::from(op.user.as_str()),
+                    event: switchboard_protocol::FeedEvent::decode(op.value)
+                        .map_err(|e| corrupt("replicated entry", e))?,
+                },
+                _ => return Err(bad("unknown operation")),
+            })
+        })
+        .collect()
+}
+
 /// The storage layout version written to `meta/format_version`.
 pub const FORMAT_VERSION: u64 = 1;
 
@@ -101,6 +158,29 @@ pub struct Keyspaces {
     pub users: Keyspace,
     pub push: Keyspace,
     pub meta: Keyspace,
+}
+
+impl Ks {
+    const ALL: [Self; 9] = [
+        Self::Messages,
+        Self::Dedupe,
+        Self::Conversations,
+        Self::Members,
+        Self::Memberships,
+        Self::Feeds,
+        Self::Users,
+        Self::Push,
+        Self::Meta,
+    ];
+
+    /// The keyspace's number in a replicated entry (`ReplicatedOp.keyspace`).
+    fn code(self) -> u32 {
+        Self::ALL.iter().position(|k| *k == self).map_or(0, |i| i as u32 + 1)
+    }
+
+    fn from_code(code: u32) -> Option<Self> {
+        Self::ALL.get(usize::try_from(code).ok()?.checked_sub(1)?).copied()
+    }
 }
 
 impl Keyspaces {
@@ -277,6 +357,25 @@ impl Storage {
             }
         };
         Ok(Some(LoadedConversation { record, members, head }))
+    }
+
+    /// The last applied replicated log index of every partition that has one (cluster mode).
+    ///
+    /// # Errors
+    /// On an engine error or a damaged record.
+    pub fn applied(&self) -> Result<std::collections::HashMap<u16, u64>> {
+        let mut out = std::collections::HashMap::new();
+        for kv in self.ks.meta.prefix(keys::APPLIED_PREFIX) {
+            let (k, v) = kv.into_inner()?;
+            let p = k
+                .get(keys::APPLIED_PREFIX.len()..)
+                .and_then(|b| b.try_into().ok())
+                .map(u16::from_be_bytes)
+                .ok_or_else(|| corrupt("meta", "applied key"))?;
+            let index = keys::trailing_u64(&v).ok_or_else(|| corrupt("meta", "applied index"))?;
+            out.insert(p, index);
+        }
+        Ok(out)
     }
 
     /// Looks up an idempotency key in the live database: `(seq, timestamp_ms)`.
@@ -613,6 +712,28 @@ fn lower_background_priority() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_writes_should_survive_the_replicated_payload_and_damage_should_be_an_error() {
+        let event = switchboard_protocol::FeedEvent {
+            conversation_id: "c".into(),
+            conversation_seq: 4,
+            ..Default::default()
+        };
+        let ops = vec![
+            WriteOp::Put(Ks::Messages, b"k1".to_vec(), b"v1".to_vec()),
+            WriteOp::Delete(Ks::Memberships, b"k2".to_vec()),
+            WriteOp::Put(Ks::Meta, b"k3".to_vec(), Vec::new()),
+            WriteOp::FeedAppend { user: Arc::from("alice"), event: event.clone() },
+        ];
+        let back = decode_ops(&encode_ops(&ops)).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{ops:?}"));
+        let unknown = records::ReplicatedOps {
+            ops: vec![records::ReplicatedOp { kind: 1, keyspace: 42, ..Default::default() }],
+        };
+        assert!(decode_ops(&unknown.encode_to_vec()).is_err());
+        assert!(decode_ops(&[0xff, 0xff, 0xff]).is_err());
+    }
 
     #[cfg(target_os = "linux")]
     #[test]
