@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use switchboard_broker::cluster::placement::Placement;
-use switchboard_protocol::{ClientFrame, ConversationKind, ErrorCode, client_frame, server_frame};
+use switchboard_protocol::{ClientFrame, ConversationKind, client_frame, server_frame};
 use switchboard_tests::{Broker, Cluster, Options, RawConn, eventually, http_get, member};
 
 fn fast_gossip() -> Options {
@@ -335,36 +335,6 @@ async fn given_a_fourth_node_joins_should_move_partitions_onto_it_through_joint_
     }
 }
 
-/// A connection, as `user`, to the node that accepts writes for `conv` among `alive`: a
-/// harmless request that needs the leader (a typing stop) is answered `NOT_LEADER` elsewhere
-/// and `UNAVAILABLE` while a failover is in progress.
-async fn leader_conn(
-    cluster: &Cluster,
-    alive: &[usize],
-    user: &str,
-    conv: &str,
-) -> (usize, RawConn) {
-    eventually(&format!("a node to accept writes for {conv}"), || async {
-        let mut seen = Vec::new();
-        for &i in alive {
-            let (mut c, _) = cluster.nodes[i].raw_as(user).await;
-            let probe =
-                switchboard_protocol::Typing { conversation_id: conv.into(), active: false };
-            match c.request(client_frame::Kind::Typing(probe)).await {
-                server_frame::Kind::Error(e)
-                    if e.code == ErrorCode::NotLeader as i32
-                        || e.code == ErrorCode::Unavailable as i32 =>
-                {
-                    seen.push(format!("node {}: {} (hint {:?})", i + 1, e.message, e.leader_hint));
-                }
-                _ => return Ok((i, c)),
-            }
-        }
-        Err(seen.join("; "))
-    })
-    .await
-}
-
 /// Pipelines sends of `keys` (up to 8 in flight) and records each acknowledged key's seq.
 /// Returns when every key is acknowledged (`true`) or the connection fails or a send is
 /// refused (`false`); unacknowledged keys stay for the caller to retry.
@@ -435,7 +405,7 @@ async fn given_three_nodes_when_the_leader_of_a_busy_conversation_is_killed_shou
     let leader = table(&cluster, 0).await["partitions"][p]["leader"].as_u64().expect("leader");
     let leader = usize::try_from(leader).expect("id") - 1;
 
-    // A node that does not lead the conversation redirects to the one that does.
+    // Created through a node that does not lead the conversation: it forwards.
     let other = (leader + 1) % 3;
     let (mut c, _) = cluster.nodes[other].raw_as("alice").await;
     let create = switchboard_protocol::CreateConversation {
@@ -445,19 +415,11 @@ async fn given_three_nodes_when_the_leader_of_a_busy_conversation_is_killed_shou
         conversation_id: conv.into(),
         ..Default::default()
     };
-    match c.request(client_frame::Kind::CreateConversation(create.clone())).await {
-        server_frame::Kind::Error(e) => {
-            assert_eq!(e.code, ErrorCode::NotLeader as i32, "{e:?}");
-            assert_eq!(e.leader_hint, cluster.nodes[leader].addr.to_string());
-        }
-        other => panic!("a follower accepted a write: {other:?}"),
-    }
-    let (at, mut c) = leader_conn(&cluster, &[0, 1, 2], "alice", conv).await;
-    assert_eq!(at, leader);
     match c.request(client_frame::Kind::CreateConversation(create)).await {
         server_frame::Kind::Conversation(r) => assert!(r.created),
         other => panic!("{other:?}"),
     }
+    let (mut c, _) = cluster.nodes[leader].raw_as("alice").await;
 
     // Acknowledged sends, then the leader dies with sends in flight.
     let mut acks: HashMap<String, u64> = HashMap::new();
@@ -478,11 +440,18 @@ async fn given_three_nodes_when_the_leader_of_a_busy_conversation_is_killed_shou
 
     // The client retries what was not acknowledged, with the same keys, wherever the
     // conversation is led now, then goes on.
+    // Whichever node it reaches forwards to the new leader once there is one; until then
+    // sends fail with UNAVAILABLE or NOT_LEADER and are retried.
     let alive: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
-    while !unacked.is_empty() {
-        let (at, mut c) = leader_conn(&cluster, &alive, "alice", conv).await;
-        assert_ne!(at, leader);
-        send_keys(&mut c, conv, &mut unacked, &mut acks).await;
+    for attempt in 0.. {
+        if unacked.is_empty() {
+            break;
+        }
+        assert!(attempt < 300, "{} sends still not acknowledged after 30 s", unacked.len());
+        let (mut c, _) = cluster.nodes[alive[attempt % 2]].raw_as("alice").await;
+        if !send_keys(&mut c, conv, &mut unacked, &mut acks).await {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
     assert_eq!(acks.len(), TOTAL);
 
@@ -500,4 +469,53 @@ async fn given_three_nodes_when_the_leader_of_a_busy_conversation_is_killed_shou
     // The killed node comes back and catches up.
     cluster.nodes[leader].restart();
     wait_log(&cluster, leader, conv, &expected).await;
+}
+
+#[tokio::test]
+async fn given_clients_on_different_nodes_should_chat_in_one_conversation_with_one_order() {
+    use switchboard_client::{Content, HistoryVisibility};
+    const EACH: usize = 15;
+    let cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    let users = ["alice", "bob", "carol"];
+    let mut clients = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        clients.push(cluster.nodes[i].client(user).await);
+    }
+    let group = clients[0]
+        .0
+        .create_group("three nodes", ["bob", "carol"], HistoryVisibility::Shared)
+        .await
+        .expect("create")
+        .conversation_id;
+    // Everyone sends at once, each through the node it is connected to.
+    let sends = clients.iter().enumerate().map(|(i, (client, _))| {
+        let (client, group) = (client.clone(), group.clone());
+        async move {
+            for n in 0..EACH {
+                client.send(&group, Content::text(format!("{i}-{n}"))).await.expect("send");
+            }
+        }
+    });
+    futures::future::join_all(sends).await;
+    // Each client sees the creation and all messages, live, in one order.
+    let mut orders = Vec::new();
+    for (client, events) in &mut clients {
+        let got = switchboard_tests::messages(events, &group, 1 + 3 * EACH).await;
+        let order: Vec<(u64, String)> = got
+            .iter()
+            .map(|m| (m.seq, switchboard_tests::text(m).unwrap_or("").to_owned()))
+            .collect();
+        switchboard_tests::assert_gapless(order.iter().map(|(seq, _)| *seq), 1);
+        orders.push(order);
+        client.close().await;
+    }
+    assert_eq!(orders[0], orders[1], "alice and bob saw different orders");
+    assert_eq!(orders[0], orders[2], "alice and carol saw different orders");
+    for i in 0..3 {
+        let mine: Vec<&str> =
+            orders[0].iter().filter_map(|(_, t)| t.strip_prefix(&format!("{i}-"))).collect();
+        let sent: Vec<String> = (0..EACH).map(|n| n.to_string()).collect();
+        assert_eq!(mine, sent, "sender {i}'s messages in the order sent");
+    }
 }

@@ -372,6 +372,7 @@ impl ControlPlane {
         listener.set_nonblocking(true)?;
         let network = Network::new().map_err(std::io::Error::other)?;
         let (settle_tx, settle_rx) = tokio::sync::mpsc::channel(64);
+        let shards = data.as_ref().map(|(d, _)| d.shards.clone()).unwrap_or_default();
         let (engine, inbox, replication) =
             super::replication::open(node, data_dir, network.client(), settle_tx.clone(), data)
                 .map_err(ControlError::Storage)?;
@@ -424,7 +425,7 @@ impl ControlPlane {
                     }
                 };
                 let _ = started_tx.send(Ok(()));
-                let peers = Peers { raft: raft.clone(), inbox, settle: settle_tx };
+                let peers = Peers { raft: raft.clone(), inbox, settle: settle_tx, shards };
                 let server = tokio::spawn(serve_peers(peers, listener));
                 let engine_stop = Arc::new(Notify::new());
                 let data = tokio::spawn(engine.run(engine_table, engine_stop.clone()));
@@ -727,6 +728,8 @@ struct Peers {
     raft: Raft,
     inbox: super::replication::Inbox,
     settle: tokio::sync::mpsc::Sender<super::replication::Settled>,
+    /// Every shard's mailbox, for forwarded requests.
+    shards: Vec<tokio::sync::mpsc::Sender<crate::shard::ShardMsg>>,
 }
 
 async fn serve_peers(peers: Peers, listener: tokio::net::TcpListener) {
@@ -772,6 +775,12 @@ async fn peer_request(peers: &Peers, req: Request<hyper::body::Incoming>) -> Res
                     json(StatusCode::NO_CONTENT, Vec::new())
                 }
                 Err(_) => json(StatusCode::BAD_REQUEST, Vec::new()),
+            };
+        }
+        super::dataplane::FORWARD_PATH => {
+            return match super::dataplane::serve_forwarded(&peers.shards, &body).await {
+                Some(replies) => json(StatusCode::OK, replies),
+                None => json(StatusCode::BAD_REQUEST, Vec::new()),
             };
         }
         super::replication::PATH => {

@@ -12,6 +12,11 @@
 //! - An entry that may never commit (the leader stepped down) is reported
 //!   [`Outcome::Failed`]; the client retries with its idempotency key, and whichever node leads
 //!   next answers from its own replicated dedupe records.
+//! - Committed entries a node applies without having proposed them ([`Replayed`]) are
+//!   delivered by its owner shard to the local sessions that follow their conversations.
+//! - A request that reaches a node which does not lead its conversation is forwarded to the
+//!   leader over the peer port ([`FORWARD_PATH`], batches in order per target node); the
+//!   leader answers as if the session were local, and the reply is relayed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,10 +28,108 @@ use super::NodeId;
 use super::placement::PARTITION_COUNT;
 use super::replica::Epoch;
 use crate::shard::ShardMsg;
-use crate::storage::{Storage, WriterHandle};
+use crate::storage::{Ks, Storage, WriteOp, WriterHandle};
 
 /// Proposals waiting for the engine; beyond this the shard fails the batch (`UNAVAILABLE`).
 const PROPOSALS: usize = 4096;
+
+/// Peer path that receives forwarded client requests.
+pub const FORWARD_PATH: &str = "/forward";
+
+/// How long a forwarded request may take before the session gets `UNAVAILABLE`.
+pub const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub mod wire {
+    //! Forwarded requests between nodes (protobuf over HTTP on the peer port).
+
+    use bytes::Bytes;
+
+    /// One client request, on behalf of an authenticated user.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Forward {
+        /// The user the session authenticated as (the peer port is trusted).
+        #[prost(string, tag = "1")]
+        pub user: String,
+        /// The conversation, resolved (a create's generated or derived id).
+        #[prost(string, tag = "2")]
+        pub conversation_id: String,
+        /// The encoded `ClientFrame` (request id and request).
+        #[prost(bytes = "bytes", tag = "3")]
+        pub frame: Bytes,
+    }
+
+    /// Requests in the order the sending node received them.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ForwardBatch {
+        /// The requests.
+        #[prost(message, repeated, tag = "1")]
+        pub requests: Vec<Forward>,
+    }
+
+    /// One encoded `ServerFrame` per request, in the same order.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ForwardReplies {
+        /// The replies.
+        #[prost(bytes = "bytes", repeated, tag = "1")]
+        pub replies: Vec<Bytes>,
+    }
+}
+
+/// Handles a forwarded batch on the leader: each request goes to its conversation's owner
+/// shard (in order), and the replies come back in order; a request that cannot be decoded, or
+/// gets no answer in time, is answered with an error.
+pub async fn serve_forwarded(shards: &[mpsc::Sender<ShardMsg>], body: &[u8]) -> Option<Vec<u8>> {
+    use prost::Message as _;
+    use switchboard_protocol::{ClientFrame, Encoded, ErrorCode};
+    let batch = wire::ForwardBatch::decode(body).ok()?;
+    let mut waiting = Vec::with_capacity(batch.requests.len());
+    for f in batch.requests {
+        let decoded = ClientFrame::decode(f.frame).ok().and_then(|frame| {
+            let op = crate::shard::OwnerOp::from_kind(frame.kind?, &f.conversation_id)?;
+            Some((frame.request_id, op))
+        });
+        let Some((request_id, op)) = decoded else {
+            waiting.push(Err(0));
+            continue;
+        };
+        let owner =
+            crate::shard::owner_shard(crate::shard::partition(&f.conversation_id), shards.len());
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let request = crate::shard::mailbox::Forward {
+            from: crate::shard::SessionRef { shard: owner, id: 0 },
+            user: Arc::from(f.user.as_str()),
+            request_id,
+            op,
+        };
+        match shards.get(owner) {
+            Some(tx) if tx.send(ShardMsg::Forwarded { request, reply }).await.is_ok() => {
+                waiting.push(Ok((request_id, rx)));
+            }
+            _ => waiting.push(Err(request_id)),
+        }
+    }
+    let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
+    let mut replies = Vec::with_capacity(waiting.len());
+    for w in waiting {
+        let frame = match w {
+            Ok((request_id, rx)) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(frame)) => frame,
+                _ => Encoded::of(&crate::shard::error_frame(
+                    request_id,
+                    ErrorCode::Unavailable,
+                    "the leader did not answer in time",
+                )),
+            },
+            Err(request_id) => Encoded::of(&crate::shard::error_frame(
+                request_id,
+                ErrorCode::BadRequest,
+                "malformed forwarded request",
+            )),
+        };
+        replies.push(frame.payload());
+    }
+    Some(wire::ForwardReplies { replies }.encode_to_vec())
+}
 
 /// What every shard can read about each partition, published by the engine.
 #[derive(Debug)]
@@ -98,6 +201,40 @@ pub enum Outcome {
     /// Not accepted, or accepted by a leader that stepped down before it committed: it may
     /// still commit later under another leader, so clients retry with the same idempotency key.
     Failed,
+}
+
+/// Committed entries this node applied but did not propose in the current epoch (it follows,
+/// or adopted them): what its owner shard delivers to local sessions.
+#[derive(Debug, Default, Clone)]
+pub struct Replayed {
+    /// The `messages` values written (encoded `StoredEntry`), in log order.
+    pub messages: Vec<Bytes>,
+    /// The feed events appended, with the `user_seq` this node assigned.
+    pub feeds: Vec<(Arc<str>, switchboard_protocol::FeedEvent)>,
+}
+
+impl Replayed {
+    /// What an entry's writes deliver.
+    #[must_use]
+    pub fn of(ops: &[WriteOp]) -> Self {
+        let mut r = Self::default();
+        for op in ops {
+            match op {
+                WriteOp::Put(Ks::Messages, _, value) => {
+                    r.messages.push(Bytes::copy_from_slice(value));
+                }
+                WriteOp::FeedAppend { user, event } => r.feeds.push((user.clone(), event.clone())),
+                _ => {}
+            }
+        }
+        r
+    }
+
+    /// Nothing to deliver.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty() && self.feeds.is_empty()
+    }
 }
 
 /// Hands proposals to the engine. Cheap to clone; never blocks.

@@ -386,6 +386,35 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         out
     }
 
+    /// On a serving leader: an empty append to every follower from the prefix it has
+    /// acknowledged, carrying the commit point, so followers learn it now (to apply and deliver
+    /// committed entries) instead of with the next append or tick.
+    pub fn announce_commit(&mut self) -> Vec<Out<T>> {
+        let mut out = Vec::new();
+        let Some(l) = &self.leading else { return out };
+        if !matches!(l.phase, Phase::Replicating { .. }) {
+            return out;
+        }
+        for to in l.followers(self.id) {
+            let prev_index = l.matched.get(&to).copied().unwrap_or(0);
+            let Some(prev) = prev_index.checked_sub(1).and_then(|i| self.log.get(i as usize))
+            else {
+                continue;
+            };
+            out.push(Out::Send {
+                to,
+                msg: Msg::Append {
+                    epoch: l.epoch,
+                    prev_index,
+                    prev_epoch: prev.epoch,
+                    entries: Vec::new(),
+                    commit: self.commit,
+                },
+            });
+        }
+        out
+    }
+
     /// A message from `from`.
     pub fn handle(&mut self, from: NodeId, msg: Msg<T>) -> Vec<Out<T>> {
         let mut out = Vec::new();

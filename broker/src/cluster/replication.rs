@@ -28,7 +28,7 @@ use serde::Serialize;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::NodeId;
-use super::dataplane::{DataPlane, Outcome, Proposal};
+use super::dataplane::{DataPlane, Outcome, Proposal, Replayed};
 use super::placement::{PARTITION_COUNT, PartitionId};
 use super::raft::Machine;
 use super::replica::{Durable, Entry, Epoch, Index, Msg, Out, Replica};
@@ -301,6 +301,19 @@ struct Slot {
     /// The epoch this node serves in and the commit index when it started to: writes are
     /// accepted once everything up to that index is applied.
     serve_from: Option<(Epoch, Index)>,
+}
+
+/// What to report about one applied entry.
+enum Report {
+    /// This node proposed it as leader: its owner runs the batch's effects.
+    Proposed {
+        who: Proposer,
+        /// How many feed appends it holds (their user_seqs are the owner's).
+        feeds: usize,
+    },
+    /// Another leader (or this node in an earlier epoch) proposed it: delivered here from
+    /// what it wrote.
+    Replayed(Replayed),
 }
 
 /// Who proposed an entry: the owner shard and its token for the batch.
@@ -620,7 +633,7 @@ impl Engine {
             return;
         }
         let mut ops = Vec::new();
-        let mut reports: Vec<(Option<Proposer>, usize)> = Vec::new();
+        let mut reports: Vec<Report> = Vec::new();
         for index in slot.applying + 1..=commit {
             let Some(entry) = slot.replica.log().get(index as usize - 1) else { break };
             let Some(payload) = &entry.payload else { continue };
@@ -632,29 +645,59 @@ impl Engine {
                     std::process::abort();
                 }
             };
-            let feeds =
-                decoded.iter().filter(|op| matches!(op, WriteOp::FeedAppend { .. })).count();
-            reports.push((slot.proposals.remove(&index), feeds));
+            reports.push(match slot.proposals.remove(&index) {
+                Some(who) => Report::Proposed {
+                    who,
+                    feeds: decoded
+                        .iter()
+                        .filter(|op| matches!(op, WriteOp::FeedAppend { .. }))
+                        .count(),
+                },
+                None => Report::Replayed(Replayed::of(&decoded)),
+            });
             ops.extend(decoded);
         }
         ops.push(WriteOp::Put(Ks::Meta, keys::applied_key(p), commit.to_be_bytes().to_vec()));
         slot.applying = commit;
         let shards = data.shards.clone();
         let applied = self.applied_tx.clone();
+        let owner = crate::shard::owner_shard(p, shards.len());
         let sink: CommitSink = Arc::new(move |c: Committed| {
             // An error poisoned the store and the broker stops; the owners fail what waits.
             let ok = c.result.is_ok();
             let mut seqs = c.result.unwrap_or_default().into_iter();
-            for (who, feeds) in &reports {
-                let mine: Vec<u64> = seqs.by_ref().take(*feeds).collect();
-                let Some(who) = who else { continue };
-                let outcome = if ok { Outcome::Applied(mine) } else { Outcome::Failed };
-                if let Some(tx) = shards.get(who.shard) {
-                    // On the writer thread: blocking only delays the next commit round.
-                    let _ = tx.blocking_send(ShardMsg::Replicated { token: who.token, outcome });
+            // On the writer thread: blocking only delays the next commit round. Everything
+            // goes to the partition's owner shard, in log order.
+            let send = |msg| {
+                if let Some(tx) = shards.get(owner) {
+                    let _ = tx.blocking_send(msg);
+                }
+            };
+            let mut replayed = Replayed::default();
+            for report in &reports {
+                match report {
+                    Report::Proposed { who, feeds } => {
+                        let mine: Vec<u64> = seqs.by_ref().take(*feeds).collect();
+                        if !replayed.is_empty() {
+                            send(ShardMsg::Replayed(Box::new(std::mem::take(&mut replayed))));
+                        }
+                        let outcome = if ok { Outcome::Applied(mine) } else { Outcome::Failed };
+                        send(ShardMsg::Replicated { token: who.token, outcome });
+                    }
+                    Report::Replayed(r) => {
+                        replayed.messages.extend(r.messages.iter().cloned());
+                        for (user, event) in &r.feeds {
+                            let mut event = event.clone();
+                            event.user_seq = seqs.next().unwrap_or(0);
+                            replayed.feeds.push((user.clone(), event));
+                        }
+                    }
                 }
             }
             if ok {
+                if !replayed.is_empty() {
+                    send(ShardMsg::Replayed(Box::new(replayed)));
+                }
                 let _ = applied.send((p, commit));
             }
         });
@@ -741,10 +784,14 @@ impl Engine {
 
     fn dispatch(&mut self, outs: Vec<(PartitionId, Out<Bytes>)>) {
         let mut frames: HashMap<NodeId, Vec<wire::Msg>> = HashMap::new();
+        let mut announce = Vec::new();
         for (p, out) in outs {
             match out {
                 Out::Send { to, msg } => frames.entry(to).or_default().push(to_wire(p, msg)),
-                Out::Committed(index) => self.apply(p, index),
+                Out::Committed(index) => {
+                    self.apply(p, index);
+                    announce.push(p);
+                }
                 Out::SteppedDown => {
                     metrics::counter!(crate::metrics::REPLICATION_STEP_DOWNS).increment(1);
                     if let Some(d) = &self.data {
@@ -754,6 +801,19 @@ impl Engine {
                         let pending = std::mem::take(&mut slot.proposals);
                         self.fail_proposals(pending);
                     }
+                }
+            }
+        }
+        // Followers learn a leader's new commit point in this round's frames, so they apply
+        // and deliver it now.
+        for p in announce {
+            let Some(slot) = self.slots.get_mut(&p) else { continue };
+            if slot.replica.leading().is_none() {
+                continue;
+            }
+            for out in slot.replica.announce_commit() {
+                if let Out::Send { to, msg } = out {
+                    frames.entry(to).or_default().push(to_wire(p, msg));
                 }
             }
         }

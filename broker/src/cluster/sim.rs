@@ -438,6 +438,15 @@ impl Sim {
                         );
                     }
                     self.on_committed(node, upto)?;
+                    // As the engine does: followers hear of a leader's new commit point now.
+                    let n = self.nodes.get_mut(&node).expect("node");
+                    if n.replica.leading().is_some() {
+                        for out in n.replica.announce_commit() {
+                            if let Out::Send { to, msg } = out {
+                                self.send(node, to, msg);
+                            }
+                        }
+                    }
                 }
                 Out::SteppedDown => {
                     self.nodes.get_mut(&node).expect("node").pending.clear();

@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::Arc;
 
-use switchboard_protocol::{Encoded, ServerFrame};
+use switchboard_protocol::{Encoded, ServerFrame, SharedFrame};
 use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -112,9 +112,19 @@ pub struct Local {
     /// Subscriptions waiting for the owner's answer, by token.
     waiters: HashMap<u64, oneshot::Sender<Vec<Membership>>>,
     next_token: u64,
+    /// Stand-ins for sessions on other nodes whose request was forwarded here: the reply
+    /// goes back through the channel (cluster).
+    remote: HashMap<u64, oneshot::Sender<SharedFrame>>,
 }
 
 impl Local {
+    /// Registers the stand-in for a forwarded request's session; answered stand-ins, and those
+    /// whose requester gave up, are dropped.
+    pub fn insert_remote(&mut self, id: u64, reply: oneshot::Sender<SharedFrame>) {
+        self.remote.retain(|_, tx| !tx.is_closed());
+        self.remote.insert(id, reply);
+    }
+
     /// Registers a session.
     pub fn insert(&mut self, session: Rc<LocalSession>) {
         self.sessions.insert(session.id, session);
@@ -236,6 +246,8 @@ pub fn apply(shard: &Rc<Shard>, msg: LocalMsg) {
                 if completes {
                     s.request_done();
                 }
+            } else if let Some(reply) = shard.local.borrow_mut().remote.remove(&session) {
+                let _ = reply.send(frame);
             }
         }
         LocalMsg::Deliver { conversation, frame, skip, droppable } => {

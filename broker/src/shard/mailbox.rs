@@ -30,6 +30,17 @@ pub enum ShardMsg {
         /// Applied (with its feed appends' user_seqs) or failed.
         outcome: crate::cluster::dataplane::Outcome,
     },
+    /// From the storage writer (cluster mode): committed entries of a partition this shard
+    /// owns, applied here but proposed elsewhere, to deliver to local sessions.
+    Replayed(Box<crate::cluster::dataplane::Replayed>),
+    /// A request another node forwarded (cluster): handled by this shard's owner role; the
+    /// reply frame goes back through `reply`.
+    Forwarded {
+        /// The forwarded request.
+        request: Forward,
+        /// Where its reply goes.
+        reply: oneshot::Sender<SharedFrame>,
+    },
     /// Begin a graceful shutdown; answer when drained.
     Shutdown(oneshot::Sender<()>),
     /// Second phase of a shutdown, once every shard drained: write what home messages
@@ -68,6 +79,49 @@ pub enum OwnerOp {
 }
 
 impl OwnerOp {
+    /// The request as a client frame kind, and the conversation (resolved, for a create), for
+    /// forwarding to another node.
+    #[must_use]
+    pub fn into_kind(self) -> (switchboard_protocol::client_frame::Kind, String) {
+        use switchboard_protocol::client_frame::Kind;
+        let conversation = self.conversation().to_owned();
+        let kind = match self {
+            Self::Send(r) => Kind::Send(r),
+            Self::Create { request, .. } => Kind::CreateConversation(request),
+            Self::AddMembers(r) => Kind::AddMembers(r),
+            Self::RemoveMembers(r) => Kind::RemoveMembers(r),
+            Self::Leave(r) => Kind::Leave(r),
+            Self::MarkRead(r) => Kind::MarkRead(r),
+            Self::MarkDelivered(r) => Kind::MarkDelivered(r),
+            Self::Typing(r) => Kind::Typing(r),
+            Self::GetReceipts(r) => Kind::GetReceipts(r),
+        };
+        (kind, conversation)
+    }
+
+    /// The inverse of [`OwnerOp::into_kind`]; `None` for a kind no owner handles.
+    #[must_use]
+    pub fn from_kind(
+        kind: switchboard_protocol::client_frame::Kind,
+        conversation: &str,
+    ) -> Option<Self> {
+        use switchboard_protocol::client_frame::Kind;
+        Some(match kind {
+            Kind::Send(r) => Self::Send(r),
+            Kind::CreateConversation(request) => {
+                Self::Create { conversation_id: Arc::from(conversation), request }
+            }
+            Kind::AddMembers(r) => Self::AddMembers(r),
+            Kind::RemoveMembers(r) => Self::RemoveMembers(r),
+            Kind::Leave(r) => Self::Leave(r),
+            Kind::MarkRead(r) => Self::MarkRead(r),
+            Kind::MarkDelivered(r) => Self::MarkDelivered(r),
+            Kind::Typing(r) => Self::Typing(r),
+            Kind::GetReceipts(r) => Self::GetReceipts(r),
+            _ => return None,
+        })
+    }
+
     /// The conversation the operation is about.
     #[must_use]
     pub fn conversation(&self) -> &str {
@@ -98,6 +152,8 @@ pub enum OwnerMsg {
         request_id: u64,
         /// What to do.
         op: OwnerOp,
+        /// Forwarded by another node (cluster): never forwarded again.
+        forwarded: bool,
     },
     /// A session shard asks to receive `conversations` for `sessions` of `user`. The owner
     /// answers with `LocalMsg::Subscribed`, per conversation whether the user is a member, in
@@ -312,6 +368,21 @@ pub struct Outgoing {
     pub flush: bool,
     /// User messages made durable (for the metrics).
     pub stored: u64,
+    /// Requests for the node that leads their conversation (cluster).
+    pub forward: Vec<(crate::cluster::NodeId, Forward)>,
+}
+
+/// A request to forward to the node that leads its conversation.
+#[derive(Debug)]
+pub struct Forward {
+    /// The requesting session (here).
+    pub from: SessionRef,
+    /// The authenticated user.
+    pub user: Arc<str>,
+    /// Echoed in the reply.
+    pub request_id: u64,
+    /// What to do.
+    pub op: OwnerOp,
 }
 
 impl Outgoing {
@@ -324,6 +395,7 @@ impl Outgoing {
             owner: Vec::new(),
             flush: false,
             stored: 0,
+            forward: Vec::new(),
         }
     }
 

@@ -22,7 +22,10 @@
 //! - storage writer → owner: `Committed`, in submission order.
 //! - (cluster) storage writer or replication engine → owner: `Replicated`, a partition's
 //!   share of a batch applied after its majority commit, or failed.
+//! - (cluster) storage writer → owner: `Replayed`, committed entries another leader proposed,
+//!   for local deliveries; peer server → owner: `Forwarded`, another node's request.
 
+mod forward;
 pub mod home;
 pub mod local;
 pub mod mailbox;
@@ -222,6 +225,8 @@ pub struct Shard {
     pub local: RefCell<local::Local>,
     flush_scheduled: Cell<bool>,
     next_session: Cell<u64>,
+    /// Queues of requests forwarded to other nodes, by node (cluster).
+    forwards: RefCell<HashMap<crate::cluster::NodeId, mpsc::UnboundedSender<mailbox::Forward>>>,
     shutdown: RefCell<Option<Shutdown>>,
     /// Cancelled when the shard shuts down; every connection holds a child token.
     pub cancel: CancellationToken,
@@ -277,6 +282,7 @@ impl Shard {
             local: RefCell::new(local::Local::default()),
             flush_scheduled: Cell::new(false),
             next_session: Cell::new(1),
+            forwards: RefCell::new(HashMap::new()),
             shutdown: RefCell::new(None),
             cancel: CancellationToken::new(),
         })
@@ -313,6 +319,25 @@ impl Shard {
             ShardMsg::Committed(c) => {
                 let mut out = mailbox::Outgoing::new(self.count);
                 self.owner.borrow_mut().on_committed(c, &mut out);
+                self.dispatch(out);
+            }
+            ShardMsg::Forwarded { request, reply } => {
+                // A request another node forwarded: answered like a local session's, through a
+                // one-shot stand-in for the session.
+                let id = self.next_session_id();
+                self.local.borrow_mut().insert_remote(id, reply);
+                let mailbox::Forward { user, request_id, op, .. } = request;
+                self.handle_owner(OwnerMsg::Request {
+                    from: SessionRef { shard: self.id, id },
+                    user,
+                    request_id,
+                    op,
+                    forwarded: true,
+                });
+            }
+            ShardMsg::Replayed(replayed) => {
+                let mut out = mailbox::Outgoing::new(self.count);
+                self.owner.borrow_mut().on_replayed(*replayed, &mut out);
                 self.dispatch(out);
             }
             ShardMsg::Replicated { token, outcome } => {
@@ -400,7 +425,7 @@ impl Shard {
 
     /// Routes what a role produced: bundles to session shards, events to home shards.
     pub(crate) fn dispatch(self: &Rc<Self>, out: mailbox::Outgoing) {
-        let mailbox::Outgoing { local, home, owner, flush, stored } = out;
+        let mailbox::Outgoing { local, home, owner, flush, stored, forward } = out;
         if stored > 0 {
             self.stats.messages_stored.set(self.stats.messages_stored.get() + stored);
         }
@@ -419,6 +444,9 @@ impl Shard {
         }
         for (shard, msg) in owner {
             self.send_owner_at(shard, msg);
+        }
+        for (node, request) in forward {
+            self.forward(node, request);
         }
         if flush {
             self.schedule_flush();

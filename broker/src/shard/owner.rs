@@ -32,7 +32,7 @@ use switchboard_protocol::{
 
 use super::SessionRef;
 use super::mailbox::{
-    HomeMsg, LocalMsg, Membership, NotifyMsg, Outgoing, OwnerMsg, OwnerOp, UserEvent,
+    Forward, HomeMsg, LocalMsg, Membership, NotifyMsg, Outgoing, OwnerMsg, OwnerOp, UserEvent,
 };
 use crate::config::{Config, Durability, LimitsConfig};
 use crate::storage::{
@@ -64,11 +64,13 @@ pub struct OpError {
     message: String,
     /// For `NOT_LEADER`: the leader's client address.
     hint: Option<String>,
+    /// For `NOT_LEADER`: the live leader a request may be forwarded to.
+    leader: Option<crate::cluster::NodeId>,
 }
 
 impl OpError {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), hint: None }
+        Self { code, message: message.into(), hint: None, leader: None }
     }
 
     fn frame(self, request_id: u64) -> SharedFrame {
@@ -285,13 +287,12 @@ impl Routed {
                 "this node is taking over the conversation; retry shortly",
             ),
             leader => {
-                let address = leader.and_then(|id| {
-                    view.members.iter().find(|m| m.id == id && m.live).and_then(|m| m.tcp)
-                });
+                let live = leader.and_then(|id| view.members.iter().find(|m| m.id == id && m.live));
                 OpError {
                     code: ErrorCode::NotLeader,
                     message: "another node leads this conversation".to_owned(),
-                    hint: address.map(|a| a.to_string()),
+                    hint: live.and_then(|m| m.tcp).map(|a| a.to_string()),
+                    leader: live.map(|m| m.id),
                 }
             }
         }
@@ -612,10 +613,15 @@ impl Owner {
     /// Handles a message for this role.
     pub fn handle(&mut self, msg: OwnerMsg, out: &mut Outgoing) {
         match msg {
-            OwnerMsg::Request { from, user, request_id, op } => {
+            OwnerMsg::Request { from, user, request_id, op, forwarded } => {
                 let result = if self.poisoned {
                     Err(OpError::new(ErrorCode::Unavailable, "storage failed; broker is stopping"))
                 } else if let Err(e) = self.check_serving(op.conversation(), out) {
+                    if let (Some(leader), false) = (e.leader, forwarded) {
+                        // Another node leads: it answers, through this node.
+                        out.forward.push((leader, Forward { from, user, request_id, op }));
+                        return;
+                    }
                     Err(e)
                 } else {
                     match op {
@@ -1384,19 +1390,49 @@ impl Owner {
                 }
                 Effect::Feed { user, mut event } => {
                     event.user_seq = seqs.next().unwrap_or(0);
-                    let conversation: Arc<str> = Arc::from(event.conversation_id.as_str());
-                    let added = event.kind == FeedEventKind::Added as i32;
-                    let frame =
-                        Encoded::of(&ServerFrame::push(server_frame::Kind::FeedEvent(event)));
-                    out.home.push((
-                        user.clone(),
-                        HomeMsg::UserEvent {
-                            user,
-                            event: Arc::new(UserEvent { frame, conversation, added }),
-                        },
-                    ));
+                    feed_event(user, event, out);
                 }
             }
+        }
+    }
+
+    /// Committed entries applied here that another leader proposed (cluster: this node follows
+    /// the partition, or adopted them): delivered to the local sessions that follow each
+    /// conversation, in log order, with the revocations and feed events they imply.
+    pub fn on_replayed(&mut self, r: crate::cluster::dataplane::Replayed, out: &mut Outgoing) {
+        for raw in r.messages {
+            let Ok(entry) = StoredEntry::decode(raw) else { continue };
+            let Ok(msg) = pb::Message::decode(entry.message.clone()) else { continue };
+            let Some(c) = self.convs.get_mut(msg.conversation_id.as_str()) else { continue };
+            c.durable_seq = c.durable_seq.max(msg.seq);
+            let revoke: Vec<Arc<str>> = match msg.system.as_ref().and_then(|s| s.kind.as_ref()) {
+                Some(system_event::Kind::MembersRemoved(m)) => {
+                    m.users.iter().map(|u| Arc::from(u.as_str())).collect()
+                }
+                Some(system_event::Kind::MemberLeft(m)) => vec![Arc::from(m.user.as_str())],
+                _ => Vec::new(),
+            };
+            let frame = Encoded::new(encode_message_push(&entry.message));
+            for shard in (0..self.shards).filter(|s| c.interested & (1 << s) != 0) {
+                out.push_local(
+                    shard,
+                    LocalMsg::Deliver {
+                        conversation: c.id.clone(),
+                        frame: frame.clone(),
+                        skip: None,
+                        droppable: false,
+                    },
+                );
+                for user in &revoke {
+                    out.push_local(
+                        shard,
+                        LocalMsg::Revoke { conversation: c.id.clone(), user: user.clone() },
+                    );
+                }
+            }
+        }
+        for (user, event) in r.feeds {
+            feed_event(user, event, out);
         }
     }
 
@@ -1410,6 +1446,17 @@ impl Owner {
         self.open.clear();
         self.local_ops.clear();
     }
+}
+
+/// A durable membership feed event, to the user's home shard.
+fn feed_event(user: Arc<str>, event: pb::FeedEvent, out: &mut Outgoing) {
+    let conversation: Arc<str> = Arc::from(event.conversation_id.as_str());
+    let added = event.kind == FeedEventKind::Added as i32;
+    let frame = Encoded::of(&ServerFrame::push(server_frame::Kind::FeedEvent(event)));
+    out.home.push((
+        user.clone(),
+        HomeMsg::UserEvent { user, event: Arc::new(UserEvent { frame, conversation, added }) },
+    ));
 }
 
 /// Answers every send and reply waiting on `conv` with `UNAVAILABLE` (retry).

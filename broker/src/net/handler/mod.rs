@@ -91,7 +91,13 @@ impl Ctx<'_> {
         self.session.request_started();
         self.shard.to_owner(
             conversation,
-            OwnerMsg::Request { from: self.me, user: self.session.user.clone(), request_id, op },
+            OwnerMsg::Request {
+                from: self.me,
+                user: self.session.user.clone(),
+                request_id,
+                op,
+                forwarded: false,
+            },
         );
     }
 
