@@ -203,7 +203,8 @@ pub fn run_with(
                 m.announce(),
                 Some((data, proposals)),
             )?;
-            Some((m, identity, control, crate::shard::Routing { partitions, proposer }))
+            let bind = m.listen_addr().ip();
+            Some((m, identity, control, crate::shard::Routing { partitions, proposer, bind }))
         }
         None => None,
     };

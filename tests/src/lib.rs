@@ -455,7 +455,21 @@ impl RawConn {
     /// # Panics
     /// When the connection fails.
     pub async fn connect(addr: SocketAddr) -> Self {
-        let stream = TcpStream::connect(addr).await.expect("connect");
+        Self::over(TcpStream::connect(addr).await.expect("connect"))
+    }
+
+    /// Connects from the loopback address `local` (partition tests cut node addresses apart;
+    /// the test's own connections come from an address no rule names).
+    ///
+    /// # Panics
+    /// When the connection fails.
+    pub async fn connect_from(addr: SocketAddr, local: std::net::IpAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(SocketAddr::new(local, 0)).expect("bind");
+        Self::over(socket.connect(addr).await.expect("connect"))
+    }
+
+    fn over(stream: TcpStream) -> Self {
         stream.set_nodelay(true).expect("nodelay");
         Self {
             framed: Framed::new(stream, ClientCodec::new(16 << 20)),

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use switchboard_broker::cluster::placement::Placement;
 use switchboard_protocol::{ClientFrame, ConversationKind, client_frame, server_frame};
-use switchboard_tests::{Broker, Cluster, Options, RawConn, eventually, http_get, member};
+use switchboard_tests::{Broker, Cluster, Options, RawConn, WAIT, eventually, http_get, member};
 
 fn fast_gossip() -> Options {
     // Fast rounds so failure detection takes a second or two, not tens of seconds.
@@ -394,38 +394,99 @@ async fn wait_log(cluster: &Cluster, i: usize, conv: &str, expected: &[(u64, Str
     .await;
 }
 
-#[tokio::test]
-async fn given_three_nodes_when_the_leader_of_a_busy_conversation_is_killed_should_lose_no_acknowledged_message()
- {
-    const TOTAL: usize = 3000;
-    let mut cluster = Cluster::start(3, &fast_gossip());
-    wait_all_serving(&cluster, &[0, 1, 2]).await;
-    let conv = "busy-room";
-    let p = usize::from(switchboard_broker::shard::partition(conv));
-    let leader = table(&cluster, 0).await["partitions"][p]["leader"].as_u64().expect("leader");
-    let leader = usize::try_from(leader).expect("id") - 1;
+/// Keys `prefix-from..prefix-to`.
+fn keys(prefix: &str, range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|n| format!("{prefix}-{n}")).collect()
+}
 
-    // Created through a node that does not lead the conversation: it forwards.
-    let other = (leader + 1) % 3;
-    let (mut c, _) = cluster.nodes[other].raw_as("alice").await;
+/// A conversation whose partition node `avoid` (an index) does not lead, created through node
+/// `via` as alice's group with bob; returns it with its partition and its leader's index.
+async fn conversation(
+    cluster: &Cluster,
+    avoid: Option<usize>,
+    via: usize,
+) -> (String, usize, usize) {
+    let partitions = table(cluster, via).await["partitions"].clone();
+    let (conv, p, leader) = (0..)
+        .map(|n| {
+            let conv = format!("room-{n}");
+            let p = usize::from(switchboard_broker::shard::partition(&conv));
+            let leader = partitions[p]["leader"].as_u64().expect("leader");
+            (conv, p, usize::try_from(leader).expect("id") - 1)
+        })
+        .find(|(_, _, leader)| Some(*leader) != avoid)
+        .expect("some conversation");
+    let (mut c, _) = cluster.nodes[via].raw_as("alice").await;
     let create = switchboard_protocol::CreateConversation {
         kind: ConversationKind::Group as i32,
-        name: "busy".into(),
+        name: conv.clone(),
         members: vec!["bob".into()],
-        conversation_id: conv.into(),
+        conversation_id: conv.clone(),
         ..Default::default()
     };
     match c.request(client_frame::Kind::CreateConversation(create)).await {
         server_frame::Kind::Conversation(r) => assert!(r.created),
         other => panic!("{other:?}"),
     }
-    let (mut c, _) = cluster.nodes[leader].raw_as("alice").await;
+    (conv, p, leader)
+}
 
-    // Acknowledged sends, then the leader dies with sends in flight.
+/// Sends `keys` as alice through `nodes` in turn until all are acknowledged: during a failover
+/// sends fail (`UNAVAILABLE`, `NOT_LEADER`) and are retried with the same keys.
+async fn send_until_acked(
+    cluster: &Cluster,
+    nodes: &[usize],
+    conv: &str,
+    mut keys: Vec<String>,
+    acks: &mut HashMap<String, u64>,
+) {
+    for attempt in 0.. {
+        if keys.is_empty() {
+            return;
+        }
+        assert!(attempt < 300, "{} sends still not acknowledged after 30 s", keys.len());
+        let (mut c, _) = cluster.nodes[nodes[attempt % nodes.len()]].raw_as("alice").await;
+        if !send_keys(&mut c, conv, &mut keys, acks).await {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The history every replica must hold: the creation, then each acknowledged key exactly once
+/// at its acknowledged seq, gapless.
+fn history(acks: &HashMap<String, u64>) -> Vec<(u64, String)> {
+    let mut expected: Vec<(u64, String)> = acks.iter().map(|(k, &s)| (s, k.clone())).collect();
+    expected.push((1, String::new()));
+    expected.sort();
+    let wrong: Vec<&(u64, String)> =
+        expected.iter().zip(1..).filter(|((seq, _), i)| seq != i).map(|(e, _)| e).take(5).collect();
+    assert!(wrong.is_empty(), "acknowledged seqs not gapless or not unique from {wrong:?}");
+    expected
+}
+
+/// The partition's leader per node `via`'s table, once it is another node than `old`.
+async fn new_leader(cluster: &Cluster, via: usize, p: usize, old: usize) -> usize {
+    let t = wait_table(cluster, via, "a new leader of the partition", |t| {
+        t[p]["leader"].as_u64().is_some_and(|l| l != old as u64 + 1)
+    })
+    .await;
+    usize::try_from(t[p]["leader"].as_u64().expect("leader")).expect("id") - 1
+}
+
+#[tokio::test]
+async fn given_three_nodes_when_the_leader_of_a_busy_conversation_is_killed_should_lose_no_acknowledged_message()
+ {
+    const TOTAL: usize = 3000;
+    let mut cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    let (conv, _, leader) = conversation(&cluster, None, 0).await;
+    let conv: &'static str = Box::leak(conv.into_boxed_str());
+    // Created above through node 1, forwarded when another node leads. Now a client on the
+    // leader itself: acknowledged sends, then the leader dies with sends in flight.
+    let (mut c, _) = cluster.nodes[leader].raw_as("alice").await;
     let mut acks: HashMap<String, u64> = HashMap::new();
-    let mut first: Vec<String> = (0..40).map(|n| format!("m-{n}")).collect();
-    assert!(send_keys(&mut c, conv, &mut first, &mut acks).await, "sends before the kill");
-    let mut rest: Vec<String> = (40..TOTAL).map(|n| format!("m-{n}")).collect();
+    assert!(send_keys(&mut c, conv, &mut keys("m", 0..40), &mut acks).await, "before the kill");
+    let mut rest = keys("m", 40..TOTAL);
     let writer = tokio::spawn(async move {
         let mut acks = HashMap::new();
         let done = send_keys(&mut c, conv, &mut rest, &mut acks).await;
@@ -433,42 +494,191 @@ async fn given_three_nodes_when_the_leader_of_a_busy_conversation_is_killed_shou
     });
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     cluster.nodes[leader].kill();
-    let (done, more, mut unacked) = writer.await.expect("writer");
+    let (done, more, unacked) = writer.await.expect("writer");
     assert!(!done, "the leader died before all sends were acknowledged (raise TOTAL)");
     eprintln!("{} acknowledged by the leader before it died, {} not", more.len(), unacked.len());
     acks.extend(more);
 
-    // The client retries what was not acknowledged, with the same keys, wherever the
-    // conversation is led now, then goes on.
-    // Whichever node it reaches forwards to the new leader once there is one; until then
-    // sends fail with UNAVAILABLE or NOT_LEADER and are retried.
+    // The client retries what was not acknowledged, with the same keys, through the survivors.
     let alive: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
-    for attempt in 0.. {
-        if unacked.is_empty() {
-            break;
-        }
-        assert!(attempt < 300, "{} sends still not acknowledged after 30 s", unacked.len());
-        let (mut c, _) = cluster.nodes[alive[attempt % 2]].raw_as("alice").await;
-        if !send_keys(&mut c, conv, &mut unacked, &mut acks).await {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    }
+    send_until_acked(&cluster, &alive, conv, unacked, &mut acks).await;
     assert_eq!(acks.len(), TOTAL);
-
-    // Every surviving replica holds one history: the creation, then each key exactly once at
-    // its acknowledged seq, gapless.
-    let mut expected: Vec<(u64, String)> = acks.iter().map(|(k, &s)| (s, k.clone())).collect();
-    expected.push((1, String::new()));
-    expected.sort();
-    let wrong: Vec<&(u64, String)> =
-        expected.iter().zip(1..).filter(|((seq, _), i)| seq != i).map(|(e, _)| e).take(5).collect();
-    assert!(wrong.is_empty(), "acknowledged seqs not gapless or not unique from {wrong:?}");
+    let expected = history(&acks);
     for &i in &alive {
         wait_log(&cluster, i, conv, &expected).await;
     }
     // The killed node comes back and catches up.
     cluster.nodes[leader].restart();
     wait_log(&cluster, leader, conv, &expected).await;
+}
+
+#[tokio::test]
+async fn given_a_paused_leader_when_superseded_should_acknowledge_only_what_a_majority_holds() {
+    let cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    let (conv, p, leader) = conversation(&cluster, None, 0).await;
+    let conv: &'static str = Box::leak(conv.into_boxed_str());
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let (mut c, _) = cluster.nodes[leader].raw_as("alice").await;
+    let mut acks: HashMap<String, u64> = HashMap::new();
+    assert!(send_keys(&mut c, conv, &mut keys("early", 0..20), &mut acks).await);
+
+    // The leader freezes (a long GC pause) with sends in flight and more queued behind them.
+    let mut paused = keys("paused", 0..2000);
+    let writer = tokio::spawn(async move {
+        let mut acks = HashMap::new();
+        send_keys(&mut c, conv, &mut paused, &mut acks).await;
+        acks
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let pid = cluster.nodes[leader].pid().expect("pid").to_string();
+    let signal = |s: &str| {
+        let ok = std::process::Command::new("kill").args([s, &pid]).status().expect("kill");
+        assert!(ok.success(), "kill {s} {pid}");
+    };
+    signal("-STOP");
+    // The others move on without it: a new leader, and acknowledged sends through it.
+    new_leader(&cluster, others[0], p, leader).await;
+    send_until_acked(&cluster, &others, conv, keys("after", 0..50), &mut acks).await;
+    // It wakes up believing it still leads, with its client's requests queued.
+    signal("-CONT");
+    let from_paused = tokio::time::timeout(WAIT, writer).await.expect("writer ends").expect("join");
+    eprintln!("{} acknowledged by the paused leader", from_paused.len());
+    for (key, seq) in from_paused {
+        assert!(acks.insert(key.clone(), seq).is_none(), "{key} acknowledged twice");
+    }
+    // Everything it acknowledged is in the one history every replica holds.
+    let expected = history(&acks);
+    let all: Vec<usize> = (0..3).collect();
+    for &i in &all {
+        wait_log_containing(&cluster, i, conv, &expected).await;
+    }
+}
+
+/// Waits until node `i`'s log is gapless and holds every `expected` entry at its seq; returns
+/// the log (unacknowledged sends may be in it too, once each).
+async fn wait_log_containing(
+    cluster: &Cluster,
+    i: usize,
+    conv: &str,
+    expected: &[(u64, String)],
+) -> Vec<(u64, String)> {
+    eventually(&format!("node {} to hold every acknowledged entry", i + 1), || async {
+        let (mut c, _) = cluster.nodes[i].raw_as("alice").await;
+        let log = c.log(conv).await;
+        let seqs_ok = log.iter().zip(1..).all(|((seq, _), n)| *seq == n);
+        let missing = expected.iter().filter(|e| !log.contains(e)).count();
+        let mut keys: Vec<&String> = log.iter().map(|(_, k)| k).collect();
+        keys.sort();
+        keys.dedup();
+        if seqs_ok && missing == 0 && keys.len() == log.len() {
+            Ok(log)
+        } else {
+            Err(format!("{} entries, {missing} acknowledged missing, gapless {seqs_ok}", log.len()))
+        }
+    })
+    .await
+}
+
+/// An nftables table that drops traffic between node addresses; deleted when dropped.
+struct Cut;
+
+impl Cut {
+    const TABLE: &str = "sbpart";
+
+    /// Why partitions cannot be made here, if they cannot.
+    fn unavailable() -> Option<String> {
+        match std::process::Command::new("nft").args(["list", "tables"]).output() {
+            Ok(o) if o.status.success() => None,
+            Ok(o) => Some(format!(
+                "nft refused (root needed): {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Some(format!("nft not available (apt-get install nftables): {e}")),
+        }
+    }
+
+    fn nft(args: &str) {
+        let ok = std::process::Command::new("nft").args(args.split(' ')).status().expect("nft");
+        assert!(ok.success(), "nft {args}");
+    }
+
+    /// Drops everything between `ip` and each of `others`, both ways (TCP and UDP alike).
+    fn isolate(ip: std::net::IpAddr, others: &[std::net::IpAddr]) -> Self {
+        // A table left by an interrupted run goes first.
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", Self::TABLE])
+            .stderr(std::process::Stdio::null())
+            .status();
+        Self::nft(&format!("add table inet {}", Self::TABLE));
+        Self::nft(&format!(
+            "add chain inet {} out {{ type filter hook output priority 0 ; }}",
+            Self::TABLE
+        ));
+        for o in others {
+            Self::nft(&format!(
+                "add rule inet {} out ip saddr {ip} ip daddr {o} drop",
+                Self::TABLE
+            ));
+            Self::nft(&format!(
+                "add rule inet {} out ip saddr {o} ip daddr {ip} drop",
+                Self::TABLE
+            ));
+        }
+        Self
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "inet", Self::TABLE])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn given_a_leader_cut_off_from_the_majority_should_acknowledge_nothing_and_converge_after_healing()
+ {
+    if let Some(why) = Cut::unavailable() {
+        eprintln!("skipped: partitions need nftables as root: {why}");
+        return;
+    }
+    let cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    // Led by node 2 or 3: the test talks to the majority from 127.0.0.1 (node 1's address).
+    let (conv, p, leader) = conversation(&cluster, Some(0), 0).await;
+    let conv: &'static str = Box::leak(conv.into_boxed_str());
+    let others: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    let ip = |i: usize| cluster.nodes[i].addr.ip();
+    // The minority's client connects from an address no rule names.
+    let client_ip = std::net::IpAddr::from([127, 0, 0, 100]);
+    let mut c = RawConn::connect_from(cluster.nodes[leader].addr, client_ip).await;
+    c.hello(&cluster.nodes[leader].token("alice")).await;
+    let mut acks: HashMap<String, u64> = HashMap::new();
+    assert!(send_keys(&mut c, conv, &mut keys("before", 0..20), &mut acks).await);
+
+    let cut = Cut::isolate(ip(leader), &[ip(others[0]), ip(others[1])]);
+    let mut minority = keys("minority", 0..20);
+    let writer = tokio::spawn(async move {
+        let mut acks = HashMap::new();
+        send_keys(&mut c, conv, &mut minority, &mut acks).await;
+        acks
+    });
+    // The majority fails the partition over and goes on acknowledging.
+    new_leader(&cluster, others[0], p, leader).await;
+    send_until_acked(&cluster, &others, conv, keys("majority", 0..50), &mut acks).await;
+    assert!(!writer.is_finished(), "the cut-off leader answered its client");
+    drop(cut);
+    // Healed: the old leader learns it was superseded and fails what it held.
+    let from_minority =
+        tokio::time::timeout(WAIT, writer).await.expect("writer ends").expect("join");
+    assert!(from_minority.is_empty(), "the minority acknowledged {from_minority:?}");
+    let expected = history(&acks);
+    for i in 0..3 {
+        let log = wait_log_containing(&cluster, i, conv, &expected).await;
+        assert_eq!(log, expected, "node {} holds exactly the acknowledged history", i + 1);
+    }
 }
 
 #[tokio::test]

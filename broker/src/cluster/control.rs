@@ -370,7 +370,7 @@ impl ControlPlane {
             StateMachine::open(store.clone()).map_err(|e| ControlError::Storage(e.to_string()))?;
         let listener = std::net::TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
-        let network = Network::new().map_err(std::io::Error::other)?;
+        let network = Network::new(Some(listen.ip())).map_err(std::io::Error::other)?;
         let (settle_tx, settle_rx) = tokio::sync::mpsc::channel(64);
         let shards = data.as_ref().map(|(d, _)| d.shards.clone()).unwrap_or_default();
         let (engine, inbox, replication) =

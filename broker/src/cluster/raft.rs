@@ -387,6 +387,23 @@ pub mod path {
     pub const SNAPSHOT: &str = "/raft/snapshot";
 }
 
+/// An HTTP client for peers. Connections leave from `local` (the node's cluster address, when
+/// it names one), so peers, firewalls and partition tests see the node's own address instead
+/// of whatever the routing table picks.
+///
+/// # Errors
+/// When the client cannot be built.
+pub fn peer_client(local: Option<std::net::IpAddr>) -> Result<reqwest::Client, reqwest::Error> {
+    // Peers speak plain HTTP, but the client is built with TLS support: it needs the one
+    // process-wide provider (an error only means it is installed already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .local_address(local.filter(|ip| !ip.is_unspecified()))
+        .build()
+}
+
 /// Creates clients for peers: HTTP/1.1 with JSON bodies to the peer's cluster address.
 #[derive(Debug, Clone)]
 pub struct Network {
@@ -398,15 +415,8 @@ impl Network {
     ///
     /// # Errors
     /// When the HTTP client cannot be built.
-    pub fn new() -> Result<Self, reqwest::Error> {
-        // Peers speak plain HTTP, but the client is built with TLS support: it needs the one
-        // process-wide provider (an error only means it is installed already).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()?;
-        Ok(Self { client })
+    pub fn new(local: Option<std::net::IpAddr>) -> Result<Self, reqwest::Error> {
+        Ok(Self { client: peer_client(local)? })
     }
 
     /// The HTTP client (shared with the replication engine's peer senders).

@@ -955,7 +955,7 @@ mod tests {
 
     /// Node 1's engine over `dir` (nothing is sent: no table names peers).
     fn node_one(dir: &std::path::Path) -> Engine {
-        let client = crate::cluster::raft::Network::new().unwrap().client();
+        let client = crate::cluster::raft::peer_client(None).unwrap();
         open(1, dir, client, mpsc::channel(1).0, None).unwrap().0
     }
 

@@ -49,7 +49,14 @@ fn unavailable(request_id: u64) -> SharedFrame {
 }
 
 async fn forward_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::UnboundedReceiver<Forward>) {
-    let client = reqwest::Client::new();
+    let bind = shard.cluster.as_ref().map(|c| c.routing.bind);
+    let client = match crate::cluster::raft::peer_client(bind) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the forwarding client");
+            return;
+        }
+    };
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {

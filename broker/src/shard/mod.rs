@@ -190,6 +190,8 @@ pub struct Routing {
     pub partitions: Arc<crate::cluster::dataplane::Partitions>,
     /// Where replicated batch shares go.
     pub proposer: crate::cluster::dataplane::Proposer,
+    /// The node's cluster address: forwarded requests leave from it.
+    pub bind: std::net::IpAddr,
 }
 
 /// A shard: its roles' state and its links to the others. Lives on its own thread.

@@ -136,6 +136,7 @@ pub async fn handshake(
             .map_err(|_| Reject::new(ErrorCode::Unavailable, "storage unavailable"))?;
         let limits = shard.config.limits.clone();
         let u = user.clone();
+        let clustered = shard.cluster.is_some();
         let (feed_position, resumed) = read(session, move |r| {
             let head = r.feed_head(&u)?;
             let page: Option<SyncPage> = match resume {
@@ -146,6 +147,7 @@ pub async fn handshake(
                     sync::clamp(0, limits.max_sync_limit),
                     &[],
                     limits.max_frame_bytes.saturating_sub(2 * super::REPLY_OVERHEAD),
+                    clustered,
                 )?),
                 None => None,
             };

@@ -34,8 +34,10 @@ pub fn handle(ctx: &Ctx<'_>, request_id: u64, req: switchboard_protocol::Sync) {
     let limit = clamp(req.limit, limits.max_sync_limit);
     let budget = limits.max_frame_bytes - REPLY_OVERHEAD;
     let user = ctx.session.user.clone();
+    let clustered = ctx.shard.cluster.is_some();
     ctx.read(request_id, move |r| {
-        page(r, &user, &position, limit, &req.continuation, budget).map(server_frame::Kind::Sync)
+        page(r, &user, &position, limit, &req.continuation, budget, clustered)
+            .map(server_frame::Kind::Sync)
     });
 }
 
@@ -86,6 +88,10 @@ fn decode_token(mut t: &[u8]) -> Result<Option<(String, u64)>, Reject> {
 
 /// Builds one sync page.
 ///
+/// In a cluster (`clustered`), a cursor beyond this node's head is not reset: the client
+/// learned those entries from the leader (its own acks, forwarded replies) before this
+/// replica applied them, and nothing acknowledged is ever lost there.
+///
 /// # Errors
 /// A bad continuation token, or a storage failure.
 pub fn page(
@@ -95,6 +101,7 @@ pub fn page(
     limit: usize,
     continuation: &[u8],
     budget: usize,
+    clustered: bool,
 ) -> Result<SyncPage, Reject> {
     let token = decode_token(continuation)?;
     let mut feed_events = r.feed(user, position.feed_position, FEED_PAGE)?;
@@ -162,6 +169,9 @@ pub fn page(
             };
             let last = r.head(a.partition, &conv)?.map_or(0, |(seq, _)| seq);
             let cursor = cursors.get(conv.as_str()).copied();
+            if clustered && cursor.is_some_and(|c| c > last) {
+                continue; // this replica has not applied that far yet
+            }
             if let Some(c) = cursor
                 && (c > last || c + 1 < a.first_seq)
             {
