@@ -62,6 +62,14 @@ pub const REPLICATION_SYNC_SECONDS: &str = "switchboard_replication_sync_seconds
 pub const REPLICATION_STEP_DOWNS: &str = "switchboard_replication_step_downs_total";
 /// Replication frames dropped on a full queue.
 pub const REPLICATION_DROPPED: &str = "switchboard_replication_dropped_total";
+/// Worst replication lag of the partitions this node leads, in entries.
+pub const REPLICATION_LAG: &str = "switchboard_replication_lag_entries";
+/// Committed entries not yet applied to this node's store, over all partitions.
+pub const REPLICATION_APPLY_LAG: &str = "switchboard_replication_apply_lag_entries";
+/// Committed entries applied to this node's store.
+pub const REPLICATION_APPLIED: &str = "switchboard_replication_applied_entries_total";
+/// Requests forwarded to the node leading their conversation, by outcome.
+pub const FORWARDED: &str = "switchboard_forwarded_requests_total";
 
 /// How often the recorder's histogram samples are folded into their buckets.
 pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -120,6 +128,22 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         REPLICATION_DROPPED,
         "Replication frames dropped on a full queue, by direction; leaders retransmit."
+    );
+    metrics::describe_gauge!(
+        REPLICATION_LAG,
+        "Entries the furthest-behind follower has not acknowledged, worst over the partitions this node leads."
+    );
+    metrics::describe_gauge!(
+        REPLICATION_APPLY_LAG,
+        "Committed entries not yet applied to this node's message store, summed over partitions."
+    );
+    metrics::describe_counter!(
+        REPLICATION_APPLIED,
+        "Committed replicated entries applied to this node's message store."
+    );
+    metrics::describe_counter!(
+        FORWARDED,
+        "Client requests forwarded to the node leading their conversation, by outcome (ok: the leader answered; unavailable: it could not be reached)."
     );
     Some(handle)
 }

@@ -728,4 +728,19 @@ async fn given_clients_on_different_nodes_should_chat_in_one_conversation_with_o
         let sent: Vec<String> = (0..EACH).map(|n| n.to_string()).collect();
         assert_eq!(mine, sent, "sender {i}'s messages in the order sent");
     }
+    // Two of the three clients wrote through a node that forwards; every node applied.
+    let mut forwarded = 0.0;
+    for node in &cluster.nodes {
+        let (_, metrics) = http_get(node.http, "/metrics").await;
+        let value = |name: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        assert!(value("switchboard_replication_applied_entries_total") > 0.0, "{metrics}");
+        forwarded += value("switchboard_forwarded_requests_total{outcome=\"ok\"}");
+    }
+    assert!(forwarded >= (2 * EACH) as f64, "{forwarded} forwarded requests");
 }

@@ -386,6 +386,19 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         out
     }
 
+    /// On a leader: how many entries of its log the furthest-behind follower of its set has
+    /// not acknowledged (replication lag); `None` when it does not lead.
+    #[must_use]
+    pub fn lag(&self) -> Option<Index> {
+        let l = self.leading.as_ref()?;
+        let len = self.log.len() as Index;
+        let behind = l
+            .followers(self.id)
+            .into_iter()
+            .map(|n| len.saturating_sub(l.matched.get(&n).copied().unwrap_or(0)));
+        Some(behind.max().unwrap_or(0))
+    }
+
     /// On a serving leader: an empty append to every follower from the prefix it has
     /// acknowledged, carrying the commit point, so followers learn it now (to apply and deliver
     /// committed entries) instead of with the next append or tick.

@@ -334,6 +334,10 @@ pub struct ReplicationView {
     pub serving: usize,
     /// The sum of commit indexes this node knows (grows as entries commit).
     pub committed: u64,
+    /// Worst replication lag (entries) of the partitions it leads.
+    pub lag: u64,
+    /// Committed entries not yet applied here, summed over partitions.
+    pub apply_lag: u64,
 }
 
 /// The running engine's handles.
@@ -708,6 +712,8 @@ impl Engine {
 
     fn on_applied(&mut self, p: PartitionId, index: Index) {
         if let Some(slot) = self.slots.get_mut(&p) {
+            metrics::counter!(crate::metrics::REPLICATION_APPLIED)
+                .increment(index.saturating_sub(slot.applied));
             slot.applied = slot.applied.max(index);
         }
     }
@@ -832,8 +838,11 @@ impl Engine {
 
     fn publish(&mut self) {
         let mut v = ReplicationView { replicas: self.slots.len(), ..ReplicationView::default() };
+        let (mut lag, mut apply_lag) = (0, 0);
         for (&p, slot) in &mut self.slots {
             let r = &slot.replica;
+            lag = lag.max(r.lag().unwrap_or(0));
+            apply_lag += r.commit_index().saturating_sub(slot.applied);
             let serving = match r.serving() {
                 Some(e) => {
                     if slot.serve_from.is_none_or(|(epoch, _)| epoch != e) {
@@ -855,6 +864,10 @@ impl Engine {
             v.committed += r.commit_index();
         }
         metrics::gauge!(crate::metrics::CLUSTER_PARTITIONS_SERVING).set(v.serving as f64);
+        metrics::gauge!(crate::metrics::REPLICATION_LAG).set(lag as f64);
+        metrics::gauge!(crate::metrics::REPLICATION_APPLY_LAG).set(apply_lag as f64);
+        v.lag = lag;
+        v.apply_lag = apply_lag;
         self.view.send_if_modified(|old| {
             let changed = *old != v;
             *old = v;

@@ -83,6 +83,9 @@ async fn forward_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::UnboundedRecei
         };
         let mut out = Outgoing::new(shard.count);
         let mut replies = replies.filter(|r| r.len() == waiting.len()).map(Vec::into_iter);
+        let outcome = if replies.is_some() { "ok" } else { "unavailable" };
+        metrics::counter!(crate::metrics::FORWARDED, "outcome" => outcome)
+            .increment(waiting.len() as u64);
         for (from, request_id) in waiting {
             let frame = replies
                 .as_mut()
