@@ -710,7 +710,7 @@ async fn given_clients_on_different_nodes_should_chat_in_one_conversation_with_o
     futures::future::join_all(sends).await;
     // Each client sees the creation and all messages, live, in one order.
     let mut orders = Vec::new();
-    for (client, events) in &mut clients {
+    for (_, events) in &mut clients {
         let got = switchboard_tests::messages(events, &group, 1 + 3 * EACH).await;
         let order: Vec<(u64, String)> = got
             .iter()
@@ -718,6 +718,26 @@ async fn given_clients_on_different_nodes_should_chat_in_one_conversation_with_o
             .collect();
         switchboard_tests::assert_gapless(order.iter().map(|(seq, _)| *seq), 1);
         orders.push(order);
+    }
+    // Typing and read receipts (pushes that are not log entries) reach the other nodes too.
+    let last = clients[2].0.send(&group, Content::text("last")).await.expect("send").seq;
+    for (_, events) in &mut clients[..2] {
+        switchboard_tests::messages(events, &group, 1).await;
+    }
+    clients[0].0.typing(&group, true).await.expect("typing");
+    clients[0].0.mark_read(&group, last).await.expect("mark read");
+    for (client, events) in &mut clients[1..] {
+        let (mut typing, mut receipt) = (false, false);
+        while !(typing && receipt) {
+            let event = tokio::time::timeout(WAIT, events.next()).await;
+            match event.expect("typing and receipt pushes").expect("events") {
+                switchboard_client::Event::Typing(t) => typing |= t.user_id == "alice" && t.active,
+                switchboard_client::Event::Receipt(r) => {
+                    receipt |= r.user_id == "alice" && r.read_seq == last;
+                }
+                _ => {}
+            }
+        }
         client.close().await;
     }
     assert_eq!(orders[0], orders[1], "alice and bob saw different orders");

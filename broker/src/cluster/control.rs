@@ -777,6 +777,13 @@ async fn peer_request(peers: &Peers, req: Request<hyper::body::Incoming>) -> Res
                 Err(_) => json(StatusCode::BAD_REQUEST, Vec::new()),
             };
         }
+        super::dataplane::DELIVER_PATH => {
+            return if super::dataplane::serve_pushes(&peers.shards, &body) {
+                json(StatusCode::NO_CONTENT, Vec::new())
+            } else {
+                json(StatusCode::BAD_REQUEST, Vec::new())
+            };
+        }
         super::dataplane::FORWARD_PATH => {
             return match super::dataplane::serve_forwarded(&peers.shards, &body).await {
                 Some(replies) => json(StatusCode::OK, replies),

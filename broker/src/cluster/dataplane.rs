@@ -36,6 +36,9 @@ const PROPOSALS: usize = 4096;
 /// Peer path that receives forwarded client requests.
 pub const FORWARD_PATH: &str = "/forward";
 
+/// Peer path that receives pushes for local sessions (typing, receipts) from a leader.
+pub const DELIVER_PATH: &str = "/deliver";
+
 /// How long a forwarded request may take before the session gets `UNAVAILABLE`.
 pub const FORWARD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -64,6 +67,28 @@ pub mod wire {
         /// The requests.
         #[prost(message, repeated, tag = "1")]
         pub requests: Vec<Forward>,
+    }
+
+    /// A push for the sessions that follow a conversation on the receiving node.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Push {
+        /// The conversation.
+        #[prost(string, tag = "1")]
+        pub conversation_id: String,
+        /// The encoded `ServerFrame`.
+        #[prost(bytes = "bytes", tag = "2")]
+        pub frame: Bytes,
+        /// Dropped for slow sessions instead of queued (typing).
+        #[prost(bool, tag = "3")]
+        pub droppable: bool,
+    }
+
+    /// Pushes from one node.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct PushBatch {
+        /// The pushes.
+        #[prost(message, repeated, tag = "1")]
+        pub pushes: Vec<Push>,
     }
 
     /// One encoded `ServerFrame` per request, in the same order.
@@ -105,7 +130,8 @@ pub async fn serve_forwarded(shards: &[mpsc::Sender<ShardMsg>], body: &[u8]) -> 
             Some(tx) if tx.send(ShardMsg::Forwarded { request, reply }).await.is_ok() => {
                 waiting.push(Ok((request_id, rx)));
             }
-            _ => waiting.push(Err(request_id)),
+            // The shard is gone (stopping): the dropped reply reads as unavailable below.
+            _ => waiting.push(Ok((request_id, rx))),
         }
     }
     let deadline = tokio::time::Instant::now() + FORWARD_TIMEOUT;
@@ -129,6 +155,27 @@ pub async fn serve_forwarded(shards: &[mpsc::Sender<ShardMsg>], body: &[u8]) -> 
         replies.push(frame.payload());
     }
     Some(wire::ForwardReplies { replies }.encode_to_vec())
+}
+
+/// Hands pushes from another node to the owner shards of their conversations (best effort: a
+/// full mailbox drops them). `false` when the batch does not decode.
+pub fn serve_pushes(shards: &[mpsc::Sender<ShardMsg>], body: &[u8]) -> bool {
+    use prost::Message as _;
+    let Ok(batch) = wire::PushBatch::decode(body) else { return false };
+    for p in batch.pushes {
+        let Ok(frame) = switchboard_protocol::ServerFrame::decode(p.frame) else { return false };
+        let owner =
+            crate::shard::owner_shard(crate::shard::partition(&p.conversation_id), shards.len());
+        let msg = crate::shard::OwnerMsg::Deliver {
+            conversation: Arc::from(p.conversation_id.as_str()),
+            frame: switchboard_protocol::Encoded::of(&frame),
+            droppable: p.droppable,
+        };
+        if let Some(tx) = shards.get(owner) {
+            let _ = tx.try_send(ShardMsg::Owner(msg));
+        }
+    }
+    true
 }
 
 /// What every shard can read about each partition, published by the engine.
@@ -164,13 +211,13 @@ impl Partitions {
         (n != 0).then_some(n)
     }
 
-    pub(super) fn set_serving(&self, partition: u16, epoch: Option<Epoch>) {
+    pub(crate) fn set_serving(&self, partition: u16, epoch: Option<Epoch>) {
         if let Some(a) = self.serving.get(usize::from(partition)) {
             a.store(epoch.unwrap_or(0), Ordering::Release);
         }
     }
 
-    pub(super) fn set_leader(&self, partition: u16, leader: NodeId) {
+    pub(crate) fn set_leader(&self, partition: u16, leader: NodeId) {
         if let Some(a) = self.leader.get(usize::from(partition)) {
             a.store(leader, Ordering::Release);
         }

@@ -510,12 +510,22 @@ impl Engine {
         let me = self.node;
         for (p, a) in machine.table.partitions.iter().enumerate() {
             let Ok(p) = PartitionId::try_from(p) else { continue };
+            // Every partition's leader, also of those this node does not hold: its owners
+            // forward requests there.
+            if let Some(d) = &self.data {
+                d.partitions.set_leader(p, a.leader);
+            }
             if !a.replicas.contains(&me) && !a.previous.contains(&me) {
                 // Moved away and settled: this copy is no longer part of any majority. Its log
                 // goes; its promise stays (on disk and here), so a copy created again later
                 // still refuses the epochs it fenced.
                 let promised = match (self.slots.remove(&p), self.durable.remove(&p)) {
                     (Some(slot), _) => {
+                        if let Some(d) = &self.data {
+                            d.partitions.set_serving(p, None);
+                        }
+                        // Created again later, it resumes applying after what is applied.
+                        self.applied_at_start.insert(p, slot.applied);
                         self.fail_proposals(slot.proposals);
                         Some(slot.replica.promised())
                     }
@@ -527,9 +537,6 @@ impl Engine {
                     self.dropped.push(p);
                 }
                 continue;
-            }
-            if let Some(d) = &self.data {
-                d.partitions.set_leader(p, a.leader);
             }
             let slot = self.slot(p);
             if a.leader == me && a.epoch > slot.appointed {
@@ -705,8 +712,14 @@ impl Engine {
                 let _ = applied.send((p, commit));
             }
         });
-        if data.writer.submit(WriteBatch { token: u64::from(p), ops, sink }).is_err() {
+        if let Err(batch) = data.writer.submit(WriteBatch { token: u64::from(p), ops, sink }) {
+            // The writer is gone (the broker is stopping): the sink reports the failure.
             tracing::error!(partition = p, "storage writer gone; committed entries not applied");
+            (batch.sink)(Committed {
+                token: batch.token,
+                commit_no: 0,
+                result: Err(crate::storage::StorageError::Poisoned),
+            });
         }
     }
 

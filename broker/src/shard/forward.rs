@@ -1,8 +1,13 @@
 //! Requests for conversations another node leads (cluster): forwarded to the leader over the
 //! peer port, in order per target node (one batch in flight per target and shard, so a
 //! session's requests keep their order), and the replies relayed to the sessions here.
+//!
+//! Also the other way: pushes a leader makes that are not log entries (typing, receipts) go to
+//! the other nodes replicating the conversation, for their sessions (best effort: a full queue
+//! or an unreachable node drops them, like a slow session drops typing).
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -12,7 +17,7 @@ use tokio::sync::mpsc;
 use super::Shard;
 use super::mailbox::{Forward, Outgoing};
 use crate::cluster::NodeId;
-use crate::cluster::dataplane::{FORWARD_PATH, FORWARD_TIMEOUT, wire};
+use crate::cluster::dataplane::{DELIVER_PATH, FORWARD_PATH, FORWARD_TIMEOUT, wire};
 
 /// Most requests in one forwarded batch.
 const MAX_BATCH: usize = 256;
@@ -33,11 +38,87 @@ impl Shard {
         }
     }
 
+    /// Sends a push to the other nodes replicating `conversation`'s partition.
+    pub(crate) fn push_to_peers(
+        self: &Rc<Self>,
+        conversation: &Arc<str>,
+        frame: &SharedFrame,
+        droppable: bool,
+    ) {
+        let Some(cluster) = &self.cluster else { return };
+        let me = cluster.gossip.borrow().self_id;
+        let replicas: Vec<NodeId> = {
+            let control = cluster.control.borrow();
+            let p = usize::from(super::partition(conversation));
+            control.machine.table.partitions.get(p).map(|a| a.replicas.clone()).unwrap_or_default()
+        };
+        let mut queues = self.pushes.borrow_mut();
+        for node in replicas.into_iter().filter(|n| *n != me) {
+            let tx = queues.entry(node).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+                tokio::task::spawn_local(push_loop(self.clone(), node, rx));
+                tx
+            });
+            let push = Push { conversation: conversation.clone(), frame: frame.clone(), droppable };
+            let _ = tx.try_send(push);
+        }
+    }
+
     /// The peer-port address of node `id`, per the control plane's membership.
     fn peer_addr(&self, id: NodeId) -> Option<String> {
         let control = self.cluster.as_ref()?.control.borrow().clone();
         control.machine.membership.membership().get_node(&id).map(|n| n.addr.clone())
     }
+}
+
+/// Pushes waiting for one node; beyond this they are dropped.
+const PUSH_QUEUE: usize = 4096;
+
+/// A push for another node's sessions.
+#[derive(Debug)]
+pub(crate) struct Push {
+    conversation: Arc<str>,
+    frame: SharedFrame,
+    droppable: bool,
+}
+
+async fn push_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<Push>) {
+    let Ok(client) = peer_client(&shard) else { return };
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let Some(addr) = shard.peer_addr(to) else { continue };
+        let pushes = batch
+            .into_iter()
+            .map(|p| wire::Push {
+                conversation_id: p.conversation.to_string(),
+                frame: p.frame.payload(),
+                droppable: p.droppable,
+            })
+            .collect();
+        let body = wire::PushBatch { pushes }.encode_to_vec();
+        let sent = client
+            .post(format!("http://{addr}{DELIVER_PATH}"))
+            .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
+            .body(body)
+            .timeout(std::time::Duration::from_secs(2))
+            .send()
+            .await;
+        if let Err(e) = sent {
+            tracing::debug!(peer = addr, error = %e, "pushes to a peer dropped");
+        }
+    }
+}
+
+fn peer_client(shard: &Shard) -> Result<reqwest::Client, ()> {
+    let bind = shard.cluster.as_ref().map(|c| c.routing.bind);
+    crate::cluster::raft::peer_client(bind)
+        .map_err(|e| tracing::error!(error = %e, "cannot build a peer client"))
 }
 
 fn unavailable(request_id: u64) -> SharedFrame {
@@ -49,14 +130,7 @@ fn unavailable(request_id: u64) -> SharedFrame {
 }
 
 async fn forward_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::UnboundedReceiver<Forward>) {
-    let bind = shard.cluster.as_ref().map(|c| c.routing.bind);
-    let client = match crate::cluster::raft::peer_client(bind) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot build the forwarding client");
-            return;
-        }
-    };
+    let Ok(client) = peer_client(&shard) else { return };
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {

@@ -171,6 +171,16 @@ pub enum OwnerMsg {
         /// Echoed in the answer.
         token: u64,
     },
+    /// A push the conversation's leader on another node sent (typing, receipts): for the
+    /// local sessions that follow the conversation (cluster).
+    Deliver {
+        /// The conversation.
+        conversation: Arc<str>,
+        /// The push.
+        frame: SharedFrame,
+        /// Dropped for a slow session instead of queued (typing).
+        droppable: bool,
+    },
     /// `shard` has no session left interested in `conversation`.
     Unsubscribe {
         /// The shard.
@@ -370,6 +380,9 @@ pub struct Outgoing {
     pub stored: u64,
     /// Requests for the node that leads their conversation (cluster).
     pub forward: Vec<(crate::cluster::NodeId, Forward)>,
+    /// Pushes for the sessions on the other nodes replicating the conversation (cluster):
+    /// (conversation, frame, droppable).
+    pub peers: Vec<(Arc<str>, SharedFrame, bool)>,
 }
 
 /// A request to forward to the node that leads its conversation.
@@ -396,6 +409,7 @@ impl Outgoing {
             flush: false,
             stored: 0,
             forward: Vec::new(),
+            peers: Vec::new(),
         }
     }
 

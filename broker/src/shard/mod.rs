@@ -229,6 +229,8 @@ pub struct Shard {
     next_session: Cell<u64>,
     /// Queues of requests forwarded to other nodes, by node (cluster).
     forwards: RefCell<HashMap<crate::cluster::NodeId, mpsc::UnboundedSender<mailbox::Forward>>>,
+    /// Queues of pushes for other nodes' sessions, by node (cluster).
+    pushes: RefCell<HashMap<crate::cluster::NodeId, mpsc::Sender<forward::Push>>>,
     shutdown: RefCell<Option<Shutdown>>,
     /// Cancelled when the shard shuts down; every connection holds a child token.
     pub cancel: CancellationToken,
@@ -285,6 +287,7 @@ impl Shard {
             flush_scheduled: Cell::new(false),
             next_session: Cell::new(1),
             forwards: RefCell::new(HashMap::new()),
+            pushes: RefCell::new(HashMap::new()),
             shutdown: RefCell::new(None),
             cancel: CancellationToken::new(),
         })
@@ -427,7 +430,7 @@ impl Shard {
 
     /// Routes what a role produced: bundles to session shards, events to home shards.
     pub(crate) fn dispatch(self: &Rc<Self>, out: mailbox::Outgoing) {
-        let mailbox::Outgoing { local, home, owner, flush, stored, forward } = out;
+        let mailbox::Outgoing { local, home, owner, flush, stored, forward, peers } = out;
         if stored > 0 {
             self.stats.messages_stored.set(self.stats.messages_stored.get() + stored);
         }
@@ -449,6 +452,9 @@ impl Shard {
         }
         for (node, request) in forward {
             self.forward(node, request);
+        }
+        for (conversation, frame, droppable) in peers {
+            self.push_to_peers(&conversation, &frame, droppable);
         }
         if flush {
             self.schedule_flush();

@@ -419,6 +419,9 @@ impl OpenBatch {
     }
 }
 
+/// A batch handed over: its effects, and for a replicated share (partition, epoch).
+type Inflight = (Vec<Effect>, Option<(u16, u64)>);
+
 /// The owner state of one shard.
 pub struct Owner {
     shard: usize,
@@ -431,7 +434,15 @@ pub struct Owner {
     /// Writes that belong to no conversation.
     local_ops: Vec<WriteOp>,
     next_token: u64,
-    inflight: HashMap<u64, Vec<Effect>>,
+    /// Batches handed over and not completed: their effects, and for a replicated share its
+    /// partition and the epoch it was accepted in.
+    inflight: HashMap<u64, Inflight>,
+    /// Replicated shares in flight, by partition.
+    replicating: HashMap<u16, usize>,
+    /// Partitions whose share failed in the epoch they are served in: requests get
+    /// `UNAVAILABLE` until none of their shares is in flight, then the state is reloaded (a
+    /// reload earlier would miss entries that still commit, and reuse their seqs).
+    fenced: HashSet<u16>,
     poisoned: bool,
     /// In a cluster: the partitions this node serves, and the epoch the cached state of each
     /// was last validated in.
@@ -547,6 +558,8 @@ impl Owner {
             local_ops: Vec::new(),
             next_token: 1,
             inflight: HashMap::new(),
+            replicating: HashMap::new(),
+            fenced: HashSet::new(),
             poisoned: false,
             routing,
             epochs: HashMap::new(),
@@ -698,6 +711,21 @@ impl Owner {
                     shard,
                     LocalMsg::Subscribed { token, sessions, conversations, outcomes },
                 );
+            }
+            OwnerMsg::Deliver { conversation, frame, droppable } => {
+                // From the conversation's leader on another node (typing, receipts).
+                let Some(c) = self.convs.get(&conversation) else { return };
+                for shard in (0..self.shards).filter(|s| c.interested & (1 << s) != 0) {
+                    out.push_local(
+                        shard,
+                        LocalMsg::Deliver {
+                            conversation: conversation.clone(),
+                            frame: frame.clone(),
+                            skip: None,
+                            droppable,
+                        },
+                    );
+                }
             }
             OwnerMsg::Unsubscribe { shard, conversation } => {
                 if let Some(c) = self.convs.get_mut(&conversation) {
@@ -1070,6 +1098,9 @@ impl Owner {
                     active: req.active,
                     expires_in_ms: self.typing_expires_ms,
                 })));
+            if self.routing.is_some() {
+                out.peers.push((conv.id.clone(), frame.clone(), true));
+            }
             for shard in (0..self.shards).filter(|s| conv.interested & (1 << s) != 0) {
                 out.push_local(
                     shard,
@@ -1149,6 +1180,12 @@ impl Owner {
         let Some(routing) = &self.routing else { return Ok(()) };
         let p = super::partition(conversation);
         let Some(epoch) = routing.partitions.serving(p) else { return Err(routing.refuse(p)) };
+        if self.fenced.contains(&p) {
+            return Err(OpError::new(
+                ErrorCode::Unavailable,
+                "a write of this conversation failed; retry shortly",
+            ));
+        }
         if self.epochs.get(&p) != Some(&epoch) {
             self.reset_partition(p, out);
             self.epochs.insert(p, epoch);
@@ -1225,14 +1262,14 @@ impl Owner {
             }
             if !ops.is_empty() {
                 let token = self.token();
-                self.inflight.insert(token, effects);
+                self.inflight.insert(token, (effects, None));
                 out.push(Flush::Local { token, ops });
             }
             return out;
         }
         if !local.is_empty() {
             let token = self.token();
-            self.inflight.insert(token, Vec::new());
+            self.inflight.insert(token, (Vec::new(), None));
             out.push(Flush::Local { token, ops: local });
         }
         for (partition, b) in open {
@@ -1240,7 +1277,8 @@ impl Owner {
                 continue;
             }
             let token = self.token();
-            self.inflight.insert(token, b.effects);
+            self.inflight.insert(token, (b.effects, Some((partition, b.epoch))));
+            *self.replicating.entry(partition).or_default() += 1;
             out.push(Flush::Replicate { token, partition, epoch: b.epoch, ops: b.ops });
         }
         out
@@ -1248,7 +1286,7 @@ impl Owner {
 
     /// A local batch is durable (or failed): run its effects in log order.
     pub fn on_committed(&mut self, c: Committed, out: &mut Outgoing) {
-        let Some(effects) = self.inflight.remove(&c.token) else {
+        let Some((effects, _)) = self.inflight.remove(&c.token) else {
             tracing::error!(token = c.token, "commit for no batch in flight");
             return;
         };
@@ -1278,27 +1316,33 @@ impl Owner {
         outcome: crate::cluster::dataplane::Outcome,
         out: &mut Outgoing,
     ) {
-        let Some(effects) = self.inflight.remove(&token) else {
+        let Some((effects, part)) = self.inflight.remove(&token) else {
             tracing::error!(token, "replication outcome for no batch in flight");
             return;
         };
+        let Some((p, epoch)) = part else { return };
         match outcome {
             crate::cluster::dataplane::Outcome::Applied(seqs) => {
                 self.run_effects(effects, seqs, out);
             }
+            // Failed in the epoch the partition is served in (the leader stepped down, or the
+            // engine's queue was full): other shares of it may still commit, so the partition
+            // is fenced until none is in flight. Failed in an older epoch: its waiters were
+            // answered when the new epoch's state was loaded.
             crate::cluster::dataplane::Outcome::Failed => {
-                let partitions: HashSet<u16> = effects
-                    .iter()
-                    .filter_map(|e| match e {
-                        Effect::Entry { conv, .. } | Effect::Broadcast { conv, .. } => {
-                            Some(super::partition(conv))
-                        }
-                        Effect::Feed { .. } => None,
-                    })
-                    .collect();
-                for p in partitions {
-                    self.reset_partition(p, out);
+                if self.epochs.get(&p) == Some(&epoch) {
+                    self.fenced.insert(p);
                 }
+            }
+        }
+        let left = self.replicating.get_mut(&p).map_or(0, |n| {
+            *n = n.saturating_sub(1);
+            *n
+        });
+        if left == 0 {
+            self.replicating.remove(&p);
+            if self.fenced.remove(&p) {
+                self.reset_partition(p, out);
             }
         }
     }
@@ -1311,6 +1355,9 @@ impl Owner {
             match effect {
                 Effect::Broadcast { conv, frame, skip } => {
                     let Some(c) = self.convs.get(&conv) else { continue };
+                    if self.routing.is_some() {
+                        out.peers.push((conv.clone(), frame.clone(), false));
+                    }
                     for shard in (0..shards).filter(|s| c.interested & (1 << s) != 0) {
                         out.push_local(
                             shard,
@@ -1443,6 +1490,7 @@ impl Owner {
             fail_waiting(c, out);
         }
         self.inflight.clear();
+        self.replicating.clear();
         self.open.clear();
         self.local_ops.clear();
     }
@@ -1476,5 +1524,159 @@ fn fail_waiting(conv: &mut Conv, out: &mut Outgoing) {
     for (_, to, frame) in conv.waiting.drain(..) {
         let rid = ServerFrame::decode(frame.payload()).map_or(0, |f| f.request_id);
         out.to_session(to, err(rid), true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::dataplane::{Outcome, Partitions};
+    use crate::storage::{WriteBatch, WriterHandle};
+
+    const ALICE: SessionRef = SessionRef { shard: 0, id: 1 };
+
+    struct Fixture {
+        owner: Owner,
+        writer: WriterHandle,
+        _dir: tempfile::TempDir,
+    }
+
+    /// An owner in a cluster whose engine serves every partition in epoch 1, with a real store.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.storage.data_dir = dir.path().to_owned();
+        let storage = Storage::open(&config.storage).unwrap();
+        let (writer, _join) = crate::storage::writer::spawn(storage.clone()).unwrap();
+        let partitions = Arc::new(Partitions::default());
+        for p in 0..1024 {
+            partitions.set_serving(p, Some(1));
+        }
+        let view = crate::cluster::membership::View {
+            self_id: 1,
+            generation: 1,
+            seeded: false,
+            members: Vec::new(),
+        };
+        let gossip = tokio::sync::watch::channel(Arc::new(view)).1;
+        let owner = Owner::new(0, 1, storage, &config, Some(Routed { partitions, gossip }));
+        Fixture { owner, writer, _dir: dir }
+    }
+
+    impl Fixture {
+        fn request(&mut self, op: OwnerOp) -> Outgoing {
+            let mut out = Outgoing::new(1);
+            let msg = OwnerMsg::Request {
+                from: ALICE,
+                user: Arc::from("alice"),
+                request_id: 7,
+                op,
+                forwarded: false,
+            };
+            self.owner.handle(msg, &mut out);
+            out
+        }
+
+        fn send(&mut self, key: &str) -> Outgoing {
+            self.request(OwnerOp::Send(pb::Send {
+                conversation_id: "c".into(),
+                client_msg_id: key.into(),
+                content: Some(pb::Content::text(key)),
+            }))
+        }
+
+        /// Closes the open share of the conversation's partition: (token, ops).
+        fn take(&mut self) -> (u64, Vec<WriteOp>) {
+            match self.owner.take_batches().pop() {
+                Some(Flush::Replicate { token, ops, .. }) => (token, ops),
+                other => panic!("expected a replicated share, got {other:?}"),
+            }
+        }
+
+        /// What the engine does once a share commits: apply it, then report it.
+        fn apply(&mut self, token: u64, ops: Vec<WriteOp>) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sink: crate::storage::CommitSink = Arc::new(move |c| {
+                let _ = tx.send(c);
+            });
+            self.writer.submit(WriteBatch { token, ops, sink }).unwrap();
+            let seqs = rx.recv().unwrap().result.unwrap();
+            self.owner.on_replicated(token, Outcome::Applied(seqs), &mut Outgoing::new(1));
+        }
+    }
+
+    /// The seqs of the messages a share writes.
+    fn seqs(ops: &[WriteOp]) -> Vec<u64> {
+        ops.iter()
+            .filter_map(|op| match op {
+                WriteOp::Put(Ks::Messages, key, _) => keys::trailing_u64(key),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn errors(out: &Outgoing) -> Vec<i32> {
+        out.local
+            .iter()
+            .flatten()
+            .filter_map(|m| match m {
+                LocalMsg::Frame { frame, .. } => ServerFrame::decode(frame.payload()).ok(),
+                _ => None,
+            })
+            .filter_map(|f| match f.kind {
+                Some(server_frame::Kind::Error(e)) => Some(e.code),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn given_a_share_failed_while_another_is_in_flight_should_refuse_writes_until_it_completes_and_never_reuse_a_seq()
+     {
+        let mut f = fixture();
+        let create =
+            pb::CreateConversation { kind: ConversationKind::Group as i32, ..Default::default() };
+        f.request(OwnerOp::Create { conversation_id: Arc::from("c"), request: create });
+        let (token, ops) = f.take();
+        f.apply(token, ops);
+
+        f.send("m1");
+        let (t1, ops1) = f.take();
+        assert_eq!(seqs(&ops1), [2]);
+        f.send("m2");
+        let (t2, ops2) = f.take();
+        assert_eq!(seqs(&ops2), [3]);
+        // The second share fails (say the engine's queue was full) while the first may still
+        // commit: writes wait, or they would reuse the first share's seq.
+        f.owner.on_replicated(t2, Outcome::Failed, &mut Outgoing::new(1));
+        assert_eq!(errors(&f.send("m3")), [ErrorCode::Unavailable as i32]);
+        // The first share commits: the state is reloaded from the store, which holds it.
+        f.apply(t1, ops1);
+        assert!(errors(&f.send("m4")).is_empty());
+        let (_, ops4) = f.take();
+        assert_eq!(seqs(&ops4), [3], "the seq after the committed share, not a reused one");
+    }
+
+    #[test]
+    fn given_a_failure_from_an_older_epoch_should_not_fence_the_partition() {
+        let mut f = fixture();
+        let create =
+            pb::CreateConversation { kind: ConversationKind::Group as i32, ..Default::default() };
+        f.request(OwnerOp::Create { conversation_id: Arc::from("c"), request: create });
+        let (token, ops) = f.take();
+        f.apply(token, ops);
+        f.send("m1");
+        let (t1, _) = f.take();
+        // The node leads a newer epoch now (re-appointed); the old share fails late.
+        let p = crate::shard::partition("c");
+        f.owner.routing.as_ref().unwrap().partitions.set_serving(p, Some(2));
+        let out = f.send("m2");
+        // m1 waited on the old epoch: answered UNAVAILABLE (retried by key) when the new
+        // epoch's state was loaded; m2 is accepted at the seq after what the store holds.
+        assert_eq!(errors(&out), [ErrorCode::Unavailable as i32]);
+        f.owner.on_replicated(t1, Outcome::Failed, &mut Outgoing::new(1));
+        assert!(errors(&f.send("m3")).is_empty(), "not fenced by the old epoch's failure");
+        let (_, ops) = f.take();
+        assert_eq!(seqs(&ops), [2, 3]);
     }
 }
