@@ -1605,6 +1605,19 @@ mod tests {
         }
     }
 
+    impl Fixture {
+        /// Alice's group `c`, committed and applied (seq 1).
+        fn create(&mut self) {
+            let request = pb::CreateConversation {
+                kind: ConversationKind::Group as i32,
+                ..Default::default()
+            };
+            self.request(OwnerOp::Create { conversation_id: Arc::from("c"), request });
+            let (token, ops) = self.take();
+            self.apply(token, ops);
+        }
+    }
+
     /// The seqs of the messages a share writes.
     fn seqs(ops: &[WriteOp]) -> Vec<u64> {
         ops.iter()
@@ -1634,11 +1647,7 @@ mod tests {
     fn given_a_share_failed_while_another_is_in_flight_should_refuse_writes_until_it_completes_and_never_reuse_a_seq()
      {
         let mut f = fixture();
-        let create =
-            pb::CreateConversation { kind: ConversationKind::Group as i32, ..Default::default() };
-        f.request(OwnerOp::Create { conversation_id: Arc::from("c"), request: create });
-        let (token, ops) = f.take();
-        f.apply(token, ops);
+        f.create();
 
         f.send("m1");
         let (t1, ops1) = f.take();
@@ -1660,11 +1669,7 @@ mod tests {
     #[test]
     fn given_a_failure_from_an_older_epoch_should_not_fence_the_partition() {
         let mut f = fixture();
-        let create =
-            pb::CreateConversation { kind: ConversationKind::Group as i32, ..Default::default() };
-        f.request(OwnerOp::Create { conversation_id: Arc::from("c"), request: create });
-        let (token, ops) = f.take();
-        f.apply(token, ops);
+        f.create();
         f.send("m1");
         let (t1, _) = f.take();
         // The node leads a newer epoch now (re-appointed); the old share fails late.
