@@ -171,7 +171,7 @@ impl WriterFixture {
     /// When the writer fails.
     pub fn commit(&mut self, ops: Vec<WriteOp>) {
         self.token += 1;
-        let batch = WriteBatch { token: self.token, ops, sink: self.sink.clone() };
+        let batch = WriteBatch { token: self.token, ops, sink: self.sink.clone(), fsync: true };
         assert!(self.writer.submit(batch).is_ok(), "writer gone");
         let c = self.rx.recv().expect("commit outcome");
         assert_eq!(c.token, self.token);

@@ -3,10 +3,12 @@
 //! peers over the cluster port.
 //!
 //! One loop owns every replica. A round takes everything that arrived (peer messages, a new
-//! table, a tick), feeds it to the replicas, writes what changed (promised epochs, log
-//! suffixes) and covers it with **one fsync**, tells the replicas their writes are durable, and
-//! only then sends the round's messages. So a promise is on disk before the `Promised` reply
-//! leaves, an acknowledgement never precedes the fsync it reports, and the cost is one fsync
+//! table, a tick), feeds it to the replicas, sends what may leave before this node's fsync
+//! (appends, which followers then fsync in parallel), writes what changed (promised epochs,
+//! log suffixes) and covers it with **one fsync**, tells the replicas their writes are durable,
+//! and only then sends the rest. So a promise is on disk before the `Promised` reply leaves,
+//! an acknowledgement never precedes the fsync it reports (the replica emits `Appended` only
+//! for a synced prefix, and counts its own log only once synced), and the cost is one fsync
 //! per round however many partitions changed (group commit, as in the storage writer).
 //!
 //! Appointments come from the table: when it names this node leader of a partition in an epoch
@@ -483,10 +485,19 @@ impl Engine {
             while let Ok((p, index)) = self.applied_rx.try_recv() {
                 self.on_applied(p, index);
             }
+            // Only a promise must be on disk before its reply leaves: appends (their entries
+            // count for this node only once `synced` says so; an acknowledgement is emitted
+            // only for a synced prefix) and everything else go now, so followers fsync while
+            // this node does, instead of after it.
+            let (late, early): (Vec<_>, Vec<_>) = outs
+                .into_iter()
+                .partition(|(_, o)| matches!(o, Out::Send { msg: Msg::Promised { .. }, .. }));
+            self.dispatch(early);
+            let mut outs = late;
             if let Err(e) = self.persist(&mut outs).await {
-                // The promise or log could not be made durable: nothing of this round may
-                // leave. The replicas' in-memory state ran ahead of the disk, so stop here.
-                // Stopping only the engine would leave a node that gossip shows live and
+                // The promise or log could not be made durable: nothing more of this round
+                // may leave. The replicas' in-memory state ran ahead of the disk, so stop
+                // here. Stopping only the engine would leave a node that gossip shows live and
                 // Raft keeps as a voter, so its partitions would never fail over: fail-stop.
                 tracing::error!(error = %e, "replication storage failed; stopping the process");
                 std::process::abort();
@@ -712,7 +723,9 @@ impl Engine {
                 let _ = applied.send((p, commit));
             }
         });
-        if let Err(batch) = data.writer.submit(WriteBatch { token: u64::from(p), ops, sink }) {
+        if let Err(batch) =
+            data.writer.submit(WriteBatch { token: u64::from(p), ops, sink, fsync: false })
+        {
             // The writer is gone (the broker is stopping): the sink reports the failure.
             tracing::error!(partition = p, "storage writer gone; committed entries not applied");
             (batch.sink)(Committed {

@@ -489,7 +489,8 @@ impl Shard {
         for batch in batches {
             match batch {
                 owner::Flush::Local { token, ops } => {
-                    let batch = WriteBatch { token, ops, sink: self.commit_sink.clone() };
+                    let batch =
+                        WriteBatch { token, ops, sink: self.commit_sink.clone(), fsync: true };
                     if let Err(batch) = self.writer.submit(batch) {
                         let mut out = mailbox::Outgoing::new(self.count);
                         self.owner.borrow_mut().on_committed(

@@ -1599,7 +1599,7 @@ mod tests {
             let sink: crate::storage::CommitSink = Arc::new(move |c| {
                 let _ = tx.send(c);
             });
-            self.writer.submit(WriteBatch { token, ops, sink }).unwrap();
+            self.writer.submit(WriteBatch { token, ops, sink, fsync: false }).unwrap();
             let seqs = rx.recv().unwrap().result.unwrap();
             self.owner.on_replicated(token, Outcome::Applied(seqs), &mut Outgoing::new(1));
         }

@@ -55,6 +55,11 @@ pub struct WriteBatch {
     pub ops: Vec<WriteOp>,
     /// Where the outcome goes.
     pub sink: CommitSink,
+    /// Whether the durability mode applies. `false` for writes already durable elsewhere: a
+    /// cluster's committed entries, fsynced in a majority's replication logs (a crash loses at
+    /// most an unsynced tail of them here, with the applied index in the same batch, and they
+    /// are applied again from the log). A round with no such batch skips the fsync.
+    pub fsync: bool,
 }
 
 impl std::fmt::Debug for WriteBatch {
@@ -240,9 +245,11 @@ impl Writer {
         } else {
             self.write(&mut round)
         };
+        let fsync = round.iter().any(|b| b.fsync);
         let outcome = outcome.and_then(|seqs| {
             let persisted = match self.storage.durability {
-                Durability::Sync => self.storage.db.persist(PersistMode::SyncData),
+                Durability::Sync if fsync => self.storage.db.persist(PersistMode::SyncData),
+                Durability::Sync => self.storage.db.persist(PersistMode::Buffer),
                 Durability::Interval(_) => {
                     self.unsynced = true;
                     self.storage.db.persist(PersistMode::Buffer)
@@ -255,9 +262,11 @@ impl Writer {
         match outcome {
             Ok(seqs) => {
                 self.commit_no += 1;
-                self.storage
-                    .durable_commit
-                    .store(self.commit_no, std::sync::atomic::Ordering::Release);
+                if fsync || self.storage.durability != Durability::Sync {
+                    self.storage
+                        .durable_commit
+                        .store(self.commit_no, std::sync::atomic::Ordering::Release);
+                }
                 self.storage.publish_snapshot();
                 for (batch, seqs) in round.into_iter().zip(seqs) {
                     (batch.sink)(Committed {
@@ -367,6 +376,7 @@ mod tests {
                 token,
                 ops: vec![WriteOp::Put(Ks::Users, format!("u{token}").into_bytes(), vec![1])],
                 sink: sink.clone(),
+                fsync: true,
             });
         }
         writer.shutdown();
@@ -396,6 +406,7 @@ mod tests {
                     WriteOp::FeedAppend { user: user.clone(), event: feed_event("b") },
                 ],
                 sink,
+                fsync: true,
             });
             writer.shutdown();
             join.join().unwrap();
@@ -413,6 +424,33 @@ mod tests {
     }
 
     #[test]
+    fn given_a_round_of_writes_durable_elsewhere_should_not_count_as_fsynced() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = open(dir.path(), Durability::Sync);
+        let (writer, join) = spawn(storage.clone()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink: CommitSink = Arc::new(move |c| {
+            let _ = tx.send(c);
+        });
+        let batch = |token, fsync| WriteBatch {
+            token,
+            ops: vec![WriteOp::Put(Ks::Users, vec![1], vec![2])],
+            sink: sink.clone(),
+            fsync,
+        };
+        let _ = writer.submit(batch(1, false));
+        let first = rx.recv().unwrap();
+        assert!(first.result.is_ok());
+        assert!(storage.durable_watermark() < first.commit_no, "not fsynced, not durable");
+        assert!(storage.ks.users.get([1]).unwrap().is_some(), "but written");
+        let _ = writer.submit(batch(2, true));
+        let second = rx.recv().unwrap();
+        assert!(storage.durable_watermark() >= second.commit_no);
+        writer.shutdown();
+        join.join().unwrap();
+    }
+
+    #[test]
     fn given_sync_mode_snapshot_should_only_show_committed_rounds() {
         let dir = tempfile::tempdir().unwrap();
         let storage = open(dir.path(), Durability::Sync);
@@ -423,6 +461,7 @@ mod tests {
             token: 1,
             ops: vec![WriteOp::Put(Ks::Conversations, b"c".to_vec(), Vec::new())],
             sink,
+            fsync: true,
         });
         writer.shutdown();
         join.join().unwrap();
