@@ -679,6 +679,9 @@ impl Engine {
             });
             ops.extend(decoded);
         }
+        // Feed appends get node-local user_seqs in apply order, which a re-apply after a crash
+        // may not repeat: a batch holding any is fsynced before its events are shown.
+        let fsync = ops.iter().any(|op| matches!(op, WriteOp::FeedAppend { .. }));
         ops.push(WriteOp::Put(Ks::Meta, keys::applied_key(p), commit.to_be_bytes().to_vec()));
         slot.applying = commit;
         let shards = data.shards.clone();
@@ -723,8 +726,7 @@ impl Engine {
                 let _ = applied.send((p, commit));
             }
         });
-        if let Err(batch) =
-            data.writer.submit(WriteBatch { token: u64::from(p), ops, sink, fsync: false })
+        if let Err(batch) = data.writer.submit(WriteBatch { token: u64::from(p), ops, sink, fsync })
         {
             // The writer is gone (the broker is stopping): the sink reports the failure.
             tracing::error!(partition = p, "storage writer gone; committed entries not applied");
