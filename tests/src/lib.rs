@@ -458,6 +458,22 @@ impl RawConn {
         Self::over(TcpStream::connect(addr).await.expect("connect"))
     }
 
+    /// Connects and completes the handshake as the holder of `token`; `None` when the broker
+    /// cannot be reached or does not answer (down, paused or cut off).
+    pub async fn try_connect(addr: SocketAddr, token: &str) -> Option<Self> {
+        let connect = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr));
+        let mut c = Self::over(connect.await.ok()?.ok()?);
+        let id = c.next_id();
+        if !c.try_send(ClientFrame::request(id, hello(token))).await {
+            return None;
+        }
+        let reply = tokio::time::timeout(Duration::from_secs(5), c.framed.next()).await;
+        match reply {
+            Ok(Some(Ok(f))) if matches!(f.kind, Some(server_frame::Kind::Welcome(_))) => Some(c),
+            _ => None,
+        }
+    }
+
     /// Connects from the loopback address `local` (partition tests cut node addresses apart;
     /// the test's own connections come from an address no rule names).
     ///

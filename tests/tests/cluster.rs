@@ -764,3 +764,91 @@ async fn given_clients_on_different_nodes_should_chat_in_one_conversation_with_o
     }
     assert!(forwarded >= (2 * EACH) as f64, "{forwarded} forwarded requests");
 }
+
+/// A longer randomized run, outside the default suite: faults hit one random node at a time
+/// (SIGKILL then restart, SIGSTOP then SIGCONT, and with root and nftables a cut then a heal)
+/// while a client writes through random nodes, retrying unacknowledged sends with the same
+/// keys; afterwards every acknowledged message is in the one gapless history all nodes hold.
+///
+/// `SWITCHBOARD_CHAOS_SECS=600 SWITCHBOARD_CHAOS_SEED=7 cargo test -p switchboard-tests \
+///   --test cluster -- --ignored --nocapture chaos`
+#[tokio::test]
+#[ignore = "long randomized run (SWITCHBOARD_CHAOS_SECS, SWITCHBOARD_CHAOS_SEED); see docs/cluster.md"]
+async fn chaos_given_random_faults_on_one_node_at_a_time_should_lose_no_acknowledged_message() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let secs = env("SWITCHBOARD_CHAOS_SECS", 60);
+    let seed = env("SWITCHBOARD_CHAOS_SEED", u64::from(std::process::id()));
+    eprintln!("chaos: {secs} s, seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    let (conv, _, _) = conversation(&cluster, None, 0).await;
+    let nodes: Vec<(std::net::SocketAddr, String)> =
+        cluster.nodes.iter().map(|n| (n.addr, n.token("alice"))).collect();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+
+    // The client: batches of new keys, each sent until acknowledged through whichever node
+    // answers.
+    let writer = {
+        let (stop, conv) = (stop.clone(), conv.clone());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+        tokio::spawn(async move {
+            let (mut acks, mut pending, mut next) = (HashMap::new(), Vec::new(), 0);
+            while !stop.load(Ordering::Relaxed) {
+                if pending.is_empty() {
+                    pending = keys("k", next..next + 50);
+                    next += 50;
+                }
+                let (addr, token) = &nodes[rng.random_range(0..nodes.len())];
+                let Some(mut c) = RawConn::try_connect(*addr, token).await else { continue };
+                if !send_keys(&mut c, &conv, &mut pending, &mut acks).await {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+            (acks, pending)
+        })
+    };
+
+    let cut = Cut::unavailable().is_none();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let mut faults = 0;
+    let sleep = |ms: u64| tokio::time::sleep(std::time::Duration::from_millis(ms));
+    while tokio::time::Instant::now() < deadline {
+        sleep(rng.random_range(300..1500)).await;
+        let i = rng.random_range(0..3);
+        let hold = rng.random_range(200..3000);
+        match rng.random_range(0..if cut { 3 } else { 2 }) {
+            0 => {
+                cluster.nodes[i].kill();
+                sleep(hold).await;
+                cluster.nodes[i].restart();
+            }
+            1 => {
+                let pid = cluster.nodes[i].pid().expect("pid").to_string();
+                let signal = |s: &str| std::process::Command::new("kill").args([s, &pid]).status();
+                let _ = signal("-STOP");
+                sleep(hold).await;
+                let _ = signal("-CONT");
+            }
+            _ => {
+                let others: Vec<std::net::IpAddr> =
+                    (0..3).filter(|&o| o != i).map(|o| cluster.nodes[o].addr.ip()).collect();
+                let c = Cut::isolate(cluster.nodes[i].addr.ip(), &others);
+                sleep(hold).await;
+                drop(c);
+            }
+        }
+        faults += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut acks, pending) = writer.await.expect("writer");
+    send_until_acked(&cluster, &[0, 1, 2], &conv, pending, &mut acks).await;
+    eprintln!("chaos: {faults} faults, {} messages acknowledged", acks.len());
+    let expected = history(&acks);
+    for i in 0..3 {
+        let log = wait_log_containing(&cluster, i, &conv, &expected).await;
+        assert_eq!(log, expected, "node {} holds exactly the acknowledged history", i + 1);
+    }
+}
