@@ -80,6 +80,8 @@ pub(crate) struct Config {
 #[must_use]
 pub struct ClientBuilder {
     addr: String,
+    /// More nodes of the same cluster, tried in turn after `addr`.
+    more_addrs: Vec<String>,
     token: TokenSource,
     resume: SyncPosition,
     reconnect: ReconnectPolicy,
@@ -95,6 +97,7 @@ impl std::fmt::Debug for ClientBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientBuilder")
             .field("addr", &self.addr)
+            .field("more_addrs", &self.more_addrs)
             .field("resume", &self.resume)
             .field("reconnect", &self.reconnect)
             .field("client_name", &self.client_name)
@@ -110,6 +113,7 @@ impl ClientBuilder {
     pub(crate) fn new(addr: String) -> Self {
         Self {
             addr,
+            more_addrs: Vec::new(),
             token: TokenSource::Static(String::new()),
             resume: SyncPosition::default(),
             reconnect: ReconnectPolicy::default(),
@@ -198,6 +202,16 @@ impl ClientBuilder {
         self
     }
 
+    /// Other nodes of the same cluster (`host:port` each). A connection attempt tries the
+    /// address that worked last, then the others in order, each for at most the connect
+    /// timeout (capped at 3 s so a node that does not answer cannot stall the attempt); so when
+    /// a node dies its clients reconnect to another and resume there (any node serves any
+    /// conversation).
+    pub fn cluster_addrs(mut self, addrs: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.more_addrs = addrs.into_iter().map(Into::into).collect();
+        self
+    }
+
     /// Opens connections with `connect` instead of TCP to the builder's address: for TLS,
     /// proxies, Unix sockets or in-memory tests. Called once per connection attempt.
     pub fn connector<F, Fut, S>(mut self, connect: F) -> Self
@@ -222,7 +236,14 @@ impl ClientBuilder {
     /// [`Error::Server`] (e.g. `UNAUTHENTICATED`), [`Error::Protocol`],
     /// [`Error::TokenProvider`].
     pub async fn connect(self) -> Result<(Client, EventStream)> {
-        let connector = self.connector.unwrap_or_else(|| tcp_connector(self.addr));
+        let per_addr = if self.more_addrs.is_empty() {
+            self.connect_timeout
+        } else {
+            self.connect_timeout.min(Duration::from_secs(3))
+        };
+        let mut addrs = vec![self.addr];
+        addrs.extend(self.more_addrs);
+        let connector = self.connector.unwrap_or_else(|| tcp_connector(addrs, per_addr));
         let cfg = Arc::new(Config {
             connector,
             token: self.token,
@@ -264,14 +285,28 @@ impl ClientBuilder {
     }
 }
 
-fn tcp_connector(addr: String) -> Connector {
-    let addr: Arc<str> = addr.into();
+/// TCP to the first of `addrs` that accepts, starting with the one that worked last.
+fn tcp_connector(addrs: Vec<String>, per_addr: Duration) -> Connector {
+    let addrs: Arc<[String]> = addrs.into();
+    let last = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     Arc::new(move || {
-        let addr = Arc::clone(&addr);
+        let (addrs, last) = (Arc::clone(&addrs), Arc::clone(&last));
         async move {
-            let stream = TcpStream::connect(&*addr).await?;
-            stream.set_nodelay(true)?;
-            Ok(Box::new(stream) as BoxTransport)
+            let start = last.load(std::sync::atomic::Ordering::Relaxed);
+            let mut error = io::Error::new(io::ErrorKind::InvalidInput, "no address");
+            for i in (0..addrs.len()).map(|k| (start + k) % addrs.len()) {
+                let attempt = tokio::time::timeout(per_addr, TcpStream::connect(&addrs[i])).await;
+                match attempt {
+                    Ok(Ok(stream)) => {
+                        stream.set_nodelay(true)?;
+                        last.store(i, std::sync::atomic::Ordering::Relaxed);
+                        return Ok(Box::new(stream) as BoxTransport);
+                    }
+                    Ok(Err(e)) => error = e,
+                    Err(_) => error = io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+                }
+            }
+            Err(error)
         }
         .boxed()
     })

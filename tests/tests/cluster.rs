@@ -852,3 +852,60 @@ async fn chaos_given_random_faults_on_one_node_at_a_time_should_lose_no_acknowle
         assert_eq!(log, expected, "node {} holds exactly the acknowledged history", i + 1);
     }
 }
+
+#[tokio::test]
+async fn given_a_client_that_knows_every_node_when_its_node_dies_should_resume_on_another_without_gaps_or_duplicates()
+ {
+    use switchboard_client::{Content, Event, HistoryVisibility};
+    let mut cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    // Bob is connected to node 1 and knows the others; alice writes through node 2.
+    let addrs: Vec<String> = cluster.nodes.iter().map(|n| n.addr.to_string()).collect();
+    let (_bob, mut bob_events) = cluster.nodes[0]
+        .client_builder("bob")
+        .cluster_addrs(addrs[1..].to_vec())
+        .connect()
+        .await
+        .expect("bob connects");
+    let (alice, _alice_events) = cluster.nodes[1].client("alice").await;
+    let group = alice
+        .create_group("resume", ["bob"], HistoryVisibility::Shared)
+        .await
+        .expect("create")
+        .conversation_id;
+    // Sends are retried with their keys until acknowledged (a failover answers UNAVAILABLE).
+    let send = |n: usize| {
+        let (alice, group) = (alice.clone(), group.clone());
+        async move {
+            for _ in 0..300 {
+                let key = format!("m-{n}");
+                match alice.send_with_id(&group, key, Content::text(n.to_string())).await {
+                    Ok(_) => return,
+                    Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                }
+            }
+            panic!("m-{n} never acknowledged");
+        }
+    };
+    for n in 0..20 {
+        send(n).await;
+    }
+    let mut seen = switchboard_tests::messages(&mut bob_events, &group, 21).await;
+    cluster.nodes[0].kill();
+    for n in 20..50 {
+        send(n).await;
+    }
+    // Bob's client reconnects to node 2 or 3, resumes from its cursors, and gets the rest.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while seen.len() < 51 {
+        match tokio::time::timeout_at(deadline, bob_events.next()).await {
+            Ok(Some(Event::Message(m))) if m.conversation_id == group => seen.push(m),
+            Ok(Some(_)) => {}
+            other => panic!("bob has {} of 51 messages: {other:?}", seen.len()),
+        }
+    }
+    switchboard_tests::assert_gapless(seen.iter().map(|m| m.seq), 1);
+    let texts: Vec<&str> = seen[1..].iter().filter_map(switchboard_tests::text).collect();
+    let sent: Vec<String> = (0..50).map(|n| n.to_string()).collect();
+    assert_eq!(texts, sent, "each message once, in the order sent");
+}
