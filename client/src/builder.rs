@@ -202,11 +202,10 @@ impl ClientBuilder {
         self
     }
 
-    /// Other nodes of the same cluster (`host:port` each). A connection attempt tries the
-    /// address that worked last, then the others in order, each for at most the connect
-    /// timeout (capped at 3 s so a node that does not answer cannot stall the attempt); so when
-    /// a node dies its clients reconnect to another and resume there (any node serves any
-    /// conversation).
+    /// Other nodes of the same cluster (`host:port` each). Each connection attempt starts at
+    /// the next address in turn and tries them all, each for its share of the connect
+    /// timeout; so when a node dies, hangs or is cut off, its clients reconnect to another and
+    /// resume there (any node serves any conversation).
     pub fn cluster_addrs(mut self, addrs: impl IntoIterator<Item = impl Into<String>>) -> Self {
         self.more_addrs = addrs.into_iter().map(Into::into).collect();
         self
@@ -236,11 +235,7 @@ impl ClientBuilder {
     /// [`Error::Server`] (e.g. `UNAUTHENTICATED`), [`Error::Protocol`],
     /// [`Error::TokenProvider`].
     pub async fn connect(self) -> Result<(Client, EventStream)> {
-        let per_addr = if self.more_addrs.is_empty() {
-            self.connect_timeout
-        } else {
-            self.connect_timeout.min(Duration::from_secs(3))
-        };
+        let per_addr = self.connect_timeout / u32::try_from(1 + self.more_addrs.len()).unwrap_or(1);
         let mut addrs = vec![self.addr];
         addrs.extend(self.more_addrs);
         let connector = self.connector.unwrap_or_else(|| tcp_connector(addrs, per_addr));
@@ -285,21 +280,22 @@ impl ClientBuilder {
     }
 }
 
-/// TCP to the first of `addrs` that accepts, starting with the one that worked last.
+/// TCP to the first of `addrs` that accepts, starting one further on every attempt: a node
+/// that accepts connections but never completes the handshake (paused, overloaded) is then
+/// left behind by the next attempt instead of being retried forever.
 fn tcp_connector(addrs: Vec<String>, per_addr: Duration) -> Connector {
     let addrs: Arc<[String]> = addrs.into();
-    let last = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     Arc::new(move || {
-        let (addrs, last) = (Arc::clone(&addrs), Arc::clone(&last));
+        let (addrs, attempts) = (Arc::clone(&addrs), Arc::clone(&attempts));
         async move {
-            let start = last.load(std::sync::atomic::Ordering::Relaxed);
+            let start = attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let mut error = io::Error::new(io::ErrorKind::InvalidInput, "no address");
             for i in (0..addrs.len()).map(|k| (start + k) % addrs.len()) {
                 let attempt = tokio::time::timeout(per_addr, TcpStream::connect(&addrs[i])).await;
                 match attempt {
                     Ok(Ok(stream)) => {
                         stream.set_nodelay(true)?;
-                        last.store(i, std::sync::atomic::Ordering::Relaxed);
                         return Ok(Box::new(stream) as BoxTransport);
                     }
                     Ok(Err(e)) => error = e,

@@ -439,18 +439,7 @@ impl Engine {
         loop {
             let mut outs: Vec<(PartitionId, Out<Bytes>)> = pending.take().unwrap_or_default();
             tokio::select! {
-                () = stop.notified() => {
-                    // Nothing more will commit here: owners waiting for proposals hear it.
-                    for slot in self.slots.values_mut() {
-                        let pending = std::mem::take(&mut slot.proposals);
-                        if let Some(d) = &self.data {
-                            for who in pending.into_values() {
-                                d.report(who.shard, who.token, Outcome::Failed);
-                            }
-                        }
-                    }
-                    return;
-                }
+                () = stop.notified() => return self.fail_everything(),
                 _ = tick.tick() => {
                     ticks = ticks.wrapping_add(1);
                     let all = ticks.is_multiple_of(SERVING_TICK_EVERY);
@@ -463,13 +452,13 @@ impl Engine {
                     }
                 }
                 r = table.changed() => {
-                    if r.is_err() { return }
+                    if r.is_err() { return self.fail_everything() }
                     let machine = table.borrow_and_update().clone();
                     self.follow(&machine, &mut outs);
                     self.table = machine;
                 }
                 batch = self.inbox.recv() => {
-                    let Some(batch) = batch else { return };
+                    let Some(batch) = batch else { return self.fail_everything() };
                     self.receive(batch, &mut outs);
                 }
                 Some(proposal) = next(&mut self.proposals) => self.propose(proposal, &mut outs),
@@ -535,8 +524,9 @@ impl Engine {
                         if let Some(d) = &self.data {
                             d.partitions.set_serving(p, None);
                         }
-                        // Created again later, it resumes applying after what is applied.
-                        self.applied_at_start.insert(p, slot.applied);
+                        // Created again later, it resumes applying after what was handed to
+                        // the writer (which applies in order; a failure stops the broker).
+                        self.applied_at_start.insert(p, slot.applying);
                         self.fail_proposals(slot.proposals);
                         Some(slot.replica.promised())
                     }
@@ -638,6 +628,28 @@ impl Engine {
         }
     }
 
+    /// The engine stops: nothing more commits here, so every proposal it holds or has queued
+    /// is reported failed (owners waiting on them answer their clients).
+    fn fail_everything(&mut self) {
+        let held: Vec<Proposer> = self
+            .slots
+            .values_mut()
+            .flat_map(|s| std::mem::take(&mut s.proposals).into_values())
+            .collect();
+        let mut queued = Vec::new();
+        if let Some(rx) = self.proposals.as_mut() {
+            rx.close();
+            while let Ok(p) = rx.try_recv() {
+                queued.push(Proposer { shard: p.shard, token: p.token });
+            }
+        }
+        if let Some(d) = &self.data {
+            for who in held.into_iter().chain(queued) {
+                d.report(who.shard, who.token, Outcome::Failed);
+            }
+        }
+    }
+
     fn fail_proposals(&self, proposals: BTreeMap<Index, Proposer>) {
         let Some(data) = &self.data else { return };
         for who in proposals.into_values() {
@@ -684,6 +696,13 @@ impl Engine {
         let fsync = ops.iter().any(|op| matches!(op, WriteOp::FeedAppend { .. }));
         ops.push(WriteOp::Put(Ks::Meta, keys::applied_key(p), commit.to_be_bytes().to_vec()));
         slot.applying = commit;
+        let proposed: Vec<Proposer> = reports
+            .iter()
+            .filter_map(|r| match r {
+                Report::Proposed { who, .. } => Some(*who),
+                Report::Replayed(_) => None,
+            })
+            .collect();
         let shards = data.shards.clone();
         let applied = self.applied_tx.clone();
         let owner = crate::shard::owner_shard(p, shards.len());
@@ -726,15 +745,12 @@ impl Engine {
                 let _ = applied.send((p, commit));
             }
         });
-        if let Err(batch) = data.writer.submit(WriteBatch { token: u64::from(p), ops, sink, fsync })
-        {
-            // The writer is gone (the broker is stopping): the sink reports the failure.
+        if data.writer.submit(WriteBatch { token: u64::from(p), ops, sink, fsync }).is_err() {
+            // The writer is gone (the broker is stopping). Not through the sink: it blocks.
             tracing::error!(partition = p, "storage writer gone; committed entries not applied");
-            (batch.sink)(Committed {
-                token: batch.token,
-                commit_no: 0,
-                result: Err(crate::storage::StorageError::Poisoned),
-            });
+            for who in proposed {
+                data.report(who.shard, who.token, Outcome::Failed);
+            }
         }
     }
 

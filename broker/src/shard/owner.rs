@@ -574,11 +574,19 @@ impl Owner {
     pub fn flush_all_receipts(&mut self) {
         let now = Instant::now();
         for (conv_id, user) in std::mem::take(&mut self.pending_receipts) {
-            if let Some(conv) = self.convs.get_mut(&conv_id) {
+            let writable = self.convs.get(&conv_id).is_some_and(|c| self.writable(c.partition));
+            if let (Some(conv), true) = (self.convs.get_mut(&conv_id), writable) {
                 batch(&mut self.open, &self.epochs, conv.partition)
                     .flush_receipt(conv, &user, now, None);
             }
         }
+    }
+
+    /// Whether writes of partition `p` may be batched now: always on a single node; in a
+    /// cluster, only in the epoch its cached state was validated in and while not fenced (a
+    /// coalesced receipt waits until a request validates the partition again).
+    fn writable(&self, p: u16) -> bool {
+        self.routing.is_none() || (self.epochs.contains_key(&p) && !self.fenced.contains(&p))
     }
 
     /// Adds writes that carry no effects (presence last-seen, push queue) to the open batch.
@@ -593,10 +601,12 @@ impl Owner {
             .pending_receipts
             .iter()
             .filter(|(conv, user)| {
-                self.convs
-                    .get(conv)
-                    .and_then(|c| c.receipt_flushed.get(user))
-                    .is_none_or(|t| now.duration_since(*t) >= RECEIPT_INTERVAL)
+                self.convs.get(conv).is_some_and(|c| self.writable(c.partition))
+                    && self
+                        .convs
+                        .get(conv)
+                        .and_then(|c| c.receipt_flushed.get(user))
+                        .is_none_or(|t| now.duration_since(*t) >= RECEIPT_INTERVAL)
             })
             .cloned()
             .collect();
