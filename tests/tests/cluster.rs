@@ -528,7 +528,7 @@ async fn given_a_paused_leader_when_superseded_should_acknowledge_only_what_a_ma
     let writer = tokio::spawn(async move {
         let mut acks = HashMap::new();
         send_keys(&mut c, conv, &mut paused, &mut acks).await;
-        acks
+        (acks, paused)
     });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let pid = cluster.nodes[leader].pid().expect("pid").to_string();
@@ -542,11 +542,15 @@ async fn given_a_paused_leader_when_superseded_should_acknowledge_only_what_a_ma
     send_until_acked(&cluster, &others, conv, keys("after", 0..50), &mut acks).await;
     // It wakes up believing it still leads, with its client's requests queued.
     signal("-CONT");
-    let from_paused = tokio::time::timeout(WAIT, writer).await.expect("writer ends").expect("join");
+    let (from_paused, unacked) =
+        tokio::time::timeout(WAIT, writer).await.expect("writer ends").expect("join");
     eprintln!("{} acknowledged by the paused leader", from_paused.len());
     for (key, seq) in from_paused {
         assert!(acks.insert(key.clone(), seq).is_none(), "{key} acknowledged twice");
     }
+    // Its client retries what it did not acknowledge (some of it may have committed under the
+    // new leader: those answer with their original seq).
+    send_until_acked(&cluster, &others, conv, unacked, &mut acks).await;
     // Everything it acknowledged is in the one history every replica holds.
     let expected = history(&acks);
     let all: Vec<usize> = (0..3).collect();
