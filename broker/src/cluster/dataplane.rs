@@ -231,8 +231,10 @@ pub struct Proposal {
     pub partition: u16,
     /// The epoch the owner accepted the writes in; another epoch fails the proposal.
     pub epoch: Epoch,
-    /// The encoded writes ([`crate::storage::encode_ops`]).
+    /// The encoded writes ([`crate::storage::encode_ops`]), replicated.
     pub payload: Bytes,
+    /// The same writes, applied on this node once committed (no decoding of its own entries).
+    pub ops: Vec<WriteOp>,
     /// The owner shard, and its token for the batch.
     pub shard: usize,
     /// The owner's token.

@@ -404,6 +404,31 @@ pub fn peer_client(local: Option<std::net::IpAddr>) -> Result<reqwest::Client, r
         .build()
 }
 
+/// POSTs a protobuf body to `path` on a peer; the response body when the peer answered 2xx,
+/// else `None` (logged at debug: peer traffic is retried or best effort by its callers).
+pub async fn post_protobuf(
+    client: &reqwest::Client,
+    addr: &str,
+    path: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Option<bytes::Bytes> {
+    let response = client
+        .post(format!("http://{addr}{path}"))
+        .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
+        .body(body)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| tracing::debug!(peer = addr, path, error = %e, "peer request failed"))
+        .ok()?;
+    if !response.status().is_success() {
+        tracing::debug!(peer = addr, path, status = %response.status(), "peer refused");
+        return None;
+    }
+    response.bytes().await.ok()
+}
+
 /// Creates clients for peers: HTTP/1.1 with JSON bodies to the peer's cluster address.
 #[derive(Debug, Clone)]
 pub struct Network {

@@ -298,8 +298,9 @@ struct Slot {
     /// The last index applied to the message store, and the last one handed to the writer.
     applied: Index,
     applying: Index,
-    /// Entries this node proposed as leader and has not reported yet: index → proposer.
-    proposals: BTreeMap<Index, Proposer>,
+    /// Entries this node proposed as leader and has not reported yet: index → who proposed
+    /// it, and its writes (applied from here once committed, instead of decoding the entry).
+    proposals: BTreeMap<Index, (Origin, Vec<WriteOp>)>,
     /// The epoch this node serves in and the commit index when it started to: writes are
     /// accepted once everything up to that index is applied.
     serve_from: Option<(Epoch, Index)>,
@@ -309,7 +310,7 @@ struct Slot {
 enum Report {
     /// This node proposed it as leader: its owner runs the batch's effects.
     Proposed {
-        who: Proposer,
+        who: Origin,
         /// How many feed appends it holds (their user_seqs are the owner's).
         feeds: usize,
     },
@@ -320,7 +321,7 @@ enum Report {
 
 /// Who proposed an entry: the owner shard and its token for the batch.
 #[derive(Debug, Clone, Copy)]
-struct Proposer {
+struct Origin {
     shard: usize,
     token: u64,
 }
@@ -527,7 +528,7 @@ impl Engine {
                         // Created again later, it resumes applying after what was handed to
                         // the writer (which applies in order; a failure stops the broker).
                         self.applied_at_start.insert(p, slot.applying);
-                        self.fail_proposals(slot.proposals);
+                        self.fail(slot.proposals.into_values().map(|(who, _)| who));
                         Some(slot.replica.promised())
                     }
                     (None, Some(d)) => Some(d.promised),
@@ -611,48 +612,39 @@ impl Engine {
     /// Appends an owner's proposal to its partition's log, if this node serves the epoch the
     /// owner accepted it in; otherwise fails it back.
     fn propose(&mut self, prop: Proposal, outs: &mut Vec<(PartitionId, Out<Bytes>)>) {
-        let who = Proposer { shard: prop.shard, token: prop.token };
+        let who = Origin { shard: prop.shard, token: prop.token };
         let serving = self.data.as_ref().and_then(|d| d.partitions.serving(prop.partition));
-        let appended = match self.slots.get_mut(&prop.partition) {
-            Some(slot) if serving == Some(prop.epoch) => {
-                slot.replica.append(prop.payload).ok().map(|(index, o)| {
-                    slot.proposals.insert(index, who);
-                    o
-                })
+        let slot = self.slots.get_mut(&prop.partition).filter(|_| serving == Some(prop.epoch));
+        match slot.map(|slot| (slot.replica.append(prop.payload), slot)) {
+            Some((Ok((index, o)), slot)) => {
+                slot.proposals.insert(index, (who, prop.ops));
+                outs.extend(o.into_iter().map(|o| (prop.partition, o)));
             }
-            _ => None,
-        };
-        match appended {
-            Some(o) => outs.extend(o.into_iter().map(|o| (prop.partition, o))),
-            None => self.fail_proposals(BTreeMap::from([(0, who)])),
+            _ => self.fail([who]),
         }
     }
 
     /// The engine stops: nothing more commits here, so every proposal it holds or has queued
     /// is reported failed (owners waiting on them answer their clients).
     fn fail_everything(&mut self) {
-        let held: Vec<Proposer> = self
+        let mut all: Vec<Origin> = self
             .slots
             .values_mut()
-            .flat_map(|s| std::mem::take(&mut s.proposals).into_values())
+            .flat_map(|s| std::mem::take(&mut s.proposals).into_values().map(|(who, _)| who))
             .collect();
-        let mut queued = Vec::new();
         if let Some(rx) = self.proposals.as_mut() {
             rx.close();
             while let Ok(p) = rx.try_recv() {
-                queued.push(Proposer { shard: p.shard, token: p.token });
+                all.push(Origin { shard: p.shard, token: p.token });
             }
         }
-        if let Some(d) = &self.data {
-            for who in held.into_iter().chain(queued) {
-                d.report(who.shard, who.token, Outcome::Failed);
-            }
-        }
+        self.fail(all);
     }
 
-    fn fail_proposals(&self, proposals: BTreeMap<Index, Proposer>) {
+    /// Reports proposals failed to their owner shards.
+    fn fail(&self, who: impl IntoIterator<Item = Origin>) {
         let Some(data) = &self.data else { return };
-        for who in proposals.into_values() {
+        for who in who {
             data.report(who.shard, who.token, Outcome::Failed);
         }
     }
@@ -671,6 +663,15 @@ impl Engine {
         for index in slot.applying + 1..=commit {
             let Some(entry) = slot.replica.log().get(index as usize - 1) else { break };
             let Some(payload) = &entry.payload else { continue };
+            // This node's own entries are applied from the writes it proposed; others'
+            // are decoded from the log.
+            if let Some((who, own)) = slot.proposals.remove(&index) {
+                let feeds =
+                    own.iter().filter(|op| matches!(op, WriteOp::FeedAppend { .. })).count();
+                reports.push(Report::Proposed { who, feeds });
+                ops.extend(own);
+                continue;
+            }
             let decoded = match crate::storage::decode_ops(payload) {
                 Ok(ops) => ops,
                 Err(e) => {
@@ -679,16 +680,7 @@ impl Engine {
                     std::process::abort();
                 }
             };
-            reports.push(match slot.proposals.remove(&index) {
-                Some(who) => Report::Proposed {
-                    who,
-                    feeds: decoded
-                        .iter()
-                        .filter(|op| matches!(op, WriteOp::FeedAppend { .. }))
-                        .count(),
-                },
-                None => Report::Replayed(Replayed::of(&decoded)),
-            });
+            reports.push(Report::Replayed(Replayed::of(&decoded)));
             ops.extend(decoded);
         }
         // Feed appends get node-local user_seqs in apply order, which a re-apply after a crash
@@ -696,7 +688,7 @@ impl Engine {
         let fsync = ops.iter().any(|op| matches!(op, WriteOp::FeedAppend { .. }));
         ops.push(WriteOp::Put(Ks::Meta, keys::applied_key(p), commit.to_be_bytes().to_vec()));
         slot.applying = commit;
-        let proposed: Vec<Proposer> = reports
+        let proposed: Vec<Origin> = reports
             .iter()
             .filter_map(|r| match r {
                 Report::Proposed { who, .. } => Some(*who),
@@ -706,7 +698,12 @@ impl Engine {
         let shards = data.shards.clone();
         let applied = self.applied_tx.clone();
         let owner = crate::shard::owner_shard(p, shards.len());
+        // The writer calls the sink once: the reports move out instead of being cloned.
+        let reports = std::sync::Mutex::new(reports);
         let sink: CommitSink = Arc::new(move |c: Committed| {
+            let reports = std::mem::take(
+                &mut *reports.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            );
             // An error poisoned the store and the broker stops; the owners fail what waits.
             let ok = c.result.is_ok();
             let mut seqs = c.result.unwrap_or_default().into_iter();
@@ -718,10 +715,10 @@ impl Engine {
                 }
             };
             let mut replayed = Replayed::default();
-            for report in &reports {
+            for report in reports {
                 match report {
                     Report::Proposed { who, feeds } => {
-                        let mine: Vec<u64> = seqs.by_ref().take(*feeds).collect();
+                        let mine: Vec<u64> = seqs.by_ref().take(feeds).collect();
                         if !replayed.is_empty() {
                             send(ShardMsg::Replayed(Box::new(std::mem::take(&mut replayed))));
                         }
@@ -729,11 +726,10 @@ impl Engine {
                         send(ShardMsg::Replicated { token: who.token, outcome });
                     }
                     Report::Replayed(r) => {
-                        replayed.messages.extend(r.messages.iter().cloned());
-                        for (user, event) in &r.feeds {
-                            let mut event = event.clone();
+                        replayed.messages.extend(r.messages);
+                        for (user, mut event) in r.feeds {
                             event.user_seq = seqs.next().unwrap_or(0);
-                            replayed.feeds.push((user.clone(), event));
+                            replayed.feeds.push((user, event));
                         }
                     }
                 }
@@ -748,9 +744,7 @@ impl Engine {
         if data.writer.submit(WriteBatch { token: u64::from(p), ops, sink, fsync }).is_err() {
             // The writer is gone (the broker is stopping). Not through the sink: it blocks.
             tracing::error!(partition = p, "storage writer gone; committed entries not applied");
-            for who in proposed {
-                data.report(who.shard, who.token, Outcome::Failed);
-            }
+            self.fail(proposed);
         }
     }
 
@@ -849,7 +843,7 @@ impl Engine {
                     }
                     if let Some(slot) = self.slots.get_mut(&p) {
                         let pending = std::mem::take(&mut slot.proposals);
-                        self.fail_proposals(pending);
+                        self.fail(pending.into_values().map(|(who, _)| who));
                     }
                 }
             }
@@ -942,22 +936,12 @@ async fn send_loop(
     from: NodeId,
     mut rx: mpsc::Receiver<Vec<wire::Msg>>,
 ) {
-    let url = format!("http://{addr}{PATH}");
     while let Some(mut msgs) = rx.recv().await {
         while let Ok(more) = rx.try_recv() {
             msgs.extend(more);
         }
         let body = wire::Frame { from, msgs }.encode_to_vec();
-        let sent = client
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
-            .body(body)
-            .timeout(Duration::from_secs(2))
-            .send()
-            .await;
-        if let Err(e) = sent {
-            tracing::debug!(peer = %addr, error = %e, "replication frame not delivered");
-        }
+        super::raft::post_protobuf(&client, &addr, PATH, body, Duration::from_secs(2)).await;
     }
 }
 

@@ -8,6 +8,7 @@
 
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -18,20 +19,41 @@ use super::Shard;
 use super::mailbox::{Forward, Outgoing};
 use crate::cluster::NodeId;
 use crate::cluster::dataplane::{DELIVER_PATH, FORWARD_PATH, FORWARD_TIMEOUT, wire};
+use crate::cluster::raft::post_protobuf;
 
-/// Most requests in one forwarded batch.
+/// Most requests or pushes in one batch to a peer.
 const MAX_BATCH: usize = 256;
+
+/// Requests or pushes waiting for one node; beyond this, requests are answered `UNAVAILABLE`
+/// and pushes dropped.
+const QUEUE: usize = 4096;
+
+/// The first item and whatever else is queued behind it, up to [`MAX_BATCH`]; `None` once the
+/// queue is closed.
+async fn next_batch<T>(rx: &mut mpsc::Receiver<T>) -> Option<Vec<T>> {
+    let mut batch = vec![rx.recv().await?];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
 
 impl Shard {
     /// Queues a request for the node that leads its conversation.
     pub(crate) fn forward(self: &Rc<Self>, to: NodeId, f: Forward) {
         let mut queues = self.forwards.borrow_mut();
         let tx = queues.entry(to).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(QUEUE);
             tokio::task::spawn_local(forward_loop(self.clone(), to, rx));
             tx
         });
-        if let Err(mpsc::error::SendError(f)) = tx.send(f) {
+        if let Err(mpsc::error::TrySendError::Full(f) | mpsc::error::TrySendError::Closed(f)) =
+            tx.try_send(f)
+        {
+            drop(queues);
             let mut out = Outgoing::new(self.count);
             out.to_session(f.from, unavailable(f.request_id), true);
             self.dispatch(out);
@@ -55,7 +77,7 @@ impl Shard {
         let mut queues = self.pushes.borrow_mut();
         for node in replicas.into_iter().filter(|n| *n != me) {
             let tx = queues.entry(node).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+                let (tx, rx) = mpsc::channel(QUEUE);
                 tokio::task::spawn_local(push_loop(self.clone(), node, rx));
                 tx
             });
@@ -69,10 +91,19 @@ impl Shard {
         let control = self.cluster.as_ref()?.control.borrow().clone();
         control.machine.membership.membership().get_node(&id).map(|n| n.addr.clone())
     }
-}
 
-/// Pushes waiting for one node; beyond this they are dropped.
-const PUSH_QUEUE: usize = 4096;
+    /// This shard's HTTP client for peers (one connection pool for every target).
+    fn peer_client(&self) -> Option<reqwest::Client> {
+        if let Some(c) = self.peer_client.get() {
+            return Some(c.clone());
+        }
+        let bind = self.cluster.as_ref().map(|c| c.routing.bind);
+        let client = crate::cluster::raft::peer_client(bind)
+            .map_err(|e| tracing::error!(error = %e, "cannot build a peer client"))
+            .ok()?;
+        Some(self.peer_client.get_or_init(|| client).clone())
+    }
+}
 
 /// A push for another node's sessions.
 #[derive(Debug)]
@@ -83,15 +114,8 @@ pub(crate) struct Push {
 }
 
 async fn push_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<Push>) {
-    let Ok(client) = peer_client(&shard) else { return };
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
+    let Some(client) = shard.peer_client() else { return };
+    while let Some(batch) = next_batch(&mut rx).await {
         let Some(addr) = shard.peer_addr(to) else { continue };
         let pushes = batch
             .into_iter()
@@ -102,23 +126,8 @@ async fn push_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<Push>) {
             })
             .collect();
         let body = wire::PushBatch { pushes }.encode_to_vec();
-        let sent = client
-            .post(format!("http://{addr}{DELIVER_PATH}"))
-            .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
-            .body(body)
-            .timeout(std::time::Duration::from_secs(2))
-            .send()
-            .await;
-        if let Err(e) = sent {
-            tracing::debug!(peer = addr, error = %e, "pushes to a peer dropped");
-        }
+        post_protobuf(&client, &addr, DELIVER_PATH, body, Duration::from_secs(2)).await;
     }
-}
-
-fn peer_client(shard: &Shard) -> Result<reqwest::Client, ()> {
-    let bind = shard.cluster.as_ref().map(|c| c.routing.bind);
-    crate::cluster::raft::peer_client(bind)
-        .map_err(|e| tracing::error!(error = %e, "cannot build a peer client"))
 }
 
 fn unavailable(request_id: u64) -> SharedFrame {
@@ -129,16 +138,9 @@ fn unavailable(request_id: u64) -> SharedFrame {
     ))
 }
 
-async fn forward_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::UnboundedReceiver<Forward>) {
-    let Ok(client) = peer_client(&shard) else { return };
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(f) => batch.push(f),
-                Err(_) => break,
-            }
-        }
+async fn forward_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<Forward>) {
+    let client = shard.peer_client();
+    while let Some(batch) = next_batch(&mut rx).await {
         let mut requests = Vec::with_capacity(batch.len());
         let mut waiting = Vec::with_capacity(batch.len());
         for f in batch {
@@ -151,9 +153,16 @@ async fn forward_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::UnboundedRecei
             });
             waiting.push((f.from, f.request_id));
         }
-        let replies = match shard.peer_addr(to) {
-            Some(addr) => post(&client, &addr, wire::ForwardBatch { requests }).await,
-            None => None,
+        let body = wire::ForwardBatch { requests }.encode_to_vec();
+        let replies = match (&client, shard.peer_addr(to)) {
+            (Some(client), Some(addr)) => {
+                let timeout = FORWARD_TIMEOUT + Duration::from_secs(1);
+                post_protobuf(client, &addr, FORWARD_PATH, body, timeout)
+                    .await
+                    .and_then(|b| wire::ForwardReplies::decode(b).ok())
+                    .map(|r| r.replies)
+            }
+            _ => None,
         };
         let mut out = Outgoing::new(shard.count);
         let mut replies = replies.filter(|r| r.len() == waiting.len()).map(Vec::into_iter);
@@ -171,26 +180,4 @@ async fn forward_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::UnboundedRecei
         }
         shard.dispatch(out);
     }
-}
-
-async fn post(
-    client: &reqwest::Client,
-    addr: &str,
-    batch: wire::ForwardBatch,
-) -> Option<Vec<Bytes>> {
-    let response = client
-        .post(format!("http://{addr}{FORWARD_PATH}"))
-        .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
-        .body(batch.encode_to_vec())
-        .timeout(FORWARD_TIMEOUT + std::time::Duration::from_secs(1))
-        .send()
-        .await
-        .map_err(|e| tracing::debug!(peer = addr, error = %e, "forwarding failed"))
-        .ok()?;
-    if !response.status().is_success() {
-        tracing::debug!(peer = addr, status = %response.status(), "forwarding refused");
-        return None;
-    }
-    let body = response.bytes().await.ok()?;
-    wire::ForwardReplies::decode(body).ok().map(|r| r.replies)
 }

@@ -228,9 +228,11 @@ pub struct Shard {
     flush_scheduled: Cell<bool>,
     next_session: Cell<u64>,
     /// Queues of requests forwarded to other nodes, by node (cluster).
-    forwards: RefCell<HashMap<crate::cluster::NodeId, mpsc::UnboundedSender<mailbox::Forward>>>,
+    forwards: RefCell<HashMap<crate::cluster::NodeId, mpsc::Sender<mailbox::Forward>>>,
     /// Queues of pushes for other nodes' sessions, by node (cluster).
     pushes: RefCell<HashMap<crate::cluster::NodeId, mpsc::Sender<forward::Push>>>,
+    /// The HTTP client for peers, built on first use (cluster).
+    peer_client: std::cell::OnceCell<reqwest::Client>,
     shutdown: RefCell<Option<Shutdown>>,
     /// Cancelled when the shard shuts down; every connection holds a child token.
     pub cancel: CancellationToken,
@@ -288,6 +290,7 @@ impl Shard {
             next_session: Cell::new(1),
             forwards: RefCell::new(HashMap::new()),
             pushes: RefCell::new(HashMap::new()),
+            peer_client: std::cell::OnceCell::new(),
             shutdown: RefCell::new(None),
             cancel: CancellationToken::new(),
         })
@@ -509,6 +512,7 @@ impl Shard {
                         partition,
                         epoch,
                         payload: bytes::Bytes::from(crate::storage::encode_ops(&ops)),
+                        ops,
                         shard: self.id,
                         token,
                     };

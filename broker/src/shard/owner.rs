@@ -134,23 +134,29 @@ impl Conv {
         self.members = l.members.into_iter().map(|(u, m)| (Arc::from(u), m)).collect();
     }
 
-    fn from_loaded(id: Arc<str>, partition: u16, l: LoadedConversation) -> Self {
-        let (last_seq, last_ts, ordinal) = l.head.unwrap_or((0, 0, 0));
+    /// A conversation with an empty log, no members and nobody interested.
+    fn new(id: Arc<str>, partition: u16, record: StoredConversation, last_ts: u64) -> Self {
         Self {
             id,
             partition,
-            record: l.record,
-            last_seq,
+            record,
+            last_seq: 0,
             last_ts,
-            ordinal,
-            durable_seq: last_seq,
-            members: l.members.into_iter().map(|(u, m)| (Arc::from(u), m)).collect(),
+            ordinal: 0,
+            durable_seq: 0,
+            members: HashMap::new(),
             interested: 0,
             pending: HashMap::new(),
             waiting: Vec::new(),
             receipt_flushed: HashMap::new(),
             typing: HashMap::new(),
         }
+    }
+
+    fn from_loaded(id: Arc<str>, partition: u16, l: LoadedConversation) -> Self {
+        let mut conv = Self::new(id, partition, StoredConversation::default(), 0);
+        conv.reload(l);
+        conv
     }
 
     fn kind(&self) -> ConversationKind {
@@ -853,21 +859,10 @@ impl Owner {
             member_count: 0,
         };
         let partition = super::partition(&id);
-        let conv = self.convs.entry(id.clone()).or_insert_with(|| Conv {
-            id: id.clone(),
-            partition,
-            record,
-            last_seq: 0,
-            last_ts: ts,
-            ordinal: 0,
-            durable_seq: 0,
-            members: HashMap::new(),
-            interested: 0,
-            pending: HashMap::new(),
-            waiting: Vec::new(),
-            receipt_flushed: HashMap::new(),
-            typing: HashMap::new(),
-        });
+        let conv = self
+            .convs
+            .entry(id.clone())
+            .or_insert_with(|| Conv::new(id.clone(), partition, record, ts));
         let open = batch(&mut self.open, &self.epochs, partition);
         for m in &members {
             let role = if m == user && kind == ConversationKind::Group {
