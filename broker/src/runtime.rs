@@ -174,7 +174,12 @@ pub fn run_with(
     let (writer, writer_join) = storage::writer::spawn(storage.clone())?;
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..shards).map(|_| mpsc::channel(MAILBOX_CAPACITY)).unzip();
     let membership = match config.cluster.listen {
-        Some(_) => {
+        Some(listen) => {
+            // One port for gossip (UDP) and peer RPCs (TCP): the TCP side is held from here on.
+            let peer_listener = crate::cluster::membership::bind_cluster_port(listen)
+                .map_err(crate::cluster::control::ControlError::Io)?;
+            let listen =
+                peer_listener.local_addr().map_err(crate::cluster::control::ControlError::Io)?;
             let identity = crate::cluster::membership::Identity::load(
                 &config.storage.data_dir,
                 config.cluster.node_id,
@@ -183,6 +188,7 @@ pub fn run_with(
                 crate::cluster::membership::Advertise { tcp: bound_tcp, http: bound_http, shards };
             let m = crate::cluster::membership::Membership::start(
                 &config.cluster,
+                listen,
                 identity,
                 advertise,
             )?;
@@ -198,7 +204,7 @@ pub fn run_with(
                 &config.cluster,
                 &config.storage.data_dir,
                 identity.node,
-                m.listen_addr(),
+                peer_listener,
                 m.view(),
                 m.announce(),
                 Some((data, proposals)),

@@ -23,7 +23,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -348,16 +347,17 @@ pub enum ControlError {
 }
 
 impl ControlPlane {
-    /// Opens the control plane's storage, binds the peer RPC listener on `listen` (TCP, the
-    /// gossip port) and starts Raft and the planner on their own thread.
+    /// Opens the control plane's storage, serves peer RPCs on `listener` (TCP, the gossip port;
+    /// see [`super::membership::bind_cluster_port`]) and starts Raft and the planner on their own
+    /// thread.
     ///
     /// # Errors
-    /// When storage cannot be opened or the listener cannot be bound.
+    /// When storage cannot be opened or the listener cannot be used.
     pub fn start(
         config: &ClusterConfig,
         data_dir: &std::path::Path,
         node: NodeId,
-        listen: SocketAddr,
+        listener: std::net::TcpListener,
         gossip: watch::Receiver<Arc<View>>,
         announce: super::membership::Announce,
         data: Option<(
@@ -368,7 +368,7 @@ impl ControlPlane {
         let store = Store::open(data_dir).map_err(|e| ControlError::Storage(e.to_string()))?;
         let (state_machine, machine) =
             StateMachine::open(store.clone()).map_err(|e| ControlError::Storage(e.to_string()))?;
-        let listener = std::net::TcpListener::bind(listen)?;
+        let listen = listener.local_addr()?;
         listener.set_nonblocking(true)?;
         let network = Network::new(Some(listen.ip())).map_err(std::io::Error::other)?;
         let (settle_tx, settle_rx) = tokio::sync::mpsc::channel(64);

@@ -273,17 +273,17 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Starts gossip on its own thread and returns once the UDP socket is bound.
+    /// Starts gossip on `listen` (UDP; a port chosen by [`bind_cluster_port`]) on its own thread
+    /// and returns once the UDP socket is bound.
     ///
     /// # Errors
     /// When the gossip address cannot be bound or the thread cannot start.
     pub fn start(
         config: &ClusterConfig,
+        listen: SocketAddr,
         identity: Identity,
         advertise: Advertise,
     ) -> std::io::Result<Self> {
-        let listen = config.listen.ok_or_else(|| std::io::Error::other("cluster.listen unset"))?;
-        let listen = resolve_port(listen)?;
         let gossip = config.advertise.map_or(listen, |a| dialable(a, listen));
         let chitchat_config = ChitchatConfig {
             chitchat_id: ChitchatId::new(identity.node.to_string(), identity.generation, gossip),
@@ -391,12 +391,28 @@ impl Drop for Membership {
     }
 }
 
-/// Port 0 picks a free UDP port (chitchat needs the address before it binds).
-fn resolve_port(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+/// Binds the cluster port's TCP side (the peer listener) on `addr`, where gossip then takes the
+/// same port number over UDP.
+///
+/// Port 0 picks a TCP port that is free over UDP too: the TCP listener is held from here on (so
+/// no outgoing connection can take its number, as one could from a port only probed), and a port
+/// whose UDP side is taken is tried again with another.
+///
+/// # Errors
+/// When the address cannot be bound, or no port free on both sides is found.
+pub fn bind_cluster_port(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     if addr.port() != 0 {
-        return Ok(addr);
+        return std::net::TcpListener::bind(addr);
     }
-    std::net::UdpSocket::bind(addr)?.local_addr()
+    let mut last = None;
+    for _ in 0..64 {
+        let tcp = std::net::TcpListener::bind(addr)?;
+        match std::net::UdpSocket::bind(tcp.local_addr()?) {
+            Ok(_) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free cluster port")))
 }
 
 async fn run(
