@@ -12,7 +12,7 @@ import { after, before, describe, it } from 'node:test';
 import {
   artifactsDir, assertOrdered, directId, ensureArtifactsDir, eventually, launchBrowser, messages,
   openConversation, rows, send, signIn, startBroker, startDirect, text, tid, uniqueUser,
-  waitConnected, waitForMessage,
+  waitConnected, waitForMessage, waitForReceipt,
 } from './harness.js';
 
 const TEST_TIMEOUT_MS = 120_000;
@@ -141,8 +141,7 @@ describe('demo chat page in Chromium', () => {
       const align = await alice.page.$eval('[data-testid="message"][data-own="true"]', (e) => getComputedStyle(e).alignSelf);
       assert.equal(align, 'flex-end');
       // Alice's latest own message ("great 🎉") is read by Bob, who has the conversation open.
-      await eventually(async () => assert.equal(await text(alice.page, 'receipt-status'), `Read by ${bob.name}`),
-        { timeoutMs: 10_000, message: 'read receipt' });
+      await waitForReceipt(alice.page, 'great 🎉', `Read by ${bob.name}`);
     }));
 
   it('a user who was offline catches up on the messages sent meanwhile, without duplicates',
@@ -184,7 +183,7 @@ describe('demo chat page in Chromium', () => {
       expected.push('welcome back');
       await waitForMessage(bob.page, 'welcome back');
       // Bob, who has the conversation open, has read it (and Alice was told) before he leaves.
-      await eventually(async () => assert.equal(await text(alice.page, 'receipt-status'), `Read by ${bob.name}`));
+      await waitForReceipt(alice.page, 'welcome back', `Read by ${bob.name}`);
 
       // 2. Bob closes the tab altogether, messages are sent, he opens a new tab and signs in again.
       await bob.page.close();
@@ -305,7 +304,7 @@ describe('demo chat page in Chromium', () => {
       await waitForMessage(bob.page, 'three');
       await eventually(async () => assert.equal(await tid(bob.page, `unread-${dmAB}`).isVisible(), false));
       assert.equal(await text(bob.page, `unread-${dmCB}`), '1');
-      await eventually(async () => assert.equal(await text(alice.page, 'receipt-status'), `Read by ${bob.name}`));
+      await waitForReceipt(alice.page, 'three', `Read by ${bob.name}`);
       // A message to the open conversation does not count as unread.
       await send(alice.page, 'four');
       await waitForMessage(bob.page, 'four');
@@ -409,8 +408,7 @@ describe('demo chat page in Chromium', () => {
       await waitForMessage(alice.page, 'Same here. I will bring the slides.');
       await send(alice.page, 'Great, see you there!');
       for (const u of [bob, carol]) await waitForMessage(u.page, 'Great, see you there!');
-      await eventually(async () => assert.equal(await text(alice.page, 'receipt-status'), 'Read by 2 of 2'),
-        { message: 'group receipt' });
+      await waitForReceipt(alice.page, 'Great, see you there!', 'Read by 2 of 2');
       // Others' messages in a group name their sender.
       const meta = await alice.page.$eval(`[data-testid="message"][data-sender="${bob.name}"] .meta`, (e) => e.textContent);
       assert.ok(meta.startsWith(`${bob.name} · `), meta);

@@ -246,6 +246,22 @@ export async function waitForMessage(page, text, timeoutMs = 10_000) {
   }, { timeoutMs });
 }
 
+/** Waits until the receipt status under the own message `ownText` (once it has its seq) reads
+ * `expected`: a status left from an earlier own message, shown before this one is
+ * acknowledged, does not count. */
+export async function waitForReceipt(page, ownText, expected, { timeoutMs = 10_000 } = {}) {
+  await eventually(async () => {
+    const own = (await messages(page)).find((r) => r.own && r.text === ownText && r.seq > 0);
+    if (!own) throw new Error(`own message ${JSON.stringify(ownText)} not acknowledged yet`);
+    const status = tid(page, 'receipt-status');
+    const forSeq = await status.getAttribute('data-for-seq');
+    const shown = (await status.textContent()) ?? '';
+    if (forSeq !== String(own.seq) || shown !== expected) {
+      throw new Error(`receipt status ${JSON.stringify(shown)} for seq ${forSeq}, want ${JSON.stringify(expected)} for seq ${own.seq}`);
+    }
+  }, { timeoutMs, message: `receipt ${JSON.stringify(expected)} for ${JSON.stringify(ownText)}` });
+}
+
 export async function text(page, id) {
   return (await tid(page, id).textContent()) ?? '';
 }

@@ -251,3 +251,23 @@ async fn given_coalesced_receipt_when_broker_stops_gracefully_should_be_kept() {
     assert_eq!(unread(&mut bob, &conv).await, 0);
     assert_eq!(mark_read(&mut bob, &conv, 0).await.read_seq, 4);
 }
+
+#[tokio::test]
+async fn given_a_read_mark_within_the_coalescing_second_when_the_reader_reconnects_should_list_it_as_read()
+ {
+    let broker = Broker::start();
+    let (mut alice, _) = broker.raw_as("alice").await;
+    let conv = alice.create_direct("bob").await;
+    for i in 0..3 {
+        alice.request(send(&conv, &format!("m{i}"))).await; // 2..=4
+    }
+    let (mut bob, _) = broker.raw_as("bob").await;
+    mark_read(&mut bob, &conv, 2).await; // written and pushed at once
+    mark_read(&mut bob, &conv, 4).await; // pushed at the end of its second
+    drop(bob);
+    // Alice's acknowledged send is in a batch no earlier than bob's mark: once it is durable,
+    // so is the mark (well before the coalescing second ends).
+    alice.request(send(&conv, "m3")).await; // 5
+    let (mut bob, _) = broker.raw_as("bob").await;
+    assert_eq!(unread(&mut bob, &conv).await, 1, "only what came after the mark is unread");
+}

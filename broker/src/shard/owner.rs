@@ -1004,9 +1004,10 @@ impl Owner {
     }
 
     /// `MarkRead` / `MarkDelivered`: watermarks only move forward, never past the durable log,
-    /// and read implies delivered. The reply is immediate; the write and the push to the
-    /// conversation are coalesced to one per member and conversation per second (the first
-    /// change after a quiet second goes out at once, later ones at the end of the second).
+    /// and read implies delivered. The reply is immediate and the change is written with the
+    /// next batch; the push to the conversation is coalesced to one per member and conversation
+    /// per second (the first change after a quiet second goes out at once, later ones at the
+    /// end of the second).
     #[allow(clippy::too_many_arguments)]
     fn mark(
         &mut self,
@@ -1055,6 +1056,13 @@ impl Owner {
                 );
                 out.flush = true;
             } else {
+                // Written with the next batch (a reader who reconnects at once lists what they
+                // read); pushed, and written again with the latest values, at the end of the
+                // coalescing second.
+                batch(&mut self.open, &self.epochs, conv.partition)
+                    .dirty_members
+                    .insert((conv.id.clone(), user.clone()));
+                out.flush = true;
                 self.pending_receipts.insert((conv.id.clone(), user.clone()));
             }
             if read && self.push_group_max.is_some() {
