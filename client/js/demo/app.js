@@ -636,9 +636,8 @@ function onMessage(m) {
       // An own message moves the own read watermark to it.
       c.readSeq = maxBig(c.readSeq, seq);
       c.unread = 0;
-    } else if (isUserMessage(m) && seq > c.readSeq) {
-      if (isOpenAndVisible(id)) scheduleMarkRead();
-      else c.unread += 1;
+    } else if (isUserMessage(m) && seq > c.readSeq && !isOpenAndVisible(id)) {
+      c.unread += 1;
     }
     if (m.system && !c.direct) {
       const s = m.system;
@@ -651,6 +650,8 @@ function onMessage(m) {
     // Before the first history page is in, keep entries for after it.
     if (!open.loaded) { open.early.push(m); return; }
     showLive(open, m, isNew);
+    // Marked read once shown (the mark covers the newest row shown).
+    if (isNew && isUserMessage(m) && m.sender !== me && isOpenAndVisible(id)) scheduleMarkRead();
   }
 }
 
@@ -660,7 +661,13 @@ function showLive(o, m, isNew) {
   if (o.minSeq !== null && big(m.seq) < o.minSeq) return;
   const atBottom = nearBottom();
   insertRow(o, m);
-  if (isUserMessage(m)) clearTyping(o, m.sender);
+  if (isUserMessage(m)) {
+    clearTyping(o, m.sender);
+    // A sender has read everything up to their own message (no receipt is pushed for it).
+    const prev = o.receipts.get(m.sender) || { readSeq: 0n, deliveredSeq: 0n };
+    const seq = big(m.seq);
+    o.receipts.set(m.sender, { readSeq: maxBig(prev.readSeq, seq), deliveredSeq: maxBig(prev.deliveredSeq, seq) });
+  }
   if (atBottom || m.sender === me) scrollToBottom();
   if (isNew && m.system && (m.system.membersAdded || m.system.membersRemoved || m.system.memberLeft)) {
     loadReceipts(o).catch(() => {});
