@@ -513,6 +513,39 @@ async fn given_three_nodes_when_the_leader_of_a_busy_conversation_is_killed_shou
 }
 
 #[tokio::test]
+async fn given_a_history_larger_than_a_peer_frame_when_its_leader_dies_should_fail_over_and_keep_it()
+ {
+    let mut cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    let (conv, _, leader) = conversation(&cluster, None, 0).await;
+    // About 19 MiB of messages in one partition's log: more than one peer request may carry
+    // (16 MiB), so the new leader's adoption must not need the whole log from anyone.
+    let pad = "x".repeat(60 << 10);
+    let (mut c, _) = cluster.nodes[leader].raw_as("alice").await;
+    let mut acks: HashMap<String, u64> = HashMap::new();
+    for i in 0..320 {
+        let key = format!("big-{i}");
+        let send = switchboard_protocol::Send {
+            conversation_id: conv.clone(),
+            client_msg_id: key.clone(),
+            content: Some(switchboard_protocol::Content::text(format!("{key} {pad}"))),
+        };
+        match c.request(client_frame::Kind::Send(send)).await {
+            server_frame::Kind::SendAck(a) => acks.insert(key, a.seq),
+            other => panic!("{other:?}"),
+        };
+    }
+    drop(c);
+    cluster.nodes[leader].kill();
+    let alive: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
+    send_until_acked(&cluster, &alive, &conv, keys("after", 0..5), &mut acks).await;
+    let expected = history(&acks);
+    for &i in &alive {
+        wait_log(&cluster, i, &conv, &expected).await;
+    }
+}
+
+#[tokio::test]
 async fn given_a_paused_leader_when_superseded_should_acknowledge_only_what_a_majority_holds() {
     let cluster = Cluster::start(3, &fast_gossip());
     wait_all_serving(&cluster, &[0, 1, 2]).await;

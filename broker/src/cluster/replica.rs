@@ -14,12 +14,14 @@
 //!    appends of lower epochs. A superseded leader can therefore never again gather a majority:
 //!    any majority it asks includes a replica that promised the newer epoch.
 //! 3. **A new leader adopts before it serves.** The epoch-`e` leader asks every replica of `S`
-//!    to promise `e`; each promise carries the replica's log. With a majority of promises it
-//!    adopts the most advanced log among them (highest `(last_epoch, last_index)`) and appends
-//!    its epoch marker (rule 5). Every
+//!    to promise `e`; each promise carries the replica's log after the leader's committed
+//!    *base* entry (or, from a replica that does not hold the base, only its length and last
+//!    epoch). With a majority of promises it adopts the most advanced log among them (highest
+//!    `(last_epoch, last_index)`) and appends its epoch marker (rule 5). Every
 //!    committed entry was fsynced by a majority in some epoch, that majority intersects this
 //!    one, and logs only ever extend a leader's log, so the most advanced log contains every
-//!    committed entry (as in Raft's leader completeness).
+//!    committed entry (as in Raft's leader completeness), the base among them; a log without
+//!    the base therefore ranks lower and its entries are not needed.
 //! 4. **Appends check continuity.** An append carries `(prev_index, prev_epoch)`; a replica
 //!    whose log does not hold that entry refuses, and the leader backs off. Where an appended
 //!    entry differs in epoch from what the replica holds, the replica truncates its suffix
@@ -43,6 +45,26 @@ use std::collections::{BTreeMap, BTreeSet};
 
 /// Most entries one append carries (a follower far behind catches up over several).
 pub const MAX_APPEND: Index = 64;
+/// Most payload bytes one append carries (it carries at least one entry, whatever its size).
+pub const MAX_APPEND_BYTES: usize = 4 << 20;
+
+/// The size of a payload on the wire, which bounds appends ([`MAX_APPEND_BYTES`]).
+pub trait Weigh {
+    /// Bytes.
+    fn weight(&self) -> usize;
+}
+
+impl Weigh for bytes::Bytes {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+impl Weigh for u64 {
+    fn weight(&self) -> usize {
+        8
+    }
+}
 
 /// An epoch, allocated by the control plane; 0 is "none yet".
 pub type Epoch = u64;
@@ -64,18 +86,29 @@ pub struct Entry<T> {
 /// Replication messages between the replicas of one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg<T> {
-    /// Leader → replica: promise to follow `epoch`.
+    /// Leader → replica: promise to follow `epoch`. `(base, base_epoch)` is an entry of the
+    /// leader's durable log known to be committed (0: none): a promise carries only the log
+    /// after it.
     Promise {
         /// The leader's epoch.
         epoch: Epoch,
+        /// Index of the leader's committed entry the promise's log continues from.
+        base: Index,
+        /// Epoch of that entry (0 when `base` is 0).
+        base_epoch: Epoch,
     },
-    /// Replica → leader: promised, durably; here is my log (in a real transfer: its suffix
-    /// after the last index both sides know to be committed).
+    /// Replica → leader: promised, durably; here is my durable log: its length and last epoch,
+    /// and its entries after the leader's base when it holds that entry.
     Promised {
         /// The promised epoch.
         epoch: Epoch,
-        /// The replica's whole log.
-        log: Vec<Entry<T>>,
+        /// Length of the replica's durable log.
+        len: Index,
+        /// Epoch of its last entry (0 when empty).
+        last_epoch: Epoch,
+        /// `(base, entries base + 1 ..= len)` when the replica holds the leader's base entry;
+        /// `None` when it does not (its log is then never the most advanced, see `try_adopt`).
+        after_base: Option<(Index, Vec<Entry<T>>)>,
     },
     /// Leader → replica: entries after `prev_index`, and the leader's commit point.
     Append {
@@ -148,18 +181,30 @@ pub struct Durable<T> {
     pub promised: Epoch,
     /// The log as of the last completed sync.
     pub log: Vec<Entry<T>>,
+    /// An index known committed (the broker's applied index; any committed index will do,
+    /// 0 always does). Recovery takes it, up to the log's length, as the commit point.
+    pub committed: Index,
 }
 
 impl<T> Default for Durable<T> {
     fn default() -> Self {
-        Self { promised: 0, log: Vec::new() }
+        Self { promised: 0, log: Vec::new(), committed: 0 }
     }
+}
+
+/// A promise as the leader keeps it.
+#[derive(Debug)]
+struct Promise<T> {
+    len: Index,
+    last_epoch: Epoch,
+    /// The entries after the leader's base, when the promiser holds the base entry.
+    after_base: Option<Vec<Entry<T>>>,
 }
 
 #[derive(Debug)]
 enum Phase<T> {
     /// Collecting promises: who promised, with which log.
-    Promising { promised: BTreeMap<NodeId, Vec<Entry<T>>> },
+    Promising { promised: BTreeMap<NodeId, Promise<T>> },
     /// Replicating the adopted log; serving once `commit >= adopted`.
     Replicating { adopted: Index },
 }
@@ -167,6 +212,9 @@ enum Phase<T> {
 #[derive(Debug)]
 struct Leading<T> {
     epoch: Epoch,
+    /// The committed entry `(index, epoch)` of this replica's durable log that promises
+    /// continue from (fixed for the epoch).
+    base: (Index, Epoch),
     /// Replica set of this epoch.
     set: BTreeSet<NodeId>,
     /// Replica set of the previous epoch when `set` is a change of it (majorities of both).
@@ -214,7 +262,7 @@ pub struct Replica<T> {
     leading: Option<Leading<T>>,
 }
 
-impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
+impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
     /// A replica restarting from its durable state (a new one from `Durable::default()`).
     /// Nothing is known committed until a leader says so.
     #[must_use]
@@ -225,7 +273,7 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
             promised: durable.promised,
             log: durable.log,
             synced,
-            commit: 0,
+            commit: durable.committed.min(synced),
             unsynced_acks: Vec::new(),
             leading: None,
         }
@@ -330,10 +378,24 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         // Promising itself: durable before anything else happens (the caller persists
         // [`Replica::promised`] synchronously with this call).
         self.promised = epoch;
+        // Promises continue from a committed entry this replica holds durably: every
+        // committed entry is in the most advanced log of any majority, so nothing up to it
+        // needs to travel.
+        let base = self.commit.min(self.synced);
+        let base_epoch = base.checked_sub(1).map_or(0, |i| self.log[i as usize].epoch);
+        let durable = &self.log[..self.synced as usize];
         let mut promised = BTreeMap::new();
-        promised.insert(self.id, self.log[..self.synced as usize].to_vec());
+        promised.insert(
+            self.id,
+            Promise {
+                len: self.synced,
+                last_epoch: durable.last().map_or(0, |e| e.epoch),
+                after_base: Some(durable[base as usize..].to_vec()),
+            },
+        );
         let l = Leading {
             epoch,
+            base: (base, base_epoch),
             set,
             old_set,
             phase: Phase::Promising { promised },
@@ -341,7 +403,7 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
             matched: BTreeMap::new(),
         };
         for to in l.followers(self.id) {
-            out.push(Out::Send { to, msg: Msg::Promise { epoch } });
+            out.push(Out::Send { to, msg: Msg::Promise { epoch, base, base_epoch } });
         }
         self.leading = Some(l);
         self.try_adopt(&mut out);
@@ -375,9 +437,13 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         let Some(l) = &self.leading else { return out };
         match &l.phase {
             Phase::Promising { promised } => {
+                let (base, base_epoch) = l.base;
                 for to in l.followers(self.id) {
                     if !promised.contains_key(&to) {
-                        out.push(Out::Send { to, msg: Msg::Promise { epoch: l.epoch } });
+                        out.push(Out::Send {
+                            to,
+                            msg: Msg::Promise { epoch: l.epoch, base, base_epoch },
+                        });
                     }
                 }
             }
@@ -432,18 +498,31 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
     pub fn handle(&mut self, from: NodeId, msg: Msg<T>) -> Vec<Out<T>> {
         let mut out = Vec::new();
         match msg {
-            Msg::Promise { epoch } => {
+            Msg::Promise { epoch, base, base_epoch } => {
                 if epoch < self.promised || (epoch == self.promised && self.leads(epoch)) {
                     out.push(Out::Send { to: from, msg: Msg::Stale { promised: self.promised } });
                 } else {
                     self.observe_epoch(epoch, &mut out);
                     // The promise is durable before the reply (the caller persists it with the
                     // reply). Only the synced log is offered: an unsynced suffix may vanish.
-                    let log = self.log[..self.synced as usize].to_vec();
-                    out.push(Out::Send { to: from, msg: Msg::Promised { epoch, log } });
+                    // Of it, only what follows the leader's committed base entry travels.
+                    let durable = &self.log[..self.synced as usize];
+                    let holds = base == 0
+                        || durable.get(base as usize - 1).is_some_and(|e| e.epoch == base_epoch);
+                    let after_base = holds.then(|| (base, durable[base as usize..].to_vec()));
+                    let msg = Msg::Promised {
+                        epoch,
+                        len: self.synced,
+                        last_epoch: durable.last().map_or(0, |e| e.epoch),
+                        after_base,
+                    };
+                    out.push(Out::Send { to: from, msg });
                 }
             }
-            Msg::Promised { epoch, log } => self.on_promised(from, epoch, log, &mut out),
+            Msg::Promised { epoch, len, last_epoch, after_base } => {
+                let promise = Promise { len, last_epoch, after_base: None };
+                self.on_promised(from, epoch, promise, after_base, &mut out);
+            }
             Msg::Append { epoch, prev_index, prev_epoch, entries, commit } => {
                 self.on_append(from, epoch, prev_index, prev_epoch, entries, commit, &mut out);
             }
@@ -486,15 +565,18 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         &mut self,
         from: NodeId,
         epoch: Epoch,
-        log: Vec<Entry<T>>,
+        mut promise: Promise<T>,
+        after_base: Option<(Index, Vec<Entry<T>>)>,
         out: &mut Vec<Out<T>>,
     ) {
         let Some(l) = self.leading.as_mut() else { return };
         if l.epoch != epoch {
             return;
         }
+        let base = l.base.0;
         if let Phase::Promising { promised } = &mut l.phase {
-            promised.insert(from, log);
+            promise.after_base = after_base.filter(|(b, _)| *b == base).map(|(_, log)| log);
+            promised.insert(from, promise);
             self.try_adopt(out);
         }
     }
@@ -509,16 +591,24 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
             return;
         }
         let promised = std::mem::take(promised);
-        let best = promised
-            .values()
-            .max_by_key(|log| (log.last().map_or(0, |e| e.epoch), log.len()))
-            .cloned()
-            .unwrap_or_default();
+        // The most advanced log holds every committed entry, the base among them, so it is
+        // one that holds the base: two logs ending in the same (index, epoch) are equal, so a
+        // log without the base ranks strictly lower.
+        let base = l.base.0 as usize;
+        let rank = |p: &Promise<T>| (p.last_epoch, p.len);
+        let best = promised.values().filter(|p| p.after_base.is_some()).max_by_key(|p| rank(p));
+        let best_rank = best.map(rank);
+        debug_assert!(
+            promised.values().all(|p| p.after_base.is_some() || Some(rank(p)) < best_rank),
+            "a log without the committed base entry ranks highest"
+        );
+        let best = best.and_then(|p| p.after_base.as_deref()).unwrap_or_default();
         // The leader's own log becomes the adopted one (its own divergent suffix, never
         // committed, is dropped). It is rewritten durably before it counts for itself.
-        let own_prefix = common_prefix(&self.log, &best);
-        if own_prefix < self.log.len() || best.len() > self.log.len() {
-            self.log = best;
+        let own_prefix = base + common_prefix(&self.log[base..], best);
+        if own_prefix < self.log.len() || base + best.len() > self.log.len() {
+            self.log.truncate(base);
+            self.log.extend_from_slice(best);
             self.synced = self.synced.min(own_prefix as Index);
         }
         // The epoch marker: the first entry of this epoch. Committing it (a majority holds it)
@@ -528,14 +618,22 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         self.log.push(Entry { epoch: l.epoch, payload: None });
         let adopted = self.log.len() as Index;
         // Where each promiser's log first differs is known from its promise.
-        for (node, log) in &promised {
+        for (node, p) in &promised {
             if *node != self.id {
-                let lcp = common_prefix(log, &self.log) as Index;
                 // The promised log was durable; its prefix matching the adopted log stays
                 // (nothing truncates it in this epoch but this leader's own appends). Commit
-                // counting cannot misuse it: it ends before this epoch's marker.
-                l.sent.insert(*node, lcp);
-                l.matched.insert(*node, lcp);
+                // counting cannot misuse it: it ends before this epoch's marker. A promiser
+                // without the base matches up to somewhere before it: appends start after its
+                // length or the base (whichever is lower) and back off on a mismatch.
+                let (sent, matched) = match &p.after_base {
+                    Some(log) => {
+                        let lcp = (base + common_prefix(log, &self.log[base..])) as Index;
+                        (lcp, lcp)
+                    }
+                    None => (p.len.min(base as Index), 0),
+                };
+                l.sent.insert(*node, sent);
+                l.matched.insert(*node, matched);
             }
         }
         for node in l.followers(self.id) {
@@ -568,13 +666,22 @@ impl<T: Clone + PartialEq + std::fmt::Debug> Replica<T> {
         }
     }
 
-    /// Sends one append to `to` starting at `from_index` (at most [`MAX_APPEND`] entries).
+    /// Sends one append to `to` starting at `from_index` (at most [`MAX_APPEND`] entries and
+    /// [`MAX_APPEND_BYTES`] of payload, at least one entry).
     fn send_from(&mut self, to: NodeId, from_index: Index, out: &mut Vec<Out<T>>) {
         let Some(l) = self.leading.as_mut() else { return };
         let len = self.log.len() as Index;
         let prev_index = from_index.clamp(1, len + 1) - 1;
         let prev_epoch = if prev_index == 0 { 0 } else { self.log[prev_index as usize - 1].epoch };
-        let upto = len.min(prev_index + MAX_APPEND);
+        let mut upto = prev_index;
+        let mut bytes = 0;
+        for e in &self.log[prev_index as usize..len.min(prev_index + MAX_APPEND) as usize] {
+            bytes += e.payload.as_ref().map_or(0, Weigh::weight);
+            if upto > prev_index && bytes > MAX_APPEND_BYTES {
+                break;
+            }
+            upto += 1;
+        }
         let entries = self.log[prev_index as usize..upto as usize].to_vec();
         l.sent.insert(to, upto);
         out.push(Out::Send {

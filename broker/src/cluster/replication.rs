@@ -90,10 +90,11 @@ mod wire {
         /// The epoch (the promised one, for Stale).
         #[prost(uint64, tag = "3")]
         pub epoch: u64,
-        /// `prev_index` (Append, Mismatch) or `index` (Appended).
+        /// `prev_index` (Append, Mismatch), `index` (Appended) or the base (Promise,
+        /// Promised).
         #[prost(uint64, tag = "4")]
         pub index: u64,
-        /// `prev_epoch` (Append).
+        /// `prev_epoch` (Append), the base's epoch (Promise) or the last entry's (Promised).
         #[prost(uint64, tag = "5")]
         pub prev_epoch: u64,
         /// The commit index (Append).
@@ -102,9 +103,13 @@ mod wire {
         /// The log (Promised) or the entries (Append).
         #[prost(message, repeated, tag = "7")]
         pub entries: Vec<Entry>,
-        /// The replica's log length (Mismatch).
+        /// The replica's log length (Mismatch, Promised).
         #[prost(uint64, tag = "8")]
         pub len: u64,
+        /// Promised: the entries follow the leader's base (`index`); without it the promiser
+        /// does not hold the base and carries no entries.
+        #[prost(bool, tag = "9")]
+        pub holds_base: bool,
     }
 
     /// A frame.
@@ -125,14 +130,22 @@ fn to_wire(partition: PartitionId, msg: Msg<Bytes>) -> wire::Msg {
     };
     let mut w = wire::Msg { partition: u32::from(partition), ..wire::Msg::default() };
     match msg {
-        Msg::Promise { epoch } => {
+        Msg::Promise { epoch, base, base_epoch } => {
             w.kind = 1;
             w.epoch = epoch;
+            w.index = base;
+            w.prev_epoch = base_epoch;
         }
-        Msg::Promised { epoch, log } => {
+        Msg::Promised { epoch, len, last_epoch, after_base } => {
             w.kind = 2;
             w.epoch = epoch;
-            w.entries = entries(log);
+            w.len = len;
+            w.prev_epoch = last_epoch;
+            if let Some((base, log)) = after_base {
+                w.holds_base = true;
+                w.index = base;
+                w.entries = entries(log);
+            }
         }
         Msg::Append { epoch, prev_index, prev_epoch, entries: log, commit } => {
             w.kind = 3;
@@ -173,8 +186,13 @@ fn from_wire(mut w: wire::Msg) -> Option<(PartitionId, Msg<Bytes>)> {
         entries.into_iter().map(|e| Entry { epoch: e.epoch, payload: e.payload }).collect()
     };
     let msg = match w.kind {
-        1 => Msg::Promise { epoch: w.epoch },
-        2 => Msg::Promised { epoch: w.epoch, log: log() },
+        1 => Msg::Promise { epoch: w.epoch, base: w.index, base_epoch: w.prev_epoch },
+        2 => Msg::Promised {
+            epoch: w.epoch,
+            len: w.len,
+            last_epoch: w.prev_epoch,
+            after_base: w.holds_base.then(|| (w.index, log())),
+        },
         3 => Msg::Append {
             epoch: w.epoch,
             prev_index: w.index,
@@ -535,7 +553,7 @@ impl Engine {
                     (None, None) => None,
                 };
                 if let Some(promised) = promised {
-                    self.durable.insert(p, Durable { promised, log: Vec::new() });
+                    self.durable.insert(p, Durable { promised, ..Durable::default() });
                     self.dropped.push(p);
                 }
                 continue;
@@ -594,7 +612,9 @@ impl Engine {
         let (node, durable) = (self.node, &mut self.durable);
         let applied = self.applied_at_start.get(&p).copied().unwrap_or(0);
         self.slots.entry(p).or_insert_with(|| {
-            let d = durable.remove(&p).unwrap_or_default();
+            // The applied index is committed: promises this replica asks for as a leader
+            // continue from there.
+            let d = Durable { committed: applied, ..durable.remove(&p).unwrap_or_default() };
             let (stored_promise, stored_len) = (d.promised, d.log.len() as Index);
             Slot {
                 replica: Replica::recover(node, d),
@@ -759,7 +779,7 @@ impl Engine {
     fn receive(&mut self, (from, msgs): Batch, outs: &mut Vec<(PartitionId, Out<Bytes>)>) {
         for (p, msg) in msgs {
             let epoch = match &msg {
-                Msg::Promise { epoch }
+                Msg::Promise { epoch, .. }
                 | Msg::Promised { epoch, .. }
                 | Msg::Append { epoch, .. }
                 | Msg::Appended { epoch, .. }
@@ -928,19 +948,66 @@ async fn next<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     }
 }
 
+/// Largest frame body sent to a peer (short of the peer server's 16 MiB body limit): messages
+/// beyond it go in the next POST. A larger message is sent alone.
+const MAX_FRAME_BYTES: usize = 8 << 20;
+
+/// Messages waiting for a POST to one peer, with their encoded sizes.
+#[derive(Default)]
+struct FrameQueue {
+    msgs: std::collections::VecDeque<(usize, wire::Msg)>,
+    bytes: usize,
+}
+
+impl FrameQueue {
+    fn push(&mut self, msgs: Vec<wire::Msg>) {
+        for m in msgs {
+            let size = prost::Message::encoded_len(&m);
+            self.bytes += size;
+            self.msgs.push_back((size, m));
+        }
+    }
+
+    /// The next frame's messages, in order: up to [`MAX_FRAME_BYTES`], at least one.
+    fn next_frame(&mut self) -> Vec<wire::Msg> {
+        let mut out = Vec::new();
+        let mut size = 0;
+        while let Some(&(n, _)) = self.msgs.front() {
+            if !out.is_empty() && size + n > MAX_FRAME_BYTES {
+                break;
+            }
+            size += n;
+            self.bytes -= n;
+            out.extend(self.msgs.pop_front().map(|(_, m)| m));
+        }
+        out
+    }
+}
+
 /// Sends frames to one peer in order, merging whatever queued up while the previous POST was
-/// in flight. A failed POST is dropped: the protocol retransmits on its ticks.
+/// in flight, up to [`MAX_FRAME_BYTES`] per POST. A failed POST is dropped: the protocol
+/// retransmits on its ticks.
 async fn send_loop(
     client: reqwest::Client,
     addr: String,
     from: NodeId,
     mut rx: mpsc::Receiver<Vec<wire::Msg>>,
 ) {
-    while let Some(mut msgs) = rx.recv().await {
-        while let Ok(more) = rx.try_recv() {
-            msgs.extend(more);
+    let mut queue = FrameQueue::default();
+    loop {
+        if queue.msgs.is_empty() {
+            let Some(msgs) = rx.recv().await else { return };
+            queue.push(msgs);
         }
-        let body = wire::Frame { from, msgs }.encode_to_vec();
+        // Only about a frame's worth leaves the channel: a slow peer fills it, and the engine
+        // then drops frames (retransmitted later) rather than queueing without bound here.
+        while queue.bytes < MAX_FRAME_BYTES {
+            match rx.try_recv() {
+                Ok(more) => queue.push(more),
+                Err(_) => break,
+            }
+        }
+        let body = wire::Frame { from, msgs: queue.next_frame() }.encode_to_vec();
         super::raft::post_protobuf(&client, &addr, PATH, body, Duration::from_secs(2)).await;
     }
 }
@@ -950,11 +1017,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn given_queued_messages_beyond_a_frame_should_split_them_in_order_and_send_a_large_one_alone()
+    {
+        let msg = |partition: u32, bytes: usize| wire::Msg {
+            partition,
+            kind: 3,
+            entries: vec![wire::Entry { epoch: 1, payload: Some(Bytes::from(vec![0u8; bytes])) }],
+            ..wire::Msg::default()
+        };
+        let mut q = FrameQueue::default();
+        let third = MAX_FRAME_BYTES / 3;
+        q.push(vec![msg(1, third), msg(2, third), msg(3, third)]);
+        q.push(vec![msg(4, MAX_FRAME_BYTES * 2), msg(5, 10)]);
+        let frames: Vec<Vec<u32>> = std::iter::from_fn(|| {
+            let f = q.next_frame();
+            (!f.is_empty()).then(|| f.iter().map(|m| m.partition).collect())
+        })
+        .collect();
+        assert_eq!(frames, vec![vec![1, 2], vec![3], vec![4], vec![5]]);
+        assert_eq!(q.bytes, 0);
+    }
+
+    #[test]
     fn given_every_message_kind_should_survive_the_wire() {
         let e = |epoch, p: Option<&'static str>| Entry { epoch, payload: p.map(Bytes::from) };
         let msgs = vec![
-            Msg::Promise { epoch: 3 },
-            Msg::Promised { epoch: 3, log: vec![e(1, Some("a")), e(3, None)] },
+            Msg::Promise { epoch: 3, base: 7, base_epoch: 2 },
+            Msg::Promised {
+                epoch: 3,
+                len: 9,
+                last_epoch: 3,
+                after_base: Some((7, vec![e(1, Some("a")), e(3, None)])),
+            },
+            Msg::Promised { epoch: 3, len: 4, last_epoch: 1, after_base: None },
             Msg::Append {
                 epoch: 4,
                 prev_index: 2,
@@ -979,7 +1074,7 @@ mod tests {
     fn given_an_unknown_kind_or_partition_should_drop_the_message() {
         let unknown = wire::Msg { kind: 99, ..wire::Msg::default() };
         assert!(from_wire(unknown).is_none());
-        let outside = to_wire(0, Msg::Promise { epoch: 1 });
+        let outside = to_wire(0, Msg::Promise { epoch: 1, base: 0, base_epoch: 0 });
         assert!(from_wire(wire::Msg { partition: 1024, ..outside }).is_none());
     }
 

@@ -16,7 +16,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
-use super::replica::{Durable, Epoch, Index, Msg, NodeId, Out, Replica};
+use super::replica::{Durable, Entry, Epoch, Index, Msg, NodeId, Out, Replica};
 
 /// SplitMix64: small, fast, and the same on every platform.
 struct Rng(u64);
@@ -234,10 +234,9 @@ impl Sim {
                 }
                 if self.verbose {
                     let what = match &msg {
-                        Msg::Promised { epoch, log } => format!(
-                            "Promised e{epoch} len {} last {:?}",
-                            log.len(),
-                            log.last().map(|e| (e.epoch, e.payload))
+                        Msg::Promised { epoch, len, last_epoch, after_base } => format!(
+                            "Promised e{epoch} len {len} last epoch {last_epoch} after base {:?}",
+                            after_base.as_ref().map(|(b, log)| (*b, log.len()))
                         ),
                         Msg::Append { epoch, prev_index, prev_epoch, entries, commit } => format!(
                             "Append e{epoch} prev ({prev_index},{prev_epoch}) n {} commit {commit}",
@@ -274,6 +273,11 @@ impl Sim {
                     let keep = n.replica.durable_prefix() as usize;
                     n.disk.log.truncate(keep);
                     n.disk.log.extend_from_slice(&n.replica.log()[keep..]);
+                    // The broker's applied index (committed, written lazily): usually the
+                    // commit point, sometimes left behind.
+                    if self.rng.below(4) != 0 {
+                        n.disk.committed = n.replica.commit_index();
+                    }
                     let outs = n.replica.synced();
                     self.apply(node, outs)?;
                 }
@@ -649,14 +653,14 @@ fn given_replica_set_changes_under_faults_should_never_lose_or_diverge() {
 /// Delivers every message in `outs` (and the replies they cause) among `replicas`, syncing
 /// every replica after each delivery, until nothing is left; `pass(from, to, msg)` decides
 /// which messages arrive. Returns what was not a message.
-fn settle_where(
-    replicas: &mut [&mut Replica<u64>],
+fn settle_where<T: Clone + PartialEq + std::fmt::Debug + super::replica::Weigh>(
+    replicas: &mut [&mut Replica<T>],
     from: NodeId,
-    outs: Vec<Out<u64>>,
-    pass: impl Fn(NodeId, NodeId, &Msg<u64>) -> bool,
-) -> Vec<Out<u64>> {
+    outs: Vec<Out<T>>,
+    pass: impl Fn(NodeId, NodeId, &Msg<T>) -> bool,
+) -> Vec<Out<T>> {
     let mut rest = Vec::new();
-    let mut queue: Vec<(NodeId, Out<u64>)> = outs.into_iter().map(|o| (from, o)).collect();
+    let mut queue: Vec<(NodeId, Out<T>)> = outs.into_iter().map(|o| (from, o)).collect();
     while let Some((sender, out)) = queue.pop() {
         match out {
             Out::Send { to, msg } => {
@@ -674,8 +678,117 @@ fn settle_where(
     rest
 }
 
-fn settle(replicas: &mut [&mut Replica<u64>], from: NodeId, outs: Vec<Out<u64>>) -> Vec<Out<u64>> {
+fn settle<T: Clone + PartialEq + std::fmt::Debug + super::replica::Weigh>(
+    replicas: &mut [&mut Replica<T>],
+    from: NodeId,
+    outs: Vec<Out<T>>,
+) -> Vec<Out<T>> {
     settle_where(replicas, from, outs, |_, _, _| true)
+}
+
+/// Appends `n` payloads on `leader` and replicates them to the others until all commit.
+fn commit_all(replicas: &mut [&mut Replica<u64>], leader: usize, n: u64) {
+    for v in 0..n {
+        let (_, mut outs) = replicas[leader].append(v).expect("serving");
+        outs.extend(replicas[leader].synced());
+        let id = replicas[leader].id();
+        let _ = settle(replicas, id, outs);
+    }
+    let id = replicas[leader].id();
+    let outs = replicas[leader].announce_commit();
+    let _ = settle(replicas, id, outs);
+}
+
+#[test]
+fn given_a_committed_history_a_new_leader_should_be_promised_only_what_follows_it() {
+    let set: BTreeSet<NodeId> = [1, 2, 3].into();
+    let mut a: Replica<u64> = Replica::recover(1, Durable::default());
+    let mut b: Replica<u64> = Replica::recover(2, Durable::default());
+    let mut c: Replica<u64> = Replica::recover(3, Durable::default());
+    let mut outs = a.lead(1, set.clone(), BTreeSet::new());
+    outs.extend(a.synced());
+    let _ = settle(&mut [&mut a, &mut b, &mut c], 1, outs);
+    commit_all(&mut [&mut a, &mut b, &mut c], 0, 100);
+    assert_eq!(b.commit_index(), 101, "followers learned the commit point");
+    // c misses the last two entries; b leads epoch 2 from its commit point.
+    let (_, outs) = a.append(1000).expect("serving");
+    let _ = a.synced();
+    let _ = settle_where(&mut [&mut a, &mut b, &mut c], 1, outs, |_, to, _| to == 2);
+    let outs = b.lead(2, set, BTreeSet::new());
+    let promise = outs.iter().find_map(|o| match o {
+        Out::Send { to: 3, msg: Msg::Promise { base, base_epoch, .. } } => {
+            Some((*base, *base_epoch))
+        }
+        _ => None,
+    });
+    assert_eq!(promise, Some((101, 1)), "the base is b's commit point");
+    let replies = c.handle(2, Msg::Promise { epoch: 2, base: 101, base_epoch: 1 });
+    let promised = replies.iter().find_map(|o| match o {
+        Out::Send { msg: Msg::Promised { len, after_base, .. }, .. } => {
+            Some((*len, after_base.clone()))
+        }
+        _ => None,
+    });
+    assert_eq!(promised, Some((101, Some((101, Vec::new())))), "nothing after the base travels");
+    // A replica that does not hold the base says so and carries nothing.
+    let mut d: Replica<u64> = Replica::recover(4, Durable::default());
+    let replies = d.handle(2, Msg::Promise { epoch: 2, base: 101, base_epoch: 1 });
+    assert!(replies.iter().any(|o| matches!(
+        o,
+        Out::Send { msg: Msg::Promised { len: 0, after_base: None, .. }, .. }
+    )));
+    // The new leader adopts the longest log (its own: 102 entries), serves, and c catches up.
+    let mut outs = outs;
+    outs.extend(b.synced());
+    let _ = settle(&mut [&mut a, &mut b, &mut c], 2, outs);
+    assert_eq!(b.serving(), Some(2));
+    let outs = b.announce_commit();
+    let _ = settle(&mut [&mut a, &mut b, &mut c], 2, outs);
+    assert_eq!(c.committed(), b.committed(), "c holds the whole committed log");
+    assert_eq!(c.committed()[101].payload, Some(1000));
+}
+
+#[test]
+fn given_a_restarted_replica_should_take_its_applied_index_as_committed() {
+    let log: Vec<Entry<u64>> = (0..5).map(|v| Entry { epoch: 1, payload: Some(v) }).collect();
+    let r = Replica::recover(1, Durable { promised: 1, log: log.clone(), committed: 3 });
+    assert_eq!(r.commit_index(), 3);
+    let r = Replica::recover(1, Durable { promised: 1, log, committed: 9 });
+    assert_eq!(r.commit_index(), 5, "never beyond its own log");
+}
+
+#[test]
+fn given_large_payloads_an_append_should_stop_at_its_byte_limit_but_carry_at_least_one() {
+    use super::replica::MAX_APPEND_BYTES;
+    let set: BTreeSet<NodeId> = [1, 2].into();
+    let mut a: Replica<bytes::Bytes> = Replica::recover(1, Durable::default());
+    let mut b: Replica<bytes::Bytes> = Replica::recover(2, Durable::default());
+    let mut outs = a.lead(1, set, BTreeSet::new());
+    outs.extend(a.synced());
+    let _ = settle(&mut [&mut a, &mut b], 1, outs);
+    let big = bytes::Bytes::from(vec![7u8; MAX_APPEND_BYTES * 3 / 4]);
+    let mut sizes = Vec::new();
+    for _ in 0..3 {
+        let (_, outs) = a.append(big.clone()).expect("serving");
+        sizes.extend(outs.iter().filter_map(|o| match o {
+            Out::Send { msg: Msg::Append { entries, .. }, .. } => Some(entries.len()),
+            _ => None,
+        }));
+    }
+    assert_eq!(sizes, vec![1, 1, 1], "each new entry is pipelined on its own");
+    // Those appends are lost: a tick resends from what the follower holds, by the byte limit.
+    let outs = a.tick();
+    let carried: Vec<usize> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Out::Send { msg: Msg::Append { entries, .. }, .. } => Some(entries.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(carried, vec![1], "3/4 of the limit each: two would exceed it");
+    let _ = a.synced();
+    let _ = settle(&mut [&mut a, &mut b], 1, outs);
+    assert_eq!(a.commit_index(), 4, "all three commit, one append each");
 }
 
 #[test]
@@ -707,7 +820,7 @@ fn given_a_newer_promise_a_superseded_leader_should_not_commit() {
     assert_eq!(a.serving(), Some(1));
     // c leads epoch 2 with b's promise: b is fenced against epoch 1.
     let _ = c.lead(2, set, BTreeSet::new());
-    let _ = b.handle(3, Msg::Promise { epoch: 2 });
+    let _ = b.handle(3, Msg::Promise { epoch: 2, base: 0, base_epoch: 0 });
     let (_, outs) = a.append(9).expect("a still thinks it serves");
     let _ = a.synced();
     for o in outs {
