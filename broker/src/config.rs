@@ -302,6 +302,9 @@ pub struct ClusterConfig {
     /// Control plane (Raft) election timeout; a new control leader is elected within one to
     /// two of these after the old one fails. Default 1500.
     pub election_timeout_ms: u64,
+    /// Applied replication log entries per partition whose payloads stay in memory (older
+    /// ones are read back from disk for a replica that lags further). Default 1024.
+    pub log_memory_entries: u64,
 }
 
 impl Default for ClusterConfig {
@@ -318,6 +321,7 @@ impl Default for ClusterConfig {
             replication: 3,
             bootstrap_expect: 3,
             election_timeout_ms: 1_500,
+            log_memory_entries: 1_024,
         }
     }
 }
@@ -905,6 +909,9 @@ replication = {replication}
 bootstrap_expect = {bootstrap_expect}
 # Control plane election timeout: a failed control leader is replaced within 1-2 of these.
 election_timeout_ms = {election}
+# Applied replication log entries per partition kept in memory; older payloads are read back
+# from disk for a replica that lags further.
+log_memory_entries = {log_memory}
 "#,
             listen = d.server.listen,
             shards = d.server.shards,
@@ -952,6 +959,7 @@ election_timeout_ms = {election}
             replication = d.cluster.replication,
             bootstrap_expect = d.cluster.bootstrap_expect,
             election = d.cluster.election_timeout_ms,
+            log_memory = d.cluster.log_memory_entries,
         )
     }
 }

@@ -68,6 +68,9 @@ pub const REPLICATION_LAG: &str = "switchboard_replication_lag_entries";
 pub const REPLICATION_APPLY_LAG: &str = "switchboard_replication_apply_lag_entries";
 /// Committed entries applied to this node's store.
 pub const REPLICATION_APPLIED: &str = "switchboard_replication_applied_entries_total";
+/// Replicated log entries read back from disk for a lagging replica (their payloads had left
+/// memory).
+pub const REPLICATION_DISK_READS: &str = "switchboard_replication_disk_reads_total";
 /// Requests forwarded to the node leading their conversation, by outcome.
 pub const FORWARDED: &str = "switchboard_forwarded_requests_total";
 
@@ -140,6 +143,10 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         REPLICATION_APPLIED,
         "Committed replicated entries applied to this node's message store."
+    );
+    metrics::describe_counter!(
+        REPLICATION_DISK_READS,
+        "Replication log entries read back from disk for a replica that lags beyond cluster.log_memory_entries."
     );
     metrics::describe_counter!(
         FORWARDED,

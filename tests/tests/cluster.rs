@@ -19,6 +19,10 @@ fn fast_gossip() -> Options {
         // partitions the tests expect to stay).
         "--set",
         "cluster.phi_threshold=12",
+        // Applied log payloads leave memory after a few entries, so a replica that catches up
+        // (a restart, a healed cut) reads them back from disk.
+        "--set",
+        "cluster.log_memory_entries=4",
     ])
 }
 
@@ -507,9 +511,25 @@ async fn given_three_nodes_when_the_leader_of_a_busy_conversation_is_killed_shou
     for &i in &alive {
         wait_log(&cluster, i, conv, &expected).await;
     }
-    // The killed node comes back and catches up.
+    // The killed node comes back and catches up, from log entries the others had moved out
+    // of memory (`log_memory_entries` = 4) and read back from disk.
     cluster.nodes[leader].restart();
     wait_log(&cluster, leader, conv, &expected).await;
+    let mut reads = 0.0;
+    for &i in &alive {
+        reads += metric(cluster.nodes[i].http, "switchboard_replication_disk_reads_total").await;
+    }
+    assert!(reads > 0.0, "no log entry read back from disk");
+}
+
+/// The sum of a metric's samples (all label sets) on the node at `http`.
+async fn metric(http: std::net::SocketAddr, name: &str) -> f64 {
+    let (_, metrics) = http_get(http, "/metrics").await;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test]
@@ -762,16 +782,10 @@ async fn given_clients_on_different_nodes_should_chat_in_one_conversation_with_o
     // Two of the three clients wrote through a node that forwards; every node applied.
     let mut forwarded = 0.0;
     for node in &cluster.nodes {
-        let (_, metrics) = http_get(node.http, "/metrics").await;
-        let value = |name: &str| -> f64 {
-            metrics
-                .lines()
-                .filter(|l| l.starts_with(name))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
-        assert!(value("switchboard_replication_applied_entries_total") > 0.0, "{metrics}");
-        forwarded += value("switchboard_forwarded_requests_total{outcome=\"ok\"}");
+        let applied = metric(node.http, "switchboard_replication_applied_entries_total").await;
+        assert!(applied > 0.0, "node {} applied nothing", node.http);
+        forwarded +=
+            metric(node.http, "switchboard_forwarded_requests_total{outcome=\"ok\"}").await;
     }
     assert!(forwarded >= (2 * EACH) as f64, "{forwarded} forwarded requests");
 }

@@ -373,9 +373,15 @@ impl ControlPlane {
         let network = Network::new(Some(listen.ip())).map_err(std::io::Error::other)?;
         let (settle_tx, settle_rx) = tokio::sync::mpsc::channel(64);
         let shards = data.as_ref().map(|(d, _)| d.shards.clone()).unwrap_or_default();
-        let (engine, inbox, replication) =
-            super::replication::open(node, data_dir, network.client(), settle_tx.clone(), data)
-                .map_err(ControlError::Storage)?;
+        let (engine, inbox, replication) = super::replication::open(
+            node,
+            data_dir,
+            network.client(),
+            settle_tx.clone(),
+            data,
+            config.log_memory_entries,
+        )
+        .map_err(ControlError::Storage)?;
         let client = network.client();
         let engine_table = machine.clone();
         let election = config.election_timeout_ms;

@@ -494,6 +494,18 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
         out
     }
 
+    /// Replaces the payloads of entries `from ..= upto` (from 1; at most the committed and
+    /// durable prefix) with `f` of each: the caller moves applied payloads out of memory and
+    /// reads them back from its storage when an append or a promise carries them.
+    pub fn map_payloads(&mut self, from: Index, upto: Index, mut f: impl FnMut(&T) -> T) {
+        let upto = upto.min(self.commit).min(self.synced);
+        for e in self.log.iter_mut().take(upto as usize).skip(from.saturating_sub(1) as usize) {
+            if let Some(p) = &e.payload {
+                e.payload = Some(f(p));
+            }
+        }
+    }
+
     /// A message from `from`.
     pub fn handle(&mut self, from: NodeId, msg: Msg<T>) -> Vec<Out<T>> {
         let mut out = Vec::new();

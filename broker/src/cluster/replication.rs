@@ -124,9 +124,68 @@ mod wire {
     }
 }
 
-fn to_wire(partition: PartitionId, msg: Msg<Bytes>) -> wire::Msg {
-    let entries = |log: Vec<Entry<Bytes>>| -> Vec<wire::Entry> {
-        log.into_iter().map(|e| wire::Entry { epoch: e.epoch, payload: e.payload }).collect()
+/// A log entry's payload as a replica holds it: in memory, or (applied, and more than
+/// `cluster.log_memory_entries` behind) only in the engine's database, read back when a
+/// lagging replica needs it.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// In memory.
+    Held(Bytes),
+    /// On disk only; its length.
+    Stored(usize),
+}
+
+impl Payload {
+    fn len(&self) -> usize {
+        match self {
+            Self::Held(b) => b.len(),
+            Self::Stored(n) => *n,
+        }
+    }
+}
+
+/// Payloads compare by content when both are in memory, else by length: an entry is
+/// identified by its (index, epoch) (one leader per epoch appends an index once); comparing
+/// payloads only checks that.
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Held(a), Self::Held(b)) => a == b,
+            _ => self.len() == other.len(),
+        }
+    }
+}
+
+impl super::replica::Weigh for Payload {
+    fn weight(&self) -> usize {
+        self.len()
+    }
+}
+
+/// Reads a stored payload back: `(partition, index)` → its bytes.
+type LoadPayload<'a> = &'a dyn Fn(PartitionId, Index) -> Option<Bytes>;
+
+/// The wire form of `msg`; `None` when a stored payload it carries cannot be read back (the
+/// message is dropped; the protocol retransmits, and the error is logged).
+fn to_wire(partition: PartitionId, msg: Msg<Payload>, load: LoadPayload<'_>) -> Option<wire::Msg> {
+    let entries = |first: Index, log: Vec<Entry<Payload>>| -> Option<Vec<wire::Entry>> {
+        log.into_iter()
+            .zip(first..)
+            .map(|(e, index)| {
+                let payload = match e.payload {
+                    None => None,
+                    Some(Payload::Held(b)) => Some(b),
+                    Some(Payload::Stored(_)) => match load(partition, index) {
+                        Some(b) => Some(b),
+                        None => {
+                            tracing::error!(partition, index, "stored log entry unreadable");
+                            return None;
+                        }
+                    },
+                };
+                Some(wire::Entry { epoch: e.epoch, payload })
+            })
+            .collect()
     };
     let mut w = wire::Msg { partition: u32::from(partition), ..wire::Msg::default() };
     match msg {
@@ -144,7 +203,7 @@ fn to_wire(partition: PartitionId, msg: Msg<Bytes>) -> wire::Msg {
             if let Some((base, log)) = after_base {
                 w.holds_base = true;
                 w.index = base;
-                w.entries = entries(log);
+                w.entries = entries(base + 1, log)?;
             }
         }
         Msg::Append { epoch, prev_index, prev_epoch, entries: log, commit } => {
@@ -153,7 +212,7 @@ fn to_wire(partition: PartitionId, msg: Msg<Bytes>) -> wire::Msg {
             w.index = prev_index;
             w.prev_epoch = prev_epoch;
             w.commit = commit;
-            w.entries = entries(log);
+            w.entries = entries(prev_index + 1, log)?;
         }
         Msg::Appended { epoch, index } => {
             w.kind = 4;
@@ -171,19 +230,22 @@ fn to_wire(partition: PartitionId, msg: Msg<Bytes>) -> wire::Msg {
             w.epoch = promised;
         }
     }
-    w
+    Some(w)
 }
 
 /// A decoded message, or `None` for an unknown kind or partition (dropped: the sender
 /// retransmits what matters, and a newer peer's extensions must not break an older one).
-fn from_wire(mut w: wire::Msg) -> Option<(PartitionId, Msg<Bytes>)> {
+fn from_wire(mut w: wire::Msg) -> Option<(PartitionId, Msg<Payload>)> {
     let partition = PartitionId::try_from(w.partition).ok()?;
     if usize::from(partition) >= PARTITION_COUNT {
         return None;
     }
-    let mut log = || -> Vec<Entry<Bytes>> {
+    let mut log = || -> Vec<Entry<Payload>> {
         let entries = std::mem::take(&mut w.entries);
-        entries.into_iter().map(|e| Entry { epoch: e.epoch, payload: e.payload }).collect()
+        entries
+            .into_iter()
+            .map(|e| Entry { epoch: e.epoch, payload: e.payload.map(Payload::Held) })
+            .collect()
     };
     let msg = match w.kind {
         1 => Msg::Promise { epoch: w.epoch, base: w.index, base_epoch: w.prev_epoch },
@@ -209,7 +271,7 @@ fn from_wire(mut w: wire::Msg) -> Option<(PartitionId, Msg<Bytes>)> {
 }
 
 /// One decoded frame: its sender and its messages by partition.
-type Batch = (NodeId, Vec<(PartitionId, Msg<Bytes>)>);
+type Batch = (NodeId, Vec<(PartitionId, Msg<Payload>)>);
 
 /// Where peer frames enter the engine.
 #[derive(Debug, Clone)]
@@ -231,6 +293,12 @@ impl Inbox {
     }
 }
 
+/// A stored entry's payload, from the log keyspace.
+fn stored_payload(log: &Keyspace, p: PartitionId, index: Index) -> Option<Bytes> {
+    let v = log.get(log_key(p, index)).ok()??;
+    decode_entry(&v)?.payload
+}
+
 /// The engine's durable state: its own fjall database (`<data_dir>/replication`).
 struct Store {
     db: Database,
@@ -247,17 +315,20 @@ fn log_key(p: PartitionId, index: Index) -> [u8; 10] {
     k
 }
 
-fn encode_entry(e: &Entry<Bytes>) -> Vec<u8> {
-    let mut v = Vec::with_capacity(9 + e.payload.as_ref().map_or(0, Bytes::len));
+/// The stored form of an entry; `None` for one whose payload is only on disk already (never
+/// rewritten: only applied entries leave memory, and those are durable and final).
+fn encode_entry(e: &Entry<Payload>) -> Option<Vec<u8>> {
+    let mut v = Vec::with_capacity(9 + e.payload.as_ref().map_or(0, Payload::len));
     v.extend_from_slice(&e.epoch.to_be_bytes());
     match &e.payload {
         None => v.push(0),
-        Some(p) => {
+        Some(Payload::Held(p)) => {
             v.push(1);
             v.extend_from_slice(p);
         }
+        Some(Payload::Stored(_)) => return None,
     }
-    v
+    Some(v)
 }
 
 fn decode_entry(v: &[u8]) -> Option<Entry<Bytes>> {
@@ -271,6 +342,11 @@ fn decode_entry(v: &[u8]) -> Option<Entry<Bytes>> {
 }
 
 impl Store {
+    /// A stored entry's payload.
+    fn payload(&self, p: PartitionId, index: Index) -> Option<Bytes> {
+        stored_payload(&self.log, p, index)
+    }
+
     fn open(data_dir: &std::path::Path) -> Result<Self, fjall::Error> {
         let db = crate::storage::database(&data_dir.join("replication"), 8 << 20)?;
         let log = db.keyspace("log", KeyspaceCreateOptions::default)?;
@@ -278,9 +354,14 @@ impl Store {
         Ok(Self { db, log, promised })
     }
 
-    /// Every partition's durable state.
-    fn load(&self) -> Result<BTreeMap<PartitionId, Durable<Bytes>>, String> {
-        let mut out: BTreeMap<PartitionId, Durable<Bytes>> = BTreeMap::new();
+    /// Every partition's durable state. Payloads of entries applied (per `applied`) more than
+    /// `keep` entries ago stay on disk.
+    fn load(
+        &self,
+        applied: &HashMap<PartitionId, Index>,
+        keep: Index,
+    ) -> Result<BTreeMap<PartitionId, Durable<Payload>>, String> {
+        let mut out: BTreeMap<PartitionId, Durable<Payload>> = BTreeMap::new();
         for kv in self.promised.iter() {
             let (k, v) = kv.into_inner().map_err(|e| e.to_string())?;
             let p = PartitionId::from_be_bytes(k.as_ref().try_into().map_err(|_| "bad key")?);
@@ -295,6 +376,11 @@ impl Store {
             let index =
                 Index::from_be_bytes(k.get(2..).and_then(|b| b.try_into().ok()).ok_or("bad key")?);
             let entry = decode_entry(&v).ok_or_else(|| format!("damaged entry {p}/{index}"))?;
+            let on_disk = index + keep <= applied.get(&p).copied().unwrap_or(0);
+            let payload = entry
+                .payload
+                .map(|b| if on_disk { Payload::Stored(b.len()) } else { Payload::Held(b) });
+            let entry = Entry { epoch: entry.epoch, payload };
             let log = &mut out.entry(p).or_default().log;
             if index != log.len() as Index + 1 {
                 return Err(format!("gap in the log of partition {p} at {index}"));
@@ -307,7 +393,9 @@ impl Store {
 
 /// One partition this node holds.
 struct Slot {
-    replica: Replica<Bytes>,
+    replica: Replica<Payload>,
+    /// Entries `1 ..= evicted` hold their payloads on disk only.
+    evicted: Index,
     /// What is on disk: the promised epoch and the log length.
     stored_promise: Epoch,
     stored_len: Index,
@@ -366,7 +454,7 @@ pub struct Engine {
     node: NodeId,
     store: Store,
     slots: HashMap<PartitionId, Slot>,
-    durable: BTreeMap<PartitionId, Durable<Bytes>>,
+    durable: BTreeMap<PartitionId, Durable<Payload>>,
     inbox: mpsc::Receiver<Batch>,
     peers: HashMap<NodeId, Outbox>,
     client: reqwest::Client,
@@ -386,6 +474,9 @@ pub struct Engine {
     /// `(partition, index)` applied, from the storage writer.
     applied_tx: mpsc::UnboundedSender<(PartitionId, Index)>,
     applied_rx: mpsc::UnboundedReceiver<(PartitionId, Index)>,
+    /// Applied entries whose payloads stay in memory per partition (the rest are read back
+    /// from disk for a replica that lags further).
+    log_memory_entries: Index,
 }
 
 struct Outbox {
@@ -409,13 +500,14 @@ pub fn open(
     client: reqwest::Client,
     settle: mpsc::Sender<Settled>,
     data: Option<(DataPlane, mpsc::Receiver<Proposal>)>,
+    log_memory_entries: Index,
 ) -> Result<(Engine, Inbox, watch::Receiver<ReplicationView>), String> {
     let store = Store::open(data_dir).map_err(|e| e.to_string())?;
-    let durable = store.load()?;
     let applied_at_start = match &data {
         Some((d, _)) => d.storage.applied().map_err(|e| e.to_string())?,
         None => HashMap::new(),
     };
+    let durable = store.load(&applied_at_start, log_memory_entries)?;
     let (data, proposals) = data.map_or((None, None), |(d, rx)| (Some(d), Some(rx)));
     let (applied_tx, applied_rx) = mpsc::unbounded_channel();
     let (tx, inbox) = mpsc::channel(INBOX);
@@ -438,6 +530,7 @@ pub fn open(
         applied_at_start,
         applied_tx,
         applied_rx,
+        log_memory_entries,
     };
     Ok((engine, Inbox(tx), view_rx))
 }
@@ -456,7 +549,7 @@ impl Engine {
         self.table = machine;
         let mut pending = Some(first);
         loop {
-            let mut outs: Vec<(PartitionId, Out<Bytes>)> = pending.take().unwrap_or_default();
+            let mut outs: Vec<(PartitionId, Out<Payload>)> = pending.take().unwrap_or_default();
             tokio::select! {
                 () = stop.notified() => return self.fail_everything(),
                 _ = tick.tick() => {
@@ -518,7 +611,7 @@ impl Engine {
 
     /// Follows the committed table: a slot for every partition this node replicates, and a
     /// leadership round for every new epoch it is appointed to lead.
-    fn follow(&mut self, machine: &Machine, outs: &mut Vec<(PartitionId, Out<Bytes>)>) {
+    fn follow(&mut self, machine: &Machine, outs: &mut Vec<(PartitionId, Out<Payload>)>) {
         for (id, node) in machine.membership.membership().nodes() {
             if *id != self.node && !self.peers.contains_key(id) {
                 let (tx, rx) = mpsc::channel(OUTBOX);
@@ -616,8 +709,14 @@ impl Engine {
             // continue from there.
             let d = Durable { committed: applied, ..durable.remove(&p).unwrap_or_default() };
             let (stored_promise, stored_len) = (d.promised, d.log.len() as Index);
+            let evicted = d
+                .log
+                .iter()
+                .rposition(|e| matches!(e.payload, Some(Payload::Stored(_))))
+                .map_or(0, |i| i as Index + 1);
             Slot {
                 replica: Replica::recover(node, d),
+                evicted,
                 stored_promise,
                 stored_len,
                 appointed: 0,
@@ -631,11 +730,11 @@ impl Engine {
 
     /// Appends an owner's proposal to its partition's log, if this node serves the epoch the
     /// owner accepted it in; otherwise fails it back.
-    fn propose(&mut self, prop: Proposal, outs: &mut Vec<(PartitionId, Out<Bytes>)>) {
+    fn propose(&mut self, prop: Proposal, outs: &mut Vec<(PartitionId, Out<Payload>)>) {
         let who = Origin { shard: prop.shard, token: prop.token };
         let serving = self.data.as_ref().and_then(|d| d.partitions.serving(prop.partition));
         let slot = self.slots.get_mut(&prop.partition).filter(|_| serving == Some(prop.epoch));
-        match slot.map(|slot| (slot.replica.append(prop.payload), slot)) {
+        match slot.map(|slot| (slot.replica.append(Payload::Held(prop.payload)), slot)) {
             Some((Ok((index, o)), slot)) => {
                 slot.proposals.insert(index, (who, prop.ops));
                 outs.extend(o.into_iter().map(|o| (prop.partition, o)));
@@ -682,7 +781,22 @@ impl Engine {
         let mut reports: Vec<Report> = Vec::new();
         for index in slot.applying + 1..=commit {
             let Some(entry) = slot.replica.log().get(index as usize - 1) else { break };
-            let Some(payload) = &entry.payload else { continue };
+            let payload = match &entry.payload {
+                None => continue,
+                Some(Payload::Held(b)) => b.clone(),
+                // Only applied entries leave memory; this one was handed to the writer before.
+                Some(Payload::Stored(_)) => match self.store.payload(p, index) {
+                    Some(b) => b,
+                    None => {
+                        tracing::error!(
+                            partition = p,
+                            index,
+                            "committed entry unreadable; stopping the process"
+                        );
+                        std::process::abort();
+                    }
+                },
+            };
             // This node's own entries are applied from the writes it proposed; others'
             // are decoded from the log.
             if let Some((who, own)) = slot.proposals.remove(&index) {
@@ -692,7 +806,7 @@ impl Engine {
                 ops.extend(own);
                 continue;
             }
-            let decoded = match crate::storage::decode_ops(payload) {
+            let decoded = match crate::storage::decode_ops(&payload) {
                 Ok(ops) => ops,
                 Err(e) => {
                     // A committed entry is damaged: applying around it would diverge.
@@ -773,10 +887,20 @@ impl Engine {
             metrics::counter!(crate::metrics::REPLICATION_APPLIED)
                 .increment(index.saturating_sub(slot.applied));
             slot.applied = slot.applied.max(index);
+            // Applied and durable in the log: the payload can leave memory (kept for the
+            // last `log_memory_entries`, which a follower catching up usually needs).
+            let upto = slot
+                .applied
+                .min(slot.replica.durable_prefix())
+                .saturating_sub(self.log_memory_entries);
+            if upto > slot.evicted {
+                slot.replica.map_payloads(slot.evicted + 1, upto, |pl| Payload::Stored(pl.len()));
+                slot.evicted = upto;
+            }
         }
     }
 
-    fn receive(&mut self, (from, msgs): Batch, outs: &mut Vec<(PartitionId, Out<Bytes>)>) {
+    fn receive(&mut self, (from, msgs): Batch, outs: &mut Vec<(PartitionId, Out<Payload>)>) {
         for (p, msg) in msgs {
             let epoch = match &msg {
                 Msg::Promise { epoch, .. }
@@ -797,7 +921,7 @@ impl Engine {
     }
 
     /// Writes every changed promise and log suffix, fsyncs once, and tells the replicas.
-    async fn persist(&mut self, outs: &mut Vec<(PartitionId, Out<Bytes>)>) -> Result<(), String> {
+    async fn persist(&mut self, outs: &mut Vec<(PartitionId, Out<Payload>)>) -> Result<(), String> {
         let mut batch = self.store.db.batch();
         let mut dirty = Vec::new();
         let dropped = std::mem::take(&mut self.dropped);
@@ -818,7 +942,12 @@ impl Engine {
             let keep = r.durable_prefix().min(len);
             for index in keep + 1..=slot.stored_len.max(len) {
                 match r.log().get(index as usize - 1) {
-                    Some(e) => batch.insert(&self.store.log, log_key(p, index), encode_entry(e)),
+                    Some(e) => {
+                        let v = encode_entry(e).ok_or_else(|| {
+                            format!("partition {p}: entry {index} to rewrite has left memory")
+                        })?;
+                        batch.insert(&self.store.log, log_key(p, index), v);
+                    }
                     None => batch.remove(&self.store.log, log_key(p, index)),
                 }
             }
@@ -846,12 +975,22 @@ impl Engine {
         Ok(())
     }
 
-    fn dispatch(&mut self, outs: Vec<(PartitionId, Out<Bytes>)>) {
+    fn dispatch(&mut self, outs: Vec<(PartitionId, Out<Payload>)>) {
+        let log = self.store.log.clone();
+        let reads = metrics::counter!(crate::metrics::REPLICATION_DISK_READS);
+        let load = move |p: PartitionId, index: Index| {
+            reads.increment(1);
+            stored_payload(&log, p, index)
+        };
         let mut frames: HashMap<NodeId, Vec<wire::Msg>> = HashMap::new();
         let mut announce = Vec::new();
         for (p, out) in outs {
             match out {
-                Out::Send { to, msg } => frames.entry(to).or_default().push(to_wire(p, msg)),
+                Out::Send { to, msg } => {
+                    if let Some(w) = to_wire(p, msg, &load) {
+                        frames.entry(to).or_default().push(w);
+                    }
+                }
                 Out::Committed(index) => {
                     self.apply(p, index);
                     announce.push(p);
@@ -876,8 +1015,10 @@ impl Engine {
                 continue;
             }
             for out in slot.replica.announce_commit() {
-                if let Out::Send { to, msg } = out {
-                    frames.entry(to).or_default().push(to_wire(p, msg));
+                if let Out::Send { to, msg } = out
+                    && let Some(w) = to_wire(p, msg, &load)
+                {
+                    frames.entry(to).or_default().push(w);
                 }
             }
         }
@@ -1040,7 +1181,10 @@ mod tests {
 
     #[test]
     fn given_every_message_kind_should_survive_the_wire() {
-        let e = |epoch, p: Option<&'static str>| Entry { epoch, payload: p.map(Bytes::from) };
+        let e = |epoch, p: Option<&'static str>| Entry {
+            epoch,
+            payload: p.map(|p| Payload::Held(Bytes::from(p))),
+        };
         let msgs = vec![
             Msg::Promise { epoch: 3, base: 7, base_epoch: 2 },
             Msg::Promised {
@@ -1062,7 +1206,8 @@ mod tests {
             Msg::Stale { promised: 8 },
         ];
         for m in msgs {
-            let frame = wire::Frame { from: 2, msgs: vec![to_wire(1023, m.clone())] };
+            let wire = to_wire(1023, m.clone(), &|_, _| None).unwrap();
+            let frame = wire::Frame { from: 2, msgs: vec![wire] };
             let back = wire::Frame::decode(frame.encode_to_vec().as_slice()).unwrap();
             assert_eq!(back.from, 2);
             let (p, decoded) = from_wire(back.msgs[0].clone()).unwrap();
@@ -1074,17 +1219,23 @@ mod tests {
     fn given_an_unknown_kind_or_partition_should_drop_the_message() {
         let unknown = wire::Msg { kind: 99, ..wire::Msg::default() };
         assert!(from_wire(unknown).is_none());
-        let outside = to_wire(0, Msg::Promise { epoch: 1, base: 0, base_epoch: 0 });
+        let outside = to_wire(0, Msg::Promise { epoch: 1, base: 0, base_epoch: 0 }, &|_, _| None);
+        let outside = outside.unwrap();
         assert!(from_wire(wire::Msg { partition: 1024, ..outside }).is_none());
     }
 
     #[test]
     fn given_entries_should_encode_markers_and_payloads_apart() {
-        for e in
-            [Entry { epoch: 7, payload: None }, Entry { epoch: 7, payload: Some(Bytes::new()) }]
-        {
-            assert_eq!(decode_entry(&encode_entry(&e)), Some(e));
-        }
+        let held = Entry { epoch: 7, payload: Some(Payload::Held(Bytes::from("p"))) };
+        let decoded = decode_entry(&encode_entry(&held).unwrap()).unwrap();
+        assert_eq!(decoded, Entry { epoch: 7, payload: Some(Bytes::from("p")) });
+        let marker = Entry { epoch: 7, payload: None };
+        assert_eq!(
+            decode_entry(&encode_entry(&marker).unwrap()),
+            Some(Entry { epoch: 7, payload: None })
+        );
+        let stored = Entry { epoch: 7, payload: Some(Payload::Stored(1)) };
+        assert_eq!(encode_entry(&stored), None, "a payload only on disk is never rewritten");
         assert_eq!(decode_entry(&[0; 8]), None);
         assert_eq!(decode_entry(&[0, 0, 0, 0, 0, 0, 0, 1, 2]), None);
     }
@@ -1092,7 +1243,7 @@ mod tests {
     /// Node 1's engine over `dir` (nothing is sent: no table names peers).
     fn node_one(dir: &std::path::Path) -> Engine {
         let client = crate::cluster::raft::peer_client(None).unwrap();
-        open(1, dir, client, mpsc::channel(1).0, None).unwrap().0
+        open(1, dir, client, mpsc::channel(1).0, None, 2).unwrap().0
     }
 
     #[tokio::test]
@@ -1104,8 +1255,8 @@ mod tests {
             // A follower accepts an append of three entries in epoch 2.
             let entries = vec![
                 Entry { epoch: 2, payload: None },
-                Entry { epoch: 2, payload: Some(Bytes::from("x")) },
-                Entry { epoch: 2, payload: Some(Bytes::from("y")) },
+                Entry { epoch: 2, payload: Some(Payload::Held(Bytes::from("x"))) },
+                Entry { epoch: 2, payload: Some(Payload::Held(Bytes::from("y"))) },
             ];
             let append = Msg::Append { epoch: 2, prev_index: 0, prev_epoch: 0, entries, commit: 0 };
             slot.replica.handle(9, append);
@@ -1130,6 +1281,47 @@ mod tests {
         assert_eq!(r.promised(), 3);
         let epochs: Vec<Epoch> = r.log().iter().map(|e| e.epoch).collect();
         assert_eq!(epochs, [2, 3], "the truncated entry is gone from disk");
+    }
+
+    #[tokio::test]
+    async fn given_applied_entries_should_leave_memory_and_be_read_back_for_a_lagging_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut engine = node_one(dir.path());
+        let entries: Vec<Entry<Payload>> = (0..6u8)
+            .map(|i| Entry { epoch: 2, payload: Some(Payload::Held(Bytes::from(vec![i; 3]))) })
+            .collect();
+        let append = Msg::Append { epoch: 2, prev_index: 0, prev_epoch: 0, entries, commit: 6 };
+        let _ = engine.slot(5).replica.handle(9, append);
+        engine.persist(&mut Vec::new()).await.unwrap();
+        // Applied up to 5: entries 1..=3 leave memory (2 stay, per `node_one`).
+        engine.on_applied(5, 5);
+        let held: Vec<bool> = engine.slots[&5]
+            .replica
+            .log()
+            .iter()
+            .map(|e| matches!(e.payload, Some(Payload::Held(_))))
+            .collect();
+        assert_eq!(held, [false, false, false, true, true, true]);
+        // A promise from this replica carries them, read back from disk.
+        let promise = Msg::Promise { epoch: 3, base: 0, base_epoch: 0 };
+        let outs = engine.slot(5).replica.handle(8, promise);
+        let Some(Out::Send { msg, .. }) = outs.into_iter().find(|o| matches!(o, Out::Send { .. }))
+        else {
+            panic!("no promise")
+        };
+        let log = engine.store.log.clone();
+        let w = to_wire(5, msg, &|p, i| stored_payload(&log, p, i)).unwrap();
+        let payloads: Vec<Bytes> = w.entries.into_iter().filter_map(|e| e.payload).collect();
+        assert_eq!(payloads, (0..6u8).map(|i| Bytes::from(vec![i; 3])).collect::<Vec<_>>());
+        // After a restart they stay on disk.
+        drop((engine, log));
+        let dir2 = dir.path().to_path_buf();
+        let applied = HashMap::from([(5, 5)]);
+        let store = Store::open(&dir2).unwrap();
+        let durable = store.load(&applied, 2).unwrap();
+        let held: Vec<bool> =
+            durable[&5].log.iter().map(|e| matches!(e.payload, Some(Payload::Held(_)))).collect();
+        assert_eq!(held, [false, false, false, true, true, true]);
     }
 
     #[tokio::test]
