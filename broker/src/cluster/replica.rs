@@ -494,6 +494,26 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
         out
     }
 
+    /// The set change of `epoch` is complete (the control plane recorded that this replica,
+    /// its leader, served in it): from now on commits need a majority of the new set only, and
+    /// the old set's members get no more appends. Ignored unless it serves `epoch`: only then
+    /// does a majority of the new set hold everything committed (the adopted log was committed
+    /// with majorities of both sets).
+    pub fn settle(&mut self, epoch: Epoch) -> Vec<Out<T>> {
+        let mut out = Vec::new();
+        if self.serving() != Some(epoch) {
+            return out;
+        }
+        if let Some(l) = self.leading.as_mut()
+            && !l.old_set.is_empty()
+        {
+            l.old_set.clear();
+            // Entries held by a majority of the new set commit now.
+            self.advance_commit(&mut out);
+        }
+        out
+    }
+
     /// Replaces the payloads of entries `from ..= upto` (from 1; at most the committed and
     /// durable prefix) with `f` of each: the caller moves applied payloads out of memory and
     /// reads them back from its storage when an append or a promise carries them.

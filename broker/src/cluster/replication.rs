@@ -658,6 +658,10 @@ impl Engine {
                 let old: BTreeSet<NodeId> = a.previous.iter().copied().collect();
                 let led = slot.replica.lead(a.epoch, set, old);
                 outs.extend(led.into_iter().map(|o| (p, o)));
+            } else if a.leader == me && a.epoch == slot.appointed && a.previous.is_empty() {
+                // The move this epoch made is recorded settled: commits need the new set only.
+                let settled = slot.replica.settle(a.epoch);
+                outs.extend(settled.into_iter().map(|o| (p, o)));
             }
         }
     }

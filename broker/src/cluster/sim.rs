@@ -347,10 +347,23 @@ impl Sim {
         // A set change completes once a leader of an epoch carrying it serves (it then holds a
         // majority of both sets): later epochs need the new set only.
         if !self.old_set.is_empty()
-            && self.nodes.values().any(|n| n.up && n.replica.serving() == Some(self.epoch))
+            && let Some(&leader) = self
+                .nodes
+                .iter()
+                .find(|(_, n)| n.up && n.replica.serving() == Some(self.epoch))
+                .map(|(id, _)| id)
         {
             self.trace(format!("set change to {:?} complete", self.set));
             self.old_set.clear();
+            // As the broker's control plane records the move settled, and its leader then
+            // stops counting the old set (or, when the record comes too late, the next epoch
+            // does).
+            if self.rng.chance(0.7) {
+                let epoch = self.epoch;
+                let outs = self.nodes.get_mut(&leader).expect("node").replica.settle(epoch);
+                self.trace(format!("settle {leader} e{epoch}"));
+                self.apply(leader, outs)?;
+            }
         }
         // The control plane appoints a new leader when nothing commits for a while.
         if self.now.saturating_sub(self.last_progress) > 300 {
@@ -746,6 +759,39 @@ fn given_a_committed_history_a_new_leader_should_be_promised_only_what_follows_i
     let _ = settle(&mut [&mut a, &mut b, &mut c], 2, outs);
     assert_eq!(c.committed(), b.committed(), "c holds the whole committed log");
     assert_eq!(c.committed()[101].payload, Some(1000));
+}
+
+#[test]
+fn given_a_settled_set_change_the_leader_should_commit_without_the_old_set() {
+    let (old, new): (BTreeSet<NodeId>, BTreeSet<NodeId>) = ([1, 2, 3].into(), [1, 2, 4].into());
+    let mut r: Vec<Replica<u64>> =
+        (1..=4).map(|id| Replica::recover(id, Durable::default())).collect();
+    let [a, b, c, d] = &mut r[..] else { unreachable!() };
+    let mut outs = a.lead(1, old.clone(), BTreeSet::new());
+    outs.extend(a.synced());
+    let _ = settle(&mut [&mut *a, &mut *b, &mut *c, &mut *d], 1, outs);
+    // Epoch 2 moves the set from {1,2,3} to {1,2,4}; 1 leads and serves in it.
+    let mut outs = a.lead(2, new, old);
+    outs.extend(a.synced());
+    let _ = settle(&mut [&mut *a, &mut *b, &mut *c, &mut *d], 1, outs);
+    assert_eq!(a.serving(), Some(2));
+    // 2 and 3 are lost: the old set has no majority left, the new one has {1, 4}.
+    let lost =
+        |from: NodeId, to: NodeId, _: &Msg<u64>| ![2, 3].contains(&from) && ![2, 3].contains(&to);
+    let (index, mut outs) = a.append(7).expect("serving");
+    outs.extend(a.synced());
+    let _ = settle_where(&mut [&mut *a, &mut *b, &mut *c, &mut *d], 1, outs, lost);
+    assert!(a.commit_index() < index, "unsettled, the old set's majority is still needed");
+    // Not serving that epoch: ignored.
+    assert!(a.settle(1).is_empty());
+    assert!(a.commit_index() < index);
+    // Settled: the new set's majority (1 and 4 hold it) commits it at once.
+    let outs = a.settle(2);
+    assert!(outs.contains(&Out::Committed(index)), "{outs:?}");
+    let (index, mut outs) = a.append(8).expect("serving");
+    outs.extend(a.synced());
+    let _ = settle_where(&mut [&mut *a, &mut *b, &mut *c, &mut *d], 1, outs, lost);
+    assert_eq!(a.commit_index(), index);
 }
 
 #[test]
