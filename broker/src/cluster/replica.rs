@@ -97,18 +97,22 @@ pub enum Msg<T> {
         /// Epoch of that entry (0 when `base` is 0).
         base_epoch: Epoch,
     },
-    /// Replica → leader: promised, durably; here is my durable log: its length and last epoch,
-    /// and its entries after the leader's base when it holds that entry.
+    /// Replica → leader: promised, durably; here is my durable log: its length, last epoch
+    /// and committed prefix, and its entries after the leader's base when it holds that entry.
     Promised {
         /// The promised epoch.
         epoch: Epoch,
+        /// The base of the `Promise` this answers.
+        base: Index,
         /// Length of the replica's durable log.
         len: Index,
         /// Epoch of its last entry (0 when empty).
         last_epoch: Epoch,
-        /// `(base, entries base + 1 ..= len)` when the replica holds the leader's base entry;
-        /// `None` when it does not (its log is then never the most advanced, see `try_adopt`).
-        after_base: Option<(Index, Vec<Entry<T>>)>,
+        /// The durable prefix of its log known committed (it matches any leader's log).
+        commit: Index,
+        /// Entries `base + 1 ..= len` when the replica holds the leader's base entry; `None`
+        /// when it does not (its log is then never the most advanced, see `try_adopt`).
+        after_base: Option<Vec<Entry<T>>>,
     },
     /// Leader → replica: entries after `prev_index`, and the leader's commit point.
     Append {
@@ -197,6 +201,7 @@ impl<T> Default for Durable<T> {
 struct Promise<T> {
     len: Index,
     last_epoch: Epoch,
+    commit: Index,
     /// The entries after the leader's base, when the promiser holds the base entry.
     after_base: Option<Vec<Entry<T>>>,
 }
@@ -260,11 +265,14 @@ pub struct Replica<T> {
     /// Appends accepted but not yet durable: (leader, epoch, index) to acknowledge after sync.
     unsynced_acks: Vec<(NodeId, Epoch, Index)>,
     leading: Option<Leading<T>>,
+    /// Adoptions restarted from base 0 (see `try_adopt`): always 0 unless an invariant broke.
+    fallbacks: u64,
 }
 
 impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
     /// A replica restarting from its durable state (a new one from `Durable::default()`).
-    /// Nothing is known committed until a leader says so.
+    /// Its commit point starts at `durable.committed` (up to its log's length); a leader says
+    /// the rest.
     #[must_use]
     pub fn recover(id: NodeId, durable: Durable<T>) -> Self {
         let synced = durable.log.len() as Index;
@@ -276,7 +284,15 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
             commit: durable.committed.min(synced),
             unsynced_acks: Vec::new(),
             leading: None,
+            fallbacks: 0,
         }
+    }
+
+    /// Adoptions this replica had to restart with whole logs because a promised log without
+    /// its base ranked highest (its base was not committed: a broken invariant).
+    #[must_use]
+    pub fn fallbacks(&self) -> u64 {
+        self.fallbacks
     }
 
     /// This replica's node id.
@@ -383,16 +399,8 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
         // needs to travel.
         let base = self.commit.min(self.synced);
         let base_epoch = base.checked_sub(1).map_or(0, |i| self.log[i as usize].epoch);
-        let durable = &self.log[..self.synced as usize];
         let mut promised = BTreeMap::new();
-        promised.insert(
-            self.id,
-            Promise {
-                len: self.synced,
-                last_epoch: durable.last().map_or(0, |e| e.epoch),
-                after_base: Some(durable[base as usize..].to_vec()),
-            },
-        );
+        promised.insert(self.id, self.own_promise(base));
         let l = Leading {
             epoch,
             base: (base, base_epoch),
@@ -514,6 +522,17 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
         out
     }
 
+    /// This replica's own durable log as a promise from `base`.
+    fn own_promise(&self, base: Index) -> Promise<T> {
+        let durable = &self.log[..self.synced as usize];
+        Promise {
+            len: self.synced,
+            last_epoch: durable.last().map_or(0, |e| e.epoch),
+            commit: self.commit.min(self.synced),
+            after_base: durable.get(base as usize..).map(<[Entry<T>]>::to_vec),
+        }
+    }
+
     /// Replaces the payloads of entries `from ..= upto` (from 1; at most the committed and
     /// durable prefix) with `f` of each: the caller moves applied payloads out of memory and
     /// reads them back from its storage when an append or a promise carries them.
@@ -541,19 +560,18 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
                     let durable = &self.log[..self.synced as usize];
                     let holds = base == 0
                         || durable.get(base as usize - 1).is_some_and(|e| e.epoch == base_epoch);
-                    let after_base = holds.then(|| (base, durable[base as usize..].to_vec()));
-                    let msg = Msg::Promised {
-                        epoch,
-                        len: self.synced,
-                        last_epoch: durable.last().map_or(0, |e| e.epoch),
-                        after_base,
-                    };
+                    let mut p = self.own_promise(base);
+                    if !holds {
+                        p.after_base = None;
+                    }
+                    let Promise { len, last_epoch, commit, after_base } = p;
+                    let msg = Msg::Promised { epoch, base, len, last_epoch, commit, after_base };
                     out.push(Out::Send { to: from, msg });
                 }
             }
-            Msg::Promised { epoch, len, last_epoch, after_base } => {
-                let promise = Promise { len, last_epoch, after_base: None };
-                self.on_promised(from, epoch, promise, after_base, &mut out);
+            Msg::Promised { epoch, base, len, last_epoch, commit, after_base } => {
+                let promise = Promise { len, last_epoch, commit, after_base };
+                self.on_promised(from, epoch, base, promise, &mut out);
             }
             Msg::Append { epoch, prev_index, prev_epoch, entries, commit } => {
                 self.on_append(from, epoch, prev_index, prev_epoch, entries, commit, &mut out);
@@ -597,17 +615,17 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
         &mut self,
         from: NodeId,
         epoch: Epoch,
-        mut promise: Promise<T>,
-        after_base: Option<(Index, Vec<Entry<T>>)>,
+        base: Index,
+        promise: Promise<T>,
         out: &mut Vec<Out<T>>,
     ) {
         let Some(l) = self.leading.as_mut() else { return };
-        if l.epoch != epoch {
+        // An answer to another epoch's promise, or to this one's before its base was dropped
+        // (see `try_adopt`), does not count.
+        if l.epoch != epoch || l.base.0 != base {
             return;
         }
-        let base = l.base.0;
         if let Phase::Promising { promised } = &mut l.phase {
-            promise.after_base = after_base.filter(|(b, _)| *b == base).map(|(_, log)| log);
             promised.insert(from, promise);
             self.try_adopt(out);
         }
@@ -622,19 +640,43 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
         if !majority(&l.set, &voters) || !(l.old_set.is_empty() || majority(&l.old_set, &voters)) {
             return;
         }
-        let promised = std::mem::take(promised);
         // The most advanced log holds every committed entry, the base among them, so it is
         // one that holds the base: two logs ending in the same (index, epoch) are equal, so a
         // log without the base ranks strictly lower.
-        let base = l.base.0 as usize;
         let rank = |p: &Promise<T>| (p.last_epoch, p.len);
-        let best = promised.values().filter(|p| p.after_base.is_some()).max_by_key(|p| rank(p));
-        let best_rank = best.map(rank);
-        debug_assert!(
-            promised.values().all(|p| p.after_base.is_some() || Some(rank(p)) < best_rank),
-            "a log without the committed base entry ranks highest"
-        );
-        let best = best.and_then(|p| p.after_base.as_deref()).unwrap_or_default();
+        let best_rank = promised.values().filter(|p| p.after_base.is_some()).map(rank).max();
+        if promised.values().any(|p| p.after_base.is_none() && Some(rank(p)) > best_rank) {
+            // Then the base was not committed after all (a broken invariant: the simulator
+            // fails on it). Adopting now could lose committed entries: ask again for whole
+            // logs.
+            self.fallbacks += 1;
+            tracing::error!(
+                epoch = l.epoch,
+                base = l.base.0,
+                "a promised log without the leader's base entry ranks highest; promising again from the start"
+            );
+            l.base = (0, 0);
+            promised.clear();
+            let epoch = l.epoch;
+            for to in l.followers(self.id) {
+                out.push(Out::Send { to, msg: Msg::Promise { epoch, base: 0, base_epoch: 0 } });
+            }
+            let own = self.own_promise(0);
+            if let Some(Leading { phase: Phase::Promising { promised }, .. }) =
+                self.leading.as_mut()
+            {
+                promised.insert(self.id, own);
+            }
+            return;
+        }
+        let promised = std::mem::take(promised);
+        let base = l.base.0 as usize;
+        let best = promised
+            .values()
+            .filter(|p| p.after_base.is_some())
+            .max_by_key(|p| rank(p))
+            .and_then(|p| p.after_base.as_deref())
+            .unwrap_or_default();
         // The leader's own log becomes the adopted one (its own divergent suffix, never
         // committed, is dropped). It is rewritten durably before it counts for itself.
         let own_prefix = base + common_prefix(&self.log[base..], best);
@@ -655,14 +697,17 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
                 // The promised log was durable; its prefix matching the adopted log stays
                 // (nothing truncates it in this epoch but this leader's own appends). Commit
                 // counting cannot misuse it: it ends before this epoch's marker. A promiser
-                // without the base matches up to somewhere before it: appends start after its
-                // length or the base (whichever is lower) and back off on a mismatch.
+                // without the base matches at least its committed prefix (every committed entry
+                // is in the adopted log, at its index); appends start after it.
                 let (sent, matched) = match &p.after_base {
                     Some(log) => {
                         let lcp = (base + common_prefix(log, &self.log[base..])) as Index;
                         (lcp, lcp)
                     }
-                    None => (p.len.min(base as Index), 0),
+                    None => {
+                        let known = p.commit.min(base as Index);
+                        (known, known)
+                    }
                 };
                 l.sent.insert(*node, sent);
                 l.matched.insert(*node, matched);

@@ -97,7 +97,7 @@ mod wire {
         /// `prev_epoch` (Append), the base's epoch (Promise) or the last entry's (Promised).
         #[prost(uint64, tag = "5")]
         pub prev_epoch: u64,
-        /// The commit index (Append).
+        /// The commit index (Append) or the promiser's committed prefix (Promised).
         #[prost(uint64, tag = "6")]
         pub commit: u64,
         /// The log (Promised) or the entries (Append).
@@ -195,14 +195,15 @@ fn to_wire(partition: PartitionId, msg: Msg<Payload>, load: LoadPayload<'_>) -> 
             w.index = base;
             w.prev_epoch = base_epoch;
         }
-        Msg::Promised { epoch, len, last_epoch, after_base } => {
+        Msg::Promised { epoch, base, len, last_epoch, commit, after_base } => {
             w.kind = 2;
             w.epoch = epoch;
+            w.index = base;
             w.len = len;
             w.prev_epoch = last_epoch;
-            if let Some((base, log)) = after_base {
+            w.commit = commit;
+            if let Some(log) = after_base {
                 w.holds_base = true;
-                w.index = base;
                 w.entries = entries(base + 1, log)?;
             }
         }
@@ -251,9 +252,11 @@ fn from_wire(mut w: wire::Msg) -> Option<(PartitionId, Msg<Payload>)> {
         1 => Msg::Promise { epoch: w.epoch, base: w.index, base_epoch: w.prev_epoch },
         2 => Msg::Promised {
             epoch: w.epoch,
+            base: w.index,
             len: w.len,
             last_epoch: w.prev_epoch,
-            after_base: w.holds_base.then(|| (w.index, log())),
+            commit: w.commit,
+            after_base: w.holds_base.then(log),
         },
         3 => Msg::Append {
             epoch: w.epoch,
@@ -778,6 +781,12 @@ impl Engine {
     fn apply(&mut self, p: PartitionId, commit: Index) {
         let Some(data) = &self.data else { return };
         let Some(slot) = self.slots.get_mut(&p) else { return };
+        // Only what this replica's own log holds durably: the applied index (written by the
+        // storage writer, which does not wait for the replication log's fsync) then never
+        // names an entry that a crash could take back or leave stale in the log on disk, and
+        // recovery may take it as committed. A follower learns of commits before its own
+        // fsync; the rest is applied after it (`persist`).
+        let commit = commit.min(slot.replica.durable_prefix());
         if commit <= slot.applying {
             return;
         }
@@ -974,6 +983,9 @@ impl Engine {
                 slot.stored_promise = slot.replica.promised();
                 slot.stored_len = slot.replica.log().len() as Index;
                 outs.extend(slot.replica.synced().into_iter().map(|o| (p, o)));
+                // What was committed before this fsync made it durable here.
+                let commit = slot.replica.commit_index();
+                self.apply(p, commit);
             }
         }
         Ok(())
@@ -1193,11 +1205,13 @@ mod tests {
             Msg::Promise { epoch: 3, base: 7, base_epoch: 2 },
             Msg::Promised {
                 epoch: 3,
+                base: 7,
                 len: 9,
                 last_epoch: 3,
-                after_base: Some((7, vec![e(1, Some("a")), e(3, None)])),
+                commit: 6,
+                after_base: Some(vec![e(1, Some("a")), e(3, None)]),
             },
-            Msg::Promised { epoch: 3, len: 4, last_epoch: 1, after_base: None },
+            Msg::Promised { epoch: 3, base: 7, len: 4, last_epoch: 1, commit: 2, after_base: None },
             Msg::Append {
                 epoch: 4,
                 prev_index: 2,

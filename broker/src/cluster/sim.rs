@@ -234,10 +234,13 @@ impl Sim {
                 }
                 if self.verbose {
                     let what = match &msg {
-                        Msg::Promised { epoch, len, last_epoch, after_base } => format!(
-                            "Promised e{epoch} len {len} last epoch {last_epoch} after base {:?}",
-                            after_base.as_ref().map(|(b, log)| (*b, log.len()))
-                        ),
+                        Msg::Promised { epoch, base, len, last_epoch, commit, after_base } => {
+                            format!(
+                                "Promised e{epoch} base {base} len {len} last epoch {last_epoch} \
+                                 commit {commit} after base {:?}",
+                                after_base.as_ref().map(Vec::len)
+                            )
+                        }
                         Msg::Append { epoch, prev_index, prev_epoch, entries, commit } => format!(
                             "Append e{epoch} prev ({prev_index},{prev_epoch}) n {} commit {commit}",
                             entries.len()
@@ -440,6 +443,9 @@ impl Sim {
         {
             let n = self.nodes.get_mut(&node).expect("node");
             n.disk.promised = n.replica.promised();
+            if n.replica.fallbacks() > 0 {
+                return Err(format!("node {node}: a leader's base was not committed"));
+            }
         }
         for out in outs {
             match out {
@@ -738,7 +744,7 @@ fn given_a_committed_history_a_new_leader_should_be_promised_only_what_follows_i
     let replies = c.handle(2, Msg::Promise { epoch: 2, base: 101, base_epoch: 1 });
     let promised = replies.iter().find_map(|o| match o {
         Out::Send { msg: Msg::Promised { len, after_base, .. }, .. } => {
-            Some((*len, after_base.clone()))
+            Some((*len, after_base.clone().map(|log| (101, log))))
         }
         _ => None,
     });
@@ -792,6 +798,61 @@ fn given_a_settled_set_change_the_leader_should_commit_without_the_old_set() {
     outs.extend(a.synced());
     let _ = settle_where(&mut [&mut *a, &mut *b, &mut *c, &mut *d], 1, outs, lost);
     assert_eq!(a.commit_index(), index);
+}
+
+#[test]
+fn given_a_promiser_without_the_base_should_catch_up_from_its_committed_prefix() {
+    let set: BTreeSet<NodeId> = [1, 2, 3].into();
+    let e = |epoch, v| Entry { epoch, payload: Some(v) };
+    // b holds the committed log: epoch 1 up to 11, then epoch 2 up to 212.
+    let mut good = vec![Entry { epoch: 1, payload: None }];
+    good.extend((2..=11).map(|v| e(1, v)));
+    good.push(Entry { epoch: 2, payload: None });
+    good.extend((13..=212).map(|v| e(2, v)));
+    let mut b = Replica::recover(2, Durable { promised: 2, log: good.clone(), committed: 212 });
+    // c was cut off after 11, holding five stale entries of epoch 1 that never committed.
+    let mut stale = good[..11].to_vec();
+    stale.extend((12..=16).map(|v| e(1, 1000 + v)));
+    let mut c = Replica::recover(3, Durable { promised: 2, log: stale, committed: 11 });
+    let mut a: Replica<u64> = Replica::recover(1, Durable::default());
+    // b leads epoch 3 from base 212 with c (a is down): c does not hold the base, so it
+    // promises its length and committed prefix only, and is caught up from there: no
+    // back-off through its stale tail.
+    let mut outs = b.lead(3, set, BTreeSet::new());
+    outs.extend(b.synced());
+    let mismatches = std::cell::Cell::new(0);
+    let up = |from: NodeId, to: NodeId, m: &Msg<u64>| {
+        if matches!(m, Msg::Mismatch { .. }) {
+            mismatches.set(mismatches.get() + 1);
+        }
+        from != 1 && to != 1
+    };
+    let _ = settle_where(&mut [&mut a, &mut b, &mut c], 2, outs, up);
+    let outs = b.announce_commit();
+    let _ = settle_where(&mut [&mut a, &mut b, &mut c], 2, outs, up);
+    assert_eq!(b.serving(), Some(3));
+    assert_eq!(c.committed(), b.committed());
+    assert_eq!(&c.committed()[..212], &good[..], "c's stale tail was replaced");
+    assert_eq!(mismatches.get(), 0, "appends started where c's log matched");
+}
+
+#[test]
+fn given_a_base_that_was_not_committed_the_leader_should_promise_again_from_the_start() {
+    let set: BTreeSet<NodeId> = [1, 2, 3].into();
+    let e = |epoch, v| Entry { epoch, payload: Some(v) };
+    // a and b hold entries 2..=3 of epoch 2 (committed); c claims (wrongly) that its stale
+    // entry 2 of epoch 1 is committed.
+    let good = vec![Entry { epoch: 1, payload: None }, e(2, 20), e(2, 30)];
+    let mut a = Replica::recover(1, Durable { promised: 2, log: good.clone(), committed: 3 });
+    let mut b = Replica::recover(2, Durable { promised: 2, log: good.clone(), committed: 3 });
+    let stale = vec![Entry { epoch: 1, payload: None }, e(1, 99)];
+    let mut c = Replica::recover(3, Durable { promised: 2, log: stale, committed: 2 });
+    let mut outs = c.lead(3, set, BTreeSet::new());
+    outs.extend(c.synced());
+    let _ = settle(&mut [&mut a, &mut b, &mut c], 3, outs);
+    assert_eq!(c.fallbacks(), 1);
+    assert_eq!(&c.log()[..3], &good[..], "the committed entries were adopted, not lost");
+    assert_eq!(c.serving(), Some(3));
 }
 
 #[test]
