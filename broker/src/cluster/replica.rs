@@ -202,8 +202,33 @@ struct Promise<T> {
     len: Index,
     last_epoch: Epoch,
     commit: Index,
-    /// The entries after the leader's base, when the promiser holds the base entry.
+    /// The entries after the leader's base, when the promiser holds the base entry: all of
+    /// them up to `len`, or the first chunks (a promise carries at most [`MAX_APPEND`] entries
+    /// and [`MAX_APPEND_BYTES`]; the leader asks for the rest of the one it adopts).
     after_base: Option<Vec<Entry<T>>>,
+}
+
+impl<T> Promise<T> {
+    /// Where the entries received so far end, when that is short of the promised log.
+    fn missing_from(&self, base: Index) -> Option<Index> {
+        let got = base + self.after_base.as_ref()?.len() as Index;
+        (got < self.len).then_some(got)
+    }
+}
+
+/// The first entries of `log` one message carries: at most [`MAX_APPEND`] and, past the
+/// first, [`MAX_APPEND_BYTES`] of payload.
+fn chunk<T: Weigh>(log: &[Entry<T>]) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for e in log.iter().take(MAX_APPEND as usize) {
+        bytes += e.payload.as_ref().map_or(0, Weigh::weight);
+        if n > 0 && bytes > MAX_APPEND_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 #[derive(Debug)]
@@ -454,6 +479,8 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
                         });
                     }
                 }
+                // A chunk of the log being fetched may have been lost: ask again.
+                self.try_adopt(&mut out);
             }
             Phase::Replicating { .. } => self.replicate(&mut out, Resend::Acked),
         }
@@ -561,7 +588,11 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
                     let holds = base == 0
                         || durable.get(base as usize - 1).is_some_and(|e| e.epoch == base_epoch);
                     let mut p = self.own_promise(base);
-                    if !holds {
+                    if holds {
+                        if let Some(log) = p.after_base.as_mut() {
+                            log.truncate(chunk(log));
+                        }
+                    } else {
                         p.after_base = None;
                     }
                     let Promise { len, last_epoch, commit, after_base } = p;
@@ -620,15 +651,30 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
         out: &mut Vec<Out<T>>,
     ) {
         let Some(l) = self.leading.as_mut() else { return };
-        // An answer to another epoch's promise, or to this one's before its base was dropped
-        // (see `try_adopt`), does not count.
-        if l.epoch != epoch || l.base.0 != base {
+        if l.epoch != epoch {
             return;
         }
-        if let Phase::Promising { promised } = &mut l.phase {
+        let start = l.base.0;
+        let Phase::Promising { promised } = &mut l.phase else { return };
+        if base == start {
             promised.insert(from, promise);
-            self.try_adopt(out);
+        } else if let Some(held) = promised.get_mut(&from)
+            && held.missing_from(start) == Some(base)
+        {
+            // The next chunk of a log being fetched.
+            match (held.after_base.as_mut(), promise.after_base) {
+                (Some(log), Some(more)) if !more.is_empty() => log.extend(more),
+                // It no longer holds where its log stopped (cannot happen while it keeps its
+                // promise): start its promise over.
+                _ => {
+                    promised.remove(&from);
+                }
+            }
+        } else {
+            // An answer to an older round (before a fallback to base 0), or a duplicate.
+            return;
         }
+        self.try_adopt(out);
     }
 
     /// With promises from a majority (of both sets on a set change), adopts the most advanced
@@ -669,14 +715,27 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
             }
             return;
         }
+        // The log to adopt must be complete here: ask for its next chunk first.
+        let best_node = promised
+            .iter()
+            .filter(|(_, p)| p.after_base.is_some())
+            .max_by_key(|(_, p)| rank(p))
+            .map(|(n, _)| *n);
+        if let Some(node) = best_node
+            && let Some(from) = promised[&node].missing_from(l.base.0)
+        {
+            let base_epoch = promised[&node]
+                .after_base
+                .as_ref()
+                .and_then(|log| log.last())
+                .map_or(l.base.1, |e| e.epoch);
+            let msg = Msg::Promise { epoch: l.epoch, base: from, base_epoch };
+            out.push(Out::Send { to: node, msg });
+            return;
+        }
         let promised = std::mem::take(promised);
         let base = l.base.0 as usize;
-        let best = promised
-            .values()
-            .filter(|p| p.after_base.is_some())
-            .max_by_key(|p| rank(p))
-            .and_then(|p| p.after_base.as_deref())
-            .unwrap_or_default();
+        let best = best_node.and_then(|n| promised[&n].after_base.as_deref()).unwrap_or_default();
         // The leader's own log becomes the adopted one (its own divergent suffix, never
         // committed, is dropped). It is rewritten durably before it counts for itself.
         let own_prefix = base + common_prefix(&self.log[base..], best);

@@ -16,7 +16,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
-use super::replica::{Durable, Entry, Epoch, Index, Msg, NodeId, Out, Replica};
+use super::replica::{Durable, Entry, Epoch, Index, MAX_APPEND, Msg, NodeId, Out, Replica};
 
 /// SplitMix64: small, fast, and the same on every platform.
 struct Rng(u64);
@@ -834,6 +834,38 @@ fn given_a_promiser_without_the_base_should_catch_up_from_its_committed_prefix()
     assert_eq!(c.committed(), b.committed());
     assert_eq!(&c.committed()[..212], &good[..], "c's stale tail was replaced");
     assert_eq!(mismatches.get(), 0, "appends started where c's log matched");
+}
+
+#[test]
+fn given_a_new_replica_leading_a_long_log_should_fetch_the_adopted_log_in_chunks() {
+    let set: BTreeSet<NodeId> = [1, 2, 3].into();
+    let mut log = vec![Entry { epoch: 1, payload: None }];
+    log.extend((2..=200).map(|v| Entry { epoch: 1, payload: Some(v) }));
+    let mut a = Replica::recover(1, Durable { promised: 1, log: log.clone(), committed: 200 });
+    let mut b = Replica::recover(2, Durable { promised: 1, log: log.clone(), committed: 200 });
+    // c is new (a move onto a node that holds nothing): its base is 0.
+    let mut c: Replica<u64> = Replica::recover(3, Durable::default());
+    let mut outs = c.lead(2, set, BTreeSet::new());
+    outs.extend(c.synced());
+    let chunks = std::cell::RefCell::new(Vec::new());
+    let _ = settle_where(&mut [&mut a, &mut b, &mut c], 3, outs, |_, _, m| {
+        if let Msg::Promised { after_base: Some(log), .. } = m {
+            chunks.borrow_mut().push(log.len());
+        }
+        true
+    });
+    let chunks = chunks.into_inner();
+    assert!(chunks.iter().all(|&n| n <= MAX_APPEND as usize), "{chunks:?}");
+    assert_eq!(
+        chunks.iter().sum::<usize>(),
+        64 * 2 + 200 - 64,
+        "two first chunks, then one log's rest"
+    );
+    assert_eq!(&c.log()[..200], &log[..]);
+    let outs = c.announce_commit();
+    let _ = settle(&mut [&mut a, &mut b, &mut c], 3, outs);
+    assert_eq!(c.serving(), Some(2));
+    assert_eq!(a.committed(), c.committed());
 }
 
 #[test]
