@@ -339,6 +339,68 @@ async fn given_a_fourth_node_joins_should_move_partitions_onto_it_through_joint_
     }
 }
 
+#[tokio::test]
+async fn given_a_long_history_when_a_new_node_takes_over_its_partition_should_move_it_whole() {
+    let mut cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    // A conversation whose partition the placement over four nodes gives to node 4 first:
+    // node 4 leads the move's epoch with an empty log.
+    let target = Placement::uniform([1, 2, 3, 4], 3).expect("placement");
+    let (conv, p) = (0..)
+        .map(|n| format!("room-{n}"))
+        .map(|c| {
+            let p = switchboard_broker::shard::partition(&c);
+            (c, p)
+        })
+        .find(|(_, p)| target.iter().any(|(q, want)| q == *p && want[0] == 4))
+        .expect("a partition node 4 will lead");
+    let (mut c, _) = cluster.nodes[0].raw_as("alice").await;
+    let create = switchboard_protocol::CreateConversation {
+        kind: ConversationKind::Group as i32,
+        name: conv.clone(),
+        members: vec!["bob".into()],
+        conversation_id: conv.clone(),
+        ..Default::default()
+    };
+    assert!(matches!(
+        c.request(client_frame::Kind::CreateConversation(create)).await,
+        server_frame::Kind::Conversation(_)
+    ));
+    // About 19 MiB in its log: more than one peer request carries (16 MiB).
+    let pad = "x".repeat(60 << 10);
+    let mut acks: HashMap<String, u64> = HashMap::new();
+    for i in 0..320 {
+        let key = format!("big-{i}");
+        let send = switchboard_protocol::Send {
+            conversation_id: conv.clone(),
+            client_msg_id: key.clone(),
+            content: Some(switchboard_protocol::Content::text(format!("{key} {pad}"))),
+        };
+        match c.request(client_frame::Kind::Send(send)).await {
+            server_frame::Kind::SendAck(a) => acks.insert(key, a.seq),
+            other => panic!("{other:?}"),
+        };
+    }
+    drop(c);
+    cluster.add_node(&fast_gossip());
+    let want: Vec<u64> = target.iter().find(|(q, _)| *q == p).expect("placed").1.to_vec();
+    wait_table(&cluster, 0, "the partition moved to node 4, which leads it", |t| {
+        let a = &t[usize::from(p)];
+        let mut have: Vec<u64> = a["replicas"]
+            .as_array()
+            .map(|r| r.iter().filter_map(serde_json::Value::as_u64).collect())
+            .unwrap_or_default();
+        let mut want = want.clone();
+        have.sort_unstable();
+        want.sort_unstable();
+        have == want && a["previous"].as_array().is_some_and(Vec::is_empty) && a["leader"] == 4
+    })
+    .await;
+    // Node 4 serves it: it holds the whole history and acknowledges new sends.
+    send_until_acked(&cluster, &[3], &conv, keys("after", 0..3), &mut acks).await;
+    wait_log(&cluster, 3, &conv, &history(&acks)).await;
+}
+
 /// Pipelines sends of `keys` (up to 8 in flight) and records each acknowledged key's seq.
 /// Returns when every key is acknowledged (`true`) or the connection fails or a send is
 /// refused (`false`); unacknowledged keys stay for the caller to retry.
