@@ -616,7 +616,7 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
                 {
                     // Retry from one entry earlier, or from the follower's end if that is
                     // earlier still. Each refused append causes one retry: no storm.
-                    let from_index = prev_index.min(len + 1).max(1);
+                    let from_index = prev_index.min(len.saturating_add(1)).max(1);
                     self.send_from(from, from_index, &mut out);
                 }
             }
@@ -847,6 +847,11 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
             out.push(Out::Send { to: from, msg: Msg::Stale { promised: self.promised } });
             return;
         }
+        // Appends of the epoch this replica leads come from nobody else (one leader per epoch):
+        // a peer's bug, or forged. Taking them could cut the log under its own adoption.
+        if self.leads(epoch) {
+            return;
+        }
         self.observe_epoch(epoch, out);
         let holds_prev = prev_index == 0
             || self.log.get(prev_index as usize - 1).is_some_and(|e| e.epoch == prev_epoch);
@@ -896,7 +901,11 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
 
     fn on_appended(&mut self, from: NodeId, epoch: Epoch, index: Index, out: &mut Vec<Out<T>>) {
         let Some(l) = self.leading.as_mut() else { return };
-        if l.epoch != epoch || !matches!(l.phase, Phase::Replicating { .. }) {
+        // Beyond this log: not an answer to anything it sent (a peer's bug, or forged).
+        if l.epoch != epoch
+            || !matches!(l.phase, Phase::Replicating { .. })
+            || index > self.log.len() as Index
+        {
             return;
         }
         let m = l.matched.entry(from).or_insert(0);

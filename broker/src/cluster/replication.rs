@@ -1302,7 +1302,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn given_applied_entries_should_leave_memory_and_be_read_back_for_a_lagging_replica() {
+    async fn given_applied_entries_should_leave_memory_and_be_read_back_when_sent() {
         let dir = tempfile::tempdir().unwrap();
         let mut engine = node_one(dir.path());
         let entries: Vec<Entry<Payload>> = (0..6u8)

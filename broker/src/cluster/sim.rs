@@ -729,7 +729,7 @@ fn given_a_committed_history_a_new_leader_should_be_promised_only_what_follows_i
     let _ = settle(&mut [&mut a, &mut b, &mut c], 1, outs);
     commit_all(&mut [&mut a, &mut b, &mut c], 0, 100);
     assert_eq!(b.commit_index(), 101, "followers learned the commit point");
-    // c misses the last two entries; b leads epoch 2 from its commit point.
+    // c misses the last entry; b leads epoch 2 from its commit point.
     let (_, outs) = a.append(1000).expect("serving");
     let _ = a.synced();
     let _ = settle_where(&mut [&mut a, &mut b, &mut c], 1, outs, |_, to, _| to == 2);
@@ -885,6 +885,28 @@ fn given_a_base_that_was_not_committed_the_leader_should_promise_again_from_the_
     assert_eq!(c.fallbacks(), 1);
     assert_eq!(&c.log()[..3], &good[..], "the committed entries were adopted, not lost");
     assert_eq!(c.serving(), Some(3));
+}
+
+#[test]
+fn given_messages_no_leader_could_have_sent_a_replica_should_ignore_them_without_panicking() {
+    let set: BTreeSet<NodeId> = [1, 2, 3].into();
+    let mut a: Replica<u64> = Replica::recover(1, Durable::default());
+    let mut b: Replica<u64> = Replica::recover(2, Durable::default());
+    let mut outs = a.lead(1, set, BTreeSet::new());
+    outs.extend(a.synced());
+    let _ = settle(&mut [&mut a, &mut b], 1, outs);
+    assert_eq!(a.serving(), Some(1));
+    let log = a.log().to_vec();
+    // Acknowledging entries the leader never had; a log length at the top of the range; an
+    // append of the leader's own epoch from someone else.
+    assert!(a.handle(2, Msg::Appended { epoch: 1, index: u64::MAX }).is_empty());
+    assert!(a.handle(3, Msg::Appended { epoch: 1, index: u64::MAX }).is_empty());
+    let _ = a.handle(2, Msg::Mismatch { epoch: 1, prev_index: 1, len: u64::MAX });
+    let forged =
+        Msg::Append { epoch: 1, prev_index: 0, prev_epoch: 0, entries: Vec::new(), commit: 9 };
+    assert!(a.handle(3, forged).is_empty());
+    assert_eq!(a.log(), &log[..]);
+    assert_eq!(a.commit_index(), 1);
 }
 
 #[test]
