@@ -6,9 +6,10 @@
 //! Dependencies point down this list; a lower module never imports a higher one.
 //! - [`cli`]: the command line (`switchboard`, `switchboard token`, `switchboard print-config`).
 //! - [`runtime`]: builds storage, the writer thread and the shard threads; signals; shutdown.
-//! - [`cluster`]: scale-out pieces independent of the network: per-partition replication
-//!   ([`cluster::replica`], with a deterministic simulator in its tests) and partition placement
-//!   ([`cluster::placement`]). Not wired into the runtime yet (see `docs/cluster.md`).
+//! - [`cluster`]: scale-out, when `cluster.listen` is set: gossip membership, the Raft control
+//!   plane and its partition table, per-partition replication ([`cluster::replica`], with a
+//!   deterministic simulator in its tests, driven by [`cluster::replication`]) and partition
+//!   placement ([`cluster::placement`]); see `docs/cluster.md`.
 //! - [`net`]: transports ([`net::tcp`], [`net::ws`] behind [`net::http`]), the session state
 //!   machine ([`net::session`]), one handler per request ([`net::handler`]), embedded files.
 //! - [`shard`]: per-thread state and the mailboxes between shards: the partition owner
