@@ -300,17 +300,7 @@ async fn given_a_fourth_node_joins_should_move_partitions_onto_it_through_joint_
     // The target: rendezvous placement of every partition over the four voters.
     let target = Placement::uniform([1, 2, 3, 4], 3).expect("placement");
     let settled = |p: &[serde_json::Value]| {
-        p.len() == 1024
-            && p.iter().zip(target.iter()).all(|(a, (_, want))| {
-                let mut have: Vec<u64> = a["replicas"]
-                    .as_array()
-                    .map(|r| r.iter().filter_map(serde_json::Value::as_u64).collect())
-                    .unwrap_or_default();
-                let mut want = want.to_vec();
-                have.sort_unstable();
-                want.sort_unstable();
-                have == want && a["previous"].as_array().is_some_and(Vec::is_empty)
-            })
+        p.len() == 1024 && p.iter().zip(target.iter()).all(|(a, (_, want))| settled_on(a, want))
     };
     let moved = wait_table(&cluster, 0, "partitions moved onto node 4 and settled", settled).await;
     let holding = |id: u64| {
@@ -355,45 +345,14 @@ async fn given_a_long_history_when_a_new_node_takes_over_its_partition_should_mo
         .find(|(_, p)| target.iter().any(|(q, want)| q == *p && want[0] == 4))
         .expect("a partition node 4 will lead");
     let (mut c, _) = cluster.nodes[0].raw_as("alice").await;
-    let create = switchboard_protocol::CreateConversation {
-        kind: ConversationKind::Group as i32,
-        name: conv.clone(),
-        members: vec!["bob".into()],
-        conversation_id: conv.clone(),
-        ..Default::default()
-    };
-    assert!(matches!(
-        c.request(client_frame::Kind::CreateConversation(create)).await,
-        server_frame::Kind::Conversation(_)
-    ));
-    // About 19 MiB in its log: more than one peer request carries (16 MiB).
-    let pad = "x".repeat(60 << 10);
-    let mut acks: HashMap<String, u64> = HashMap::new();
-    for i in 0..320 {
-        let key = format!("big-{i}");
-        let send = switchboard_protocol::Send {
-            conversation_id: conv.clone(),
-            client_msg_id: key.clone(),
-            content: Some(switchboard_protocol::Content::text(format!("{key} {pad}"))),
-        };
-        match c.request(client_frame::Kind::Send(send)).await {
-            server_frame::Kind::SendAck(a) => acks.insert(key, a.seq),
-            other => panic!("{other:?}"),
-        };
-    }
+    create_group(&mut c, &conv).await;
+    let mut acks = send_19_mib(&mut c, &conv).await;
     drop(c);
     cluster.add_node(&fast_gossip());
     let want: Vec<u64> = target.iter().find(|(q, _)| *q == p).expect("placed").1.to_vec();
     wait_table(&cluster, 0, "the partition moved to node 4, which leads it", |t| {
         let a = &t[usize::from(p)];
-        let mut have: Vec<u64> = a["replicas"]
-            .as_array()
-            .map(|r| r.iter().filter_map(serde_json::Value::as_u64).collect())
-            .unwrap_or_default();
-        let mut want = want.clone();
-        have.sort_unstable();
-        want.sort_unstable();
-        have == want && a["previous"].as_array().is_some_and(Vec::is_empty) && a["leader"] == 4
+        settled_on(a, &want) && a["leader"] == 4
     })
     .await;
     // Node 4 serves it: it holds the whole history and acknowledges new sends.
@@ -483,18 +442,55 @@ async fn conversation(
         .find(|(_, _, leader)| Some(*leader) != avoid)
         .expect("some conversation");
     let (mut c, _) = cluster.nodes[via].raw_as("alice").await;
+    create_group(&mut c, &conv).await;
+    (conv, p, leader)
+}
+
+/// Creates `conv` through `c` (alice's connection) as alice's group with bob.
+async fn create_group(c: &mut RawConn, conv: &str) {
     let create = switchboard_protocol::CreateConversation {
         kind: ConversationKind::Group as i32,
-        name: conv.clone(),
+        name: conv.into(),
         members: vec!["bob".into()],
-        conversation_id: conv.clone(),
+        conversation_id: conv.into(),
         ..Default::default()
     };
     match c.request(client_frame::Kind::CreateConversation(create)).await {
         server_frame::Kind::Conversation(r) => assert!(r.created),
         other => panic!("{other:?}"),
     }
-    (conv, p, leader)
+}
+
+/// Sends 320 messages of 60 KiB to `conv` through `c`, one at a time: about 19 MiB in its
+/// partition's log, more than one peer request carries (16 MiB). Returns each key's seq.
+async fn send_19_mib(c: &mut RawConn, conv: &str) -> HashMap<String, u64> {
+    let pad = "x".repeat(60 << 10);
+    let mut acks = HashMap::new();
+    for i in 0..320 {
+        let key = format!("big-{i}");
+        let send = switchboard_protocol::Send {
+            conversation_id: conv.into(),
+            client_msg_id: key.clone(),
+            content: Some(switchboard_protocol::Content::text(format!("{key} {pad}"))),
+        };
+        match c.request(client_frame::Kind::Send(send)).await {
+            server_frame::Kind::SendAck(a) => acks.insert(key, a.seq),
+            other => panic!("{other:?}"),
+        };
+    }
+    acks
+}
+
+/// Whether a `/cluster/partitions` entry has exactly the replicas `want` and no move pending.
+fn settled_on(a: &serde_json::Value, want: &[u64]) -> bool {
+    let mut have: Vec<u64> = a["replicas"]
+        .as_array()
+        .map(|r| r.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default();
+    let mut want = want.to_vec();
+    have.sort_unstable();
+    want.sort_unstable();
+    have == want && a["previous"].as_array().is_some_and(Vec::is_empty)
 }
 
 /// Sends `keys` as alice through `nodes` in turn until all are acknowledged: during a failover
@@ -600,23 +596,9 @@ async fn given_a_history_larger_than_a_peer_frame_when_its_leader_dies_should_fa
     let mut cluster = Cluster::start(3, &fast_gossip());
     wait_all_serving(&cluster, &[0, 1, 2]).await;
     let (conv, _, leader) = conversation(&cluster, None, 0).await;
-    // About 19 MiB of messages in one partition's log: more than one peer request may carry
-    // (16 MiB), so the new leader's adoption must not need the whole log from anyone.
-    let pad = "x".repeat(60 << 10);
+    // The new leader's adoption must not need the whole log from anyone.
     let (mut c, _) = cluster.nodes[leader].raw_as("alice").await;
-    let mut acks: HashMap<String, u64> = HashMap::new();
-    for i in 0..320 {
-        let key = format!("big-{i}");
-        let send = switchboard_protocol::Send {
-            conversation_id: conv.clone(),
-            client_msg_id: key.clone(),
-            content: Some(switchboard_protocol::Content::text(format!("{key} {pad}"))),
-        };
-        match c.request(client_frame::Kind::Send(send)).await {
-            server_frame::Kind::SendAck(a) => acks.insert(key, a.seq),
-            other => panic!("{other:?}"),
-        };
-    }
+    let mut acks = send_19_mib(&mut c, &conv).await;
     drop(c);
     cluster.nodes[leader].kill();
     let alive: Vec<usize> = (0..3).filter(|&i| i != leader).collect();

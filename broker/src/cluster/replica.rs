@@ -809,15 +809,7 @@ impl<T: Clone + PartialEq + std::fmt::Debug + Weigh> Replica<T> {
         let len = self.log.len() as Index;
         let prev_index = from_index.clamp(1, len + 1) - 1;
         let prev_epoch = if prev_index == 0 { 0 } else { self.log[prev_index as usize - 1].epoch };
-        let mut upto = prev_index;
-        let mut bytes = 0;
-        for e in &self.log[prev_index as usize..len.min(prev_index + MAX_APPEND) as usize] {
-            bytes += e.payload.as_ref().map_or(0, Weigh::weight);
-            if upto > prev_index && bytes > MAX_APPEND_BYTES {
-                break;
-            }
-            upto += 1;
-        }
+        let upto = prev_index + chunk(&self.log[prev_index as usize..]) as Index;
         let entries = self.log[prev_index as usize..upto as usize].to_vec();
         l.sent.insert(to, upto);
         out.push(Out::Send {

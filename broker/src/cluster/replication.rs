@@ -345,11 +345,6 @@ fn decode_entry(v: &[u8]) -> Option<Entry<Bytes>> {
 }
 
 impl Store {
-    /// A stored entry's payload.
-    fn payload(&self, p: PartitionId, index: Index) -> Option<Bytes> {
-        stored_payload(&self.log, p, index)
-    }
-
     fn open(data_dir: &std::path::Path) -> Result<Self, fjall::Error> {
         let db = crate::storage::database(&data_dir.join("replication"), 8 << 20)?;
         let log = db.keyspace("log", KeyspaceCreateOptions::default)?;
@@ -794,22 +789,6 @@ impl Engine {
         let mut reports: Vec<Report> = Vec::new();
         for index in slot.applying + 1..=commit {
             let Some(entry) = slot.replica.log().get(index as usize - 1) else { break };
-            let payload = match &entry.payload {
-                None => continue,
-                Some(Payload::Held(b)) => b.clone(),
-                // Only applied entries leave memory; this one was handed to the writer before.
-                Some(Payload::Stored(_)) => match self.store.payload(p, index) {
-                    Some(b) => b,
-                    None => {
-                        tracing::error!(
-                            partition = p,
-                            index,
-                            "committed entry unreadable; stopping the process"
-                        );
-                        std::process::abort();
-                    }
-                },
-            };
             // This node's own entries are applied from the writes it proposed; others'
             // are decoded from the log.
             if let Some((who, own)) = slot.proposals.remove(&index) {
@@ -819,7 +798,13 @@ impl Engine {
                 ops.extend(own);
                 continue;
             }
-            let decoded = match crate::storage::decode_ops(&payload) {
+            let decoded = match &entry.payload {
+                None => continue,
+                Some(Payload::Held(b)) => crate::storage::decode_ops(b).map_err(|e| e.to_string()),
+                // Only applied entries leave memory (`on_applied`), never one still to apply.
+                Some(Payload::Stored(_)) => Err("payload no longer in memory".to_owned()),
+            };
+            let decoded = match decoded {
                 Ok(ops) => ops,
                 Err(e) => {
                     // A committed entry is damaged: applying around it would diverge.

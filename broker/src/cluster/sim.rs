@@ -705,6 +705,18 @@ fn settle<T: Clone + PartialEq + std::fmt::Debug + super::replica::Weigh>(
     settle_where(replicas, from, outs, |_, _, _| true)
 }
 
+/// `r` leads `epoch` and syncs at once (its promise and marker durable): what it sends.
+fn lead_synced<T: Clone + PartialEq + std::fmt::Debug + super::replica::Weigh>(
+    r: &mut Replica<T>,
+    epoch: Epoch,
+    set: BTreeSet<NodeId>,
+    old: BTreeSet<NodeId>,
+) -> Vec<Out<T>> {
+    let mut outs = r.lead(epoch, set, old);
+    outs.extend(r.synced());
+    outs
+}
+
 /// Appends `n` payloads on `leader` and replicates them to the others until all commit.
 fn commit_all(replicas: &mut [&mut Replica<u64>], leader: usize, n: u64) {
     for v in 0..n {
@@ -724,8 +736,7 @@ fn given_a_committed_history_a_new_leader_should_be_promised_only_what_follows_i
     let mut a: Replica<u64> = Replica::recover(1, Durable::default());
     let mut b: Replica<u64> = Replica::recover(2, Durable::default());
     let mut c: Replica<u64> = Replica::recover(3, Durable::default());
-    let mut outs = a.lead(1, set.clone(), BTreeSet::new());
-    outs.extend(a.synced());
+    let outs = lead_synced(&mut a, 1, set.clone(), BTreeSet::new());
     let _ = settle(&mut [&mut a, &mut b, &mut c], 1, outs);
     commit_all(&mut [&mut a, &mut b, &mut c], 0, 100);
     assert_eq!(b.commit_index(), 101, "followers learned the commit point");
@@ -773,12 +784,10 @@ fn given_a_settled_set_change_the_leader_should_commit_without_the_old_set() {
     let mut r: Vec<Replica<u64>> =
         (1..=4).map(|id| Replica::recover(id, Durable::default())).collect();
     let [a, b, c, d] = &mut r[..] else { unreachable!() };
-    let mut outs = a.lead(1, old.clone(), BTreeSet::new());
-    outs.extend(a.synced());
+    let outs = lead_synced(a, 1, old.clone(), BTreeSet::new());
     let _ = settle(&mut [&mut *a, &mut *b, &mut *c, &mut *d], 1, outs);
     // Epoch 2 moves the set from {1,2,3} to {1,2,4}; 1 leads and serves in it.
-    let mut outs = a.lead(2, new, old);
-    outs.extend(a.synced());
+    let outs = lead_synced(a, 2, new, old);
     let _ = settle(&mut [&mut *a, &mut *b, &mut *c, &mut *d], 1, outs);
     assert_eq!(a.serving(), Some(2));
     // 2 and 3 are lost: the old set has no majority left, the new one has {1, 4}.
@@ -818,8 +827,7 @@ fn given_a_promiser_without_the_base_should_catch_up_from_its_committed_prefix()
     // b leads epoch 3 from base 212 with c (a is down): c does not hold the base, so it
     // promises its length and committed prefix only, and is caught up from there: no
     // back-off through its stale tail.
-    let mut outs = b.lead(3, set, BTreeSet::new());
-    outs.extend(b.synced());
+    let outs = lead_synced(&mut b, 3, set, BTreeSet::new());
     let mismatches = std::cell::Cell::new(0);
     let up = |from: NodeId, to: NodeId, m: &Msg<u64>| {
         if matches!(m, Msg::Mismatch { .. }) {
@@ -845,8 +853,7 @@ fn given_a_new_replica_leading_a_long_log_should_fetch_the_adopted_log_in_chunks
     let mut b = Replica::recover(2, Durable { promised: 1, log: log.clone(), committed: 200 });
     // c is new (a move onto a node that holds nothing): its base is 0.
     let mut c: Replica<u64> = Replica::recover(3, Durable::default());
-    let mut outs = c.lead(2, set, BTreeSet::new());
-    outs.extend(c.synced());
+    let outs = lead_synced(&mut c, 2, set, BTreeSet::new());
     let chunks = std::cell::RefCell::new(Vec::new());
     let _ = settle_where(&mut [&mut a, &mut b, &mut c], 3, outs, |_, _, m| {
         if let Msg::Promised { after_base: Some(log), .. } = m {
@@ -879,8 +886,7 @@ fn given_a_base_that_was_not_committed_the_leader_should_promise_again_from_the_
     let mut b = Replica::recover(2, Durable { promised: 2, log: good.clone(), committed: 3 });
     let stale = vec![Entry { epoch: 1, payload: None }, e(1, 99)];
     let mut c = Replica::recover(3, Durable { promised: 2, log: stale, committed: 2 });
-    let mut outs = c.lead(3, set, BTreeSet::new());
-    outs.extend(c.synced());
+    let outs = lead_synced(&mut c, 3, set, BTreeSet::new());
     let _ = settle(&mut [&mut a, &mut b, &mut c], 3, outs);
     assert_eq!(c.fallbacks(), 1);
     assert_eq!(&c.log()[..3], &good[..], "the committed entries were adopted, not lost");
@@ -892,8 +898,7 @@ fn given_messages_no_leader_could_have_sent_a_replica_should_ignore_them_without
     let set: BTreeSet<NodeId> = [1, 2, 3].into();
     let mut a: Replica<u64> = Replica::recover(1, Durable::default());
     let mut b: Replica<u64> = Replica::recover(2, Durable::default());
-    let mut outs = a.lead(1, set, BTreeSet::new());
-    outs.extend(a.synced());
+    let outs = lead_synced(&mut a, 1, set, BTreeSet::new());
     let _ = settle(&mut [&mut a, &mut b], 1, outs);
     assert_eq!(a.serving(), Some(1));
     let log = a.log().to_vec();
@@ -924,8 +929,7 @@ fn given_large_payloads_an_append_should_stop_at_its_byte_limit_but_carry_at_lea
     let set: BTreeSet<NodeId> = [1, 2].into();
     let mut a: Replica<bytes::Bytes> = Replica::recover(1, Durable::default());
     let mut b: Replica<bytes::Bytes> = Replica::recover(2, Durable::default());
-    let mut outs = a.lead(1, set, BTreeSet::new());
-    outs.extend(a.synced());
+    let outs = lead_synced(&mut a, 1, set, BTreeSet::new());
     let _ = settle(&mut [&mut a, &mut b], 1, outs);
     let big = bytes::Bytes::from(vec![7u8; MAX_APPEND_BYTES * 3 / 4]);
     let mut sizes = Vec::new();
@@ -974,8 +978,7 @@ fn given_a_newer_promise_a_superseded_leader_should_not_commit() {
     let mut b: Replica<u64> = Replica::recover(2, Durable::default());
     let mut c: Replica<u64> = Replica::recover(3, Durable::default());
     // a leads epoch 1 with b's promise (c is unreachable).
-    let mut outs = a.lead(1, set.clone(), BTreeSet::new());
-    outs.extend(a.synced());
+    let mut outs = lead_synced(&mut a, 1, set.clone(), BTreeSet::new());
     outs.retain(|o| !matches!(o, Out::Send { to: 3, .. }));
     let _ = settle(&mut [&mut a, &mut b], 1, outs);
     assert_eq!(a.serving(), Some(1));
@@ -1007,31 +1010,27 @@ fn given_a_straggler_ending_in_a_newer_epoch_should_not_overwrite_a_committed_en
     let mut n3: Replica<u64> = Replica::recover(3, Durable::default());
     // Epoch 1, leader n1, everyone reachable: its marker commits; then X is appended while n1
     // is cut off, so only n1 holds it.
-    let mut outs = n1.lead(1, set.clone(), BTreeSet::new());
-    outs.extend(n1.synced());
+    let outs = lead_synced(&mut n1, 1, set.clone(), BTreeSet::new());
     let _ = settle(&mut [&mut n1, &mut n2, &mut n3], 1, outs);
     assert_eq!(n1.serving(), Some(1));
     let (x_index, _) = n1.append(42).expect("serving");
     let _ = n1.synced();
     // Epoch 2, leader n2 with n3's promise; its marker never reaches n3: n2 is a straggler whose
     // log ends in epoch 2, uncommitted.
-    let mut outs = n2.lead(2, set.clone(), BTreeSet::new());
-    outs.extend(n2.synced());
+    let outs = lead_synced(&mut n2, 2, set.clone(), BTreeSet::new());
     let _ =
         settle_where(&mut [&mut n2, &mut n3], 2, outs, |_, _, m| !matches!(m, Msg::Append { .. }));
     assert_eq!(n2.log().last().map(|e| e.epoch), Some(2));
     // Epoch 3, leader n1 with n3's promise: adopts its own log (it holds X), commits its
     // marker, and X with it.
-    let mut outs = n1.lead(3, set.clone(), BTreeSet::new());
-    outs.extend(n1.synced());
+    let outs = lead_synced(&mut n1, 3, set.clone(), BTreeSet::new());
     let _ = settle(&mut [&mut n1, &mut n3], 1, outs);
     assert_eq!(n1.serving(), Some(3));
     assert!(n1.commit_index() > x_index, "X committed with the epoch-3 marker");
     let committed = n1.committed().to_vec();
     // Epoch 4, leader n2 with n3's promise: n3's log (ending in epoch 3) must win over n2's
     // own (ending in epoch 2), so X survives.
-    let mut outs = n2.lead(4, set, BTreeSet::new());
-    outs.extend(n2.synced());
+    let outs = lead_synced(&mut n2, 4, set, BTreeSet::new());
     let _ = settle(&mut [&mut n2, &mut n3], 2, outs);
     assert_eq!(n2.serving(), Some(4));
     assert_eq!(&n2.committed()[..committed.len()], committed.as_slice());
