@@ -73,6 +73,10 @@ pub const REPLICATION_APPLIED: &str = "switchboard_replication_applied_entries_t
 pub const REPLICATION_DISK_READS: &str = "switchboard_replication_disk_reads_total";
 /// Requests forwarded to the node leading their conversation, by outcome.
 pub const FORWARDED: &str = "switchboard_forwarded_requests_total";
+/// Presence batches sent to other nodes, by outcome.
+pub const PRESENCE_BATCHES: &str = "switchboard_presence_batches_total";
+/// Presence reports or changes dropped because a node's queue was full.
+pub const PRESENCE_DROPPED: &str = "switchboard_presence_dropped_total";
 
 /// How often the recorder's histogram samples are folded into their buckets.
 pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -151,6 +155,14 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         FORWARDED,
         "Client requests forwarded to the node leading their conversation, by outcome (ok: the leader answered; unavailable: it could not be reached)."
+    );
+    metrics::describe_counter!(
+        PRESENCE_BATCHES,
+        "Presence batches (reports, snapshots, changes) sent to other nodes, by outcome (ok, failed)."
+    );
+    metrics::describe_counter!(
+        PRESENCE_DROPPED,
+        "Presence reports or changes dropped because the queue for their node was full (snapshots repair reports)."
     );
     Some(handle)
 }

@@ -977,3 +977,168 @@ async fn given_a_client_that_knows_every_node_when_its_node_dies_should_resume_o
     let sent: Vec<String> = (0..50).map(|n| n.to_string()).collect();
     assert_eq!(texts, sent, "each message once, in the order sent");
 }
+
+/// Cluster options with a short presence grace period.
+fn presence_options(phi: &str) -> Options {
+    Options::with_args(&[
+        "--set",
+        "cluster.gossip_interval_ms=100",
+        "--set",
+        &format!("cluster.phi_threshold={phi}"),
+        "--set",
+        "presence.grace_ms=300",
+    ])
+}
+
+/// A user name whose home node among nodes 1–3 is `home` (node ids, not indexes).
+fn homed_on(prefix: &str, home: u64) -> String {
+    use switchboard_broker::cluster::presence::home_node;
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|u| home_node(u, [1, 2, 3]) == Some(home))
+        .expect("some name")
+}
+
+/// The next presence push about `user` with the given online state.
+async fn presence_push(
+    events: &mut switchboard_client::EventStream,
+    user: &str,
+    online: bool,
+) -> switchboard_protocol::Presence {
+    presence_pushes(events, &[user], online).await.remove(0)
+}
+
+/// The next presence push about each of `users` with the given online state, in any order.
+async fn presence_pushes(
+    events: &mut switchboard_client::EventStream,
+    users: &[&str],
+    online: bool,
+) -> Vec<switchboard_protocol::Presence> {
+    let mut got: Vec<Option<switchboard_protocol::Presence>> = vec![None; users.len()];
+    let wait = async {
+        while got.iter().any(Option::is_none) {
+            if let switchboard_client::Event::Presence(p) = events.next().await.expect("events")
+                && p.online == online
+                && let Some(i) = users.iter().position(|u| *u == p.user_id)
+            {
+                got[i].get_or_insert(p);
+            }
+        }
+    };
+    let state = if online { "online" } else { "offline" };
+    if tokio::time::timeout(WAIT, wait).await.is_err() {
+        panic!("{users:?} {state}: got {got:?}");
+    }
+    got.into_iter().flatten().collect()
+}
+
+/// Presence of `user` as node `i` answers it, once it has the expected online state and
+/// number of devices.
+async fn presence_on(
+    cluster: &Cluster,
+    i: usize,
+    user: &str,
+    online: bool,
+    devices: u32,
+) -> switchboard_protocol::Presence {
+    let (client, _events) = cluster.nodes[i].client("observer").await;
+    let p = eventually(&format!("{user} online={online} devices={devices} via node {i}"), || {
+        let client = client.clone();
+        async move {
+            let p = client.presence([user]).await.expect("query").pop().expect("one");
+            if p.online == online && p.devices == devices { Ok(p) } else { Err(format!("{p:?}")) }
+        }
+    })
+    .await;
+    client.close().await;
+    p
+}
+
+async fn all_nodes_live(cluster: &Cluster, n: u64) {
+    for i in 0..cluster.nodes.len() {
+        cluster.wait_view(i, "every node live", |v| all_live(v, n)).await;
+    }
+}
+
+#[tokio::test]
+async fn given_users_on_different_nodes_should_see_each_others_presence_through_their_home_node() {
+    let cluster = Cluster::start(3, &presence_options("12"));
+    all_nodes_live(&cluster, 3).await;
+    // Alice's presence lives on node 1; she connects to nodes 3 and 2, Bob watches from node 2.
+    let alice = homed_on("alice", 1);
+    let (bob, mut bob_events) = cluster.nodes[1].client("bob").await;
+    let initial = bob.subscribe_presence([alice.as_str()]).await.expect("subscribe");
+    assert!(!initial[0].online, "{initial:?}");
+
+    let (first, _) = cluster.nodes[2].raw_as(&alice).await;
+    let p = presence_push(&mut bob_events, &alice, true).await;
+    assert_eq!(p.devices, 1);
+    let since = p.last_seen_ms;
+    let (second, _) = cluster.nodes[1].raw_as(&alice).await;
+    // Every node answers from the home node: two devices, online since the first.
+    for i in 0..3 {
+        let p = presence_on(&cluster, i, &alice, true, 2).await;
+        assert_eq!(p.last_seen_ms, since, "online since the first device");
+    }
+
+    // Closing one device changes the count, not the state; closing both turns her offline
+    // everywhere once the grace period ends.
+    drop(second);
+    presence_on(&cluster, 2, &alice, true, 1).await;
+    drop(first);
+    let p = presence_push(&mut bob_events, &alice, false).await;
+    assert!(p.last_seen_ms >= since, "last seen {} before online since {since}", p.last_seen_ms);
+    // Every node answers with the home node's last seen. (Not necessarily the push's: on a
+    // loaded machine a spurious suspicion of node 3 may have flipped her offline earlier.)
+    let home = presence_on(&cluster, 0, &alice, false, 0).await;
+    assert!(home.last_seen_ms >= p.last_seen_ms, "{home:?} {p:?}");
+    for i in 1..3 {
+        let q = presence_on(&cluster, i, &alice, false, 0).await;
+        assert_eq!(q.last_seen_ms, home.last_seen_ms, "node {i}'s last seen");
+    }
+    bob.close().await;
+}
+
+#[tokio::test]
+async fn given_a_node_that_dies_should_turn_its_users_offline_on_every_node() {
+    let mut cluster = Cluster::start(3, &presence_options("12"));
+    all_nodes_live(&cluster, 3).await;
+    // Both connect to node 3: Dave's home node dies with it, Erin's (node 1) does not.
+    let (dave, erin) = (homed_on("dave", 3), homed_on("erin", 1));
+    let (frank, mut frank_events) = cluster.nodes[1].client("frank").await;
+    frank.subscribe_presence([dave.as_str(), erin.as_str()]).await.expect("subscribe");
+    let _dave_conn = cluster.nodes[2].raw_as(&dave).await;
+    let _erin_conn = cluster.nodes[2].raw_as(&erin).await;
+    presence_pushes(&mut frank_events, &[&dave, &erin], true).await;
+
+    cluster.nodes[2].kill();
+    presence_pushes(&mut frank_events, &[&dave, &erin], false).await;
+    for i in 0..2 {
+        presence_on(&cluster, i, &erin, false, 0).await;
+        presence_on(&cluster, i, &dave, false, 0).await;
+    }
+    frank.close().await;
+}
+
+#[tokio::test]
+async fn given_a_node_restarted_before_failure_detection_should_drop_its_stale_presence_at_once() {
+    // A failure detector this lax would take minutes to suspect the killed node: only its new
+    // generation can turn its users offline within the wait.
+    let mut cluster = Cluster::start(3, &presence_options("10000"));
+    all_nodes_live(&cluster, 3).await;
+    let gina = homed_on("gina", 1);
+    let (hank, mut hank_events) = cluster.nodes[1].client("hank").await;
+    hank.subscribe_presence([gina.as_str()]).await.expect("subscribe");
+    let conn = cluster.nodes[2].raw_as(&gina).await;
+    presence_push(&mut hank_events, &gina, true).await;
+
+    cluster.nodes[2].restart();
+    drop(conn);
+    presence_push(&mut hank_events, &gina, false).await;
+    presence_on(&cluster, 0, &gina, false, 0).await;
+    assert!(
+        !cluster.nodes[0].log().contains("node suspected down"),
+        "the failure detector suspected the node: the test proves nothing"
+    );
+    hank.close().await;
+}

@@ -373,6 +373,7 @@ impl ControlPlane {
         let network = Network::new(Some(listen.ip())).map_err(std::io::Error::other)?;
         let (settle_tx, settle_rx) = tokio::sync::mpsc::channel(64);
         let shards = data.as_ref().map(|(d, _)| d.shards.clone()).unwrap_or_default();
+        let storage = data.as_ref().map(|(d, _)| d.storage.clone());
         let (engine, inbox, replication) = super::replication::open(
             node,
             data_dir,
@@ -431,7 +432,7 @@ impl ControlPlane {
                     }
                 };
                 let _ = started_tx.send(Ok(()));
-                let peers = Peers { raft: raft.clone(), inbox, settle: settle_tx, shards };
+                let peers = Peers { raft: raft.clone(), inbox, settle: settle_tx, shards, storage };
                 let server = tokio::spawn(serve_peers(peers, listener));
                 let engine_stop = Arc::new(Notify::new());
                 let data = tokio::spawn(engine.run(engine_table, engine_stop.clone()));
@@ -736,6 +737,8 @@ struct Peers {
     settle: tokio::sync::mpsc::Sender<super::replication::Settled>,
     /// Every shard's mailbox, for forwarded requests.
     shards: Vec<tokio::sync::mpsc::Sender<crate::shard::ShardMsg>>,
+    /// The message store (last-seen times for presence queries).
+    storage: Option<Arc<crate::storage::Storage>>,
 }
 
 async fn serve_peers(peers: Peers, listener: tokio::net::TcpListener) {
@@ -788,6 +791,22 @@ async fn peer_request(peers: &Peers, req: Request<hyper::body::Incoming>) -> Res
                 json(StatusCode::NO_CONTENT, Vec::new())
             } else {
                 json(StatusCode::BAD_REQUEST, Vec::new())
+            };
+        }
+        super::presence::PATH => {
+            return if super::presence::serve_batch(&peers.shards, &body).await {
+                json(StatusCode::NO_CONTENT, Vec::new())
+            } else {
+                json(StatusCode::BAD_REQUEST, Vec::new())
+            };
+        }
+        super::presence::QUERY_PATH => {
+            let Some(storage) = peers.storage.clone() else {
+                return json(StatusCode::NOT_FOUND, Vec::new());
+            };
+            return match super::presence::serve_query(&peers.shards, storage, &body).await {
+                Some(reply) => json(StatusCode::OK, reply),
+                None => json(StatusCode::BAD_REQUEST, Vec::new()),
             };
         }
         super::dataplane::FORWARD_PATH => {

@@ -28,6 +28,7 @@ pub mod control;
 pub mod dataplane;
 pub mod membership;
 pub mod placement;
+pub mod presence;
 pub mod raft;
 pub mod replica;
 pub mod replication;

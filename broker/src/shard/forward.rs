@@ -17,9 +17,9 @@ use tokio::sync::mpsc;
 
 use super::Shard;
 use super::mailbox::{Forward, Outgoing};
-use crate::cluster::NodeId;
 use crate::cluster::dataplane::{DELIVER_PATH, FORWARD_PATH, FORWARD_TIMEOUT, wire};
 use crate::cluster::raft::post_protobuf;
+use crate::cluster::{NodeId, presence};
 
 /// Most requests or pushes in one batch to a peer.
 const MAX_BATCH: usize = 256;
@@ -86,6 +86,42 @@ impl Shard {
         }
     }
 
+    /// Queues a presence report, snapshot or change for node `to` (`cluster::presence`); a
+    /// full queue drops it (the next snapshot repairs reports).
+    pub(crate) fn presence_to(self: &Rc<Self>, to: NodeId, item: presence::Out) {
+        let mut queues = self.presence.borrow_mut();
+        let tx = queues.entry(to).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            tokio::task::spawn_local(presence_loop(self.clone(), to, rx));
+            tx
+        });
+        if tx.try_send(item).is_err() {
+            metrics::counter!(crate::metrics::PRESENCE_DROPPED).increment(1);
+        }
+    }
+
+    /// Asks node `to` for the presence of users homed there; `None` when it does not answer.
+    pub(crate) async fn query_node(
+        self: &Rc<Self>,
+        to: NodeId,
+        users: Vec<Arc<str>>,
+    ) -> Option<Vec<switchboard_protocol::Presence>> {
+        let client = self.peer_client()?;
+        let addr = self.gossip_addr(to)?;
+        let body = presence::wire::Query { users: users.iter().map(ToString::to_string).collect() }
+            .encode_to_vec();
+        let reply =
+            post_protobuf(&client, &addr, presence::QUERY_PATH, body, Duration::from_secs(2))
+                .await?;
+        switchboard_protocol::PresenceList::decode(reply).ok().map(|l| l.presences)
+    }
+
+    /// The peer-port address of node `id`, per gossip.
+    fn gossip_addr(&self, id: NodeId) -> Option<String> {
+        let view = self.cluster.as_ref()?.gossip.borrow().clone();
+        view.members.iter().find(|m| m.id == id).map(|m| m.gossip.to_string())
+    }
+
     /// The peer-port address of node `id`, per the control plane's membership.
     fn peer_addr(&self, id: NodeId) -> Option<String> {
         let control = self.cluster.as_ref()?.control.borrow().clone();
@@ -127,6 +163,44 @@ async fn push_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<Push>) {
             .collect();
         let body = wire::PushBatch { pushes }.encode_to_vec();
         post_protobuf(&client, &addr, DELIVER_PATH, body, Duration::from_secs(2)).await;
+    }
+}
+
+/// Sends presence reports, snapshots and changes to node `to`, in order: a snapshot replaces
+/// the reports queued before it.
+async fn presence_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<presence::Out>) {
+    let Some(client) = shard.peer_client() else { return };
+    while let Some(items) = next_batch(&mut rx).await {
+        let Some(addr) = shard.gossip_addr(to) else { continue };
+        let (node, generation) = match &shard.cluster {
+            Some(c) => {
+                let view = c.gossip.borrow();
+                (view.self_id, view.generation)
+            }
+            None => return,
+        };
+        let mut batch = presence::wire::Batch {
+            node,
+            generation,
+            shard: u32::try_from(shard.id).unwrap_or(u32::MAX),
+            ..presence::wire::Batch::default()
+        };
+        for item in items {
+            match item {
+                presence::Out::Report(r) => batch.reports.push(r),
+                presence::Out::Snapshot(reports) => {
+                    batch.reports.clear();
+                    batch.snapshot = Some(presence::wire::Snapshot { reports });
+                }
+                presence::Out::Changed(c) => batch.changed.push(c),
+            }
+        }
+        let body = batch.encode_to_vec();
+        let sent = post_protobuf(&client, &addr, presence::PATH, body, Duration::from_secs(2))
+            .await
+            .is_some();
+        metrics::counter!(crate::metrics::PRESENCE_BATCHES, "outcome" => if sent { "ok" } else { "failed" })
+            .increment(1);
     }
 }
 

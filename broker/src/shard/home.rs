@@ -24,6 +24,8 @@ use tokio::sync::oneshot;
 
 use super::mailbox::{HomeMsg, LocalMsg, Outgoing};
 use super::{SessionRef, home_shard};
+use crate::cluster::NodeId;
+use crate::cluster::presence::{Aggregator, Live, Out, Watch, wire};
 use crate::config::Config;
 use crate::push::{Notification, summary};
 use crate::shard::owner::now_ms;
@@ -131,6 +133,20 @@ pub struct Home {
     /// Rows to delete: (user, conversation, first_seq).
     push_deleted: Vec<(Arc<str>, Arc<str>, u64)>,
     ready: VecDeque<(Instant, PushJob)>,
+    /// Presence across nodes, in a cluster.
+    cluster: Option<Clustered>,
+}
+
+/// A home shard's part in presence across nodes (`cluster::presence`).
+#[derive(Debug)]
+struct Clustered {
+    /// This shard's index (reports are per node and shard).
+    shard: u32,
+    live: Live,
+    /// Users homed on this node (and shard): who reports them online where.
+    agg: Aggregator,
+    /// Through which nodes users are online, per the changes received.
+    watch: Watch,
 }
 
 impl std::fmt::Debug for Home {
@@ -198,14 +214,32 @@ impl Home {
             push_dirty: HashSet::new(),
             push_deleted: Vec::new(),
             ready: VecDeque::new(),
+            cluster: None,
         }
+    }
+
+    /// Turns on presence across nodes: local changes are reported to each user's home node,
+    /// and this shard aggregates the users homed here (`cluster::presence`).
+    pub fn enable_cluster(&mut self, shard: usize, me: NodeId, generation: u64) {
+        self.cluster = Some(Clustered {
+            shard: u32::try_from(shard).unwrap_or(u32::MAX),
+            live: Live::alone(me, generation),
+            agg: Aggregator::default(),
+            watch: Watch::default(),
+        });
+    }
+
+    /// The live nodes, in a cluster.
+    #[must_use]
+    pub fn live(&self) -> Option<&Live> {
+        self.cluster.as_ref().map(|c| &c.live)
     }
 
     /// Handles a home message.
     pub fn handle(&mut self, msg: HomeMsg, out: &mut Outgoing) {
         match msg {
             HomeMsg::SessionUp { user, session, ack } => self.session_up(user, session, ack, out),
-            HomeMsg::SessionDown { user, session } => self.session_down(&user, session),
+            HomeMsg::SessionDown { user, session } => self.session_down(&user, session, out),
             HomeMsg::UserEvent { user, event } => {
                 if event.added
                     && event.conversation.starts_with(validate::DIRECT_PREFIX)
@@ -270,6 +304,16 @@ impl Home {
                 }
             }
             HomeMsg::Notify(n) => self.notify(&n),
+            HomeMsg::PresenceReports { reporter, generation, snapshot, reports } => {
+                let Some(c) = &mut self.cluster else { return };
+                let changes = c.agg.report(reporter, generation, snapshot, reports, now_ms());
+                self.announce(changes, out);
+            }
+            HomeMsg::PresenceChanged { changes } => {
+                for change in changes {
+                    self.deliver(change, out);
+                }
+            }
             HomeMsg::Read { user, conversation, read_seq } => {
                 if let Some(convs) = self.pending.get_mut(&user)
                     && convs.get(&conversation).is_some_and(|p| p.last_seq <= read_seq)
@@ -285,6 +329,9 @@ impl Home {
     /// Presence as a home shard knows it; `None` when it has no record (the caller may look
     /// up the stored last-seen time).
     fn current(&self, user: &Arc<str>) -> Option<Presence> {
+        if let Some(c) = &self.cluster {
+            return c.agg.current(user);
+        }
         if let Some(s) = self.sessions.get(user) {
             let r = self.records.get(user);
             let at = r.map_or_else(now_ms, |r| r.at_ms);
@@ -338,11 +385,14 @@ impl Home {
                     .collect();
                 self.peers.insert(user.clone(), peers);
             }
-            self.broadcast(&user, record, out);
+            if self.cluster.is_none() {
+                self.broadcast(&user, presence(&user, Some(record)), out);
+            }
         }
+        self.report(&user, out);
     }
 
-    fn session_down(&mut self, user: &Arc<str>, session: SessionRef) {
+    fn session_down(&mut self, user: &Arc<str>, session: SessionRef, out: &mut Outgoing) {
         let Some(sessions) = self.sessions.get_mut(user) else { return };
         sessions.retain(|s| *s != session);
         if !sessions.is_empty() {
@@ -350,6 +400,7 @@ impl Home {
             if let Some(r) = self.records.get(user) {
                 self.records.insert(user.clone(), Record { devices, ..r });
             }
+            self.report(user, out);
             return;
         }
         self.sessions.remove(user);
@@ -357,21 +408,130 @@ impl Home {
         self.next_epoch += 1;
         self.in_grace.insert(user.clone(), (epoch, now_ms()));
         self.grace_queue.push_back((Instant::now() + self.grace, user.clone(), epoch));
+        self.report(user, out);
     }
 
     fn go_offline(&mut self, user: &Arc<str>, last_seen_ms: u64, out: &mut Outgoing) {
         let record = Record { online: false, devices: 0, at_ms: last_seen_ms };
         self.records.insert(user.clone(), record);
         self.last_seen_dirty.insert(user.clone(), last_seen_ms);
-        self.broadcast(user, record, out);
+        if self.cluster.is_none() {
+            self.broadcast(user, presence(user, Some(record)), out);
+        }
+        self.report(user, out);
         self.peers.remove(user);
     }
 
-    /// Pushes a presence change to the user's subscribers and direct peers.
-    fn broadcast(&self, user: &Arc<str>, record: Record, out: &mut Outgoing) {
-        let frame: SharedFrame = Encoded::of(&ServerFrame::push(server_frame::Kind::Presence(
-            presence(user, Some(record)),
-        )));
+    /// This node's presence of `user` (its sessions here), as reported to the home node.
+    fn local_report(&self, user: &Arc<str>) -> wire::Report {
+        let record = self.records.get(user);
+        let at_ms = record.map_or_else(now_ms, |r| r.at_ms);
+        let (online, devices) = match self.sessions.get(user) {
+            Some(s) => (true, len_u32(s.len())),
+            None => (self.in_grace.contains_key(user), 0),
+        };
+        wire::Report { user: user.to_string(), online, devices, at_ms }
+    }
+
+    /// Reports a change of `user`'s local presence to the user's home node (cluster).
+    fn report(&mut self, user: &Arc<str>, out: &mut Outgoing) {
+        let report = self.local_report(user);
+        let Some(c) = &mut self.cluster else { return };
+        let home = c.live.home(user);
+        if home == c.live.me {
+            let reporter = (c.live.me, c.shard);
+            let changes = c.agg.report(reporter, c.live.generation, None, vec![report], now_ms());
+            self.announce(changes, out);
+        } else {
+            out.presence.push((home, Out::Report(report)));
+        }
+    }
+
+    /// Sends every live node the local users homed there (an empty list too: it clears what
+    /// the node holds from this shard).
+    pub fn snapshot(&mut self, out: &mut Outgoing) {
+        let Some(c) = &self.cluster else { return };
+        let mut by_home: HashMap<NodeId, Vec<wire::Report>> =
+            c.live.nodes.keys().map(|n| (*n, Vec::new())).collect();
+        for user in self.sessions.keys().chain(self.in_grace.keys()) {
+            by_home.entry(c.live.home(user)).or_default().push(self.local_report(user));
+        }
+        let (me, generation, reporter) = (c.live.me, c.live.generation, (c.live.me, c.shard));
+        for (node, reports) in by_home {
+            if node == me {
+                let Some(c) = &mut self.cluster else { return };
+                let changes =
+                    c.agg.report(reporter, generation, Some(reports), Vec::new(), now_ms());
+                self.announce(changes, out);
+            } else {
+                out.presence.push((node, Out::Snapshot(reports)));
+            }
+        }
+    }
+
+    /// Takes in a new set of live nodes: drops the entries of nodes gone or restarted, tells
+    /// local subscribers of users seen online only through gone nodes, tells nodes that came
+    /// up (or restarted) which users homed here are online, and sends snapshots (homes may
+    /// have moved).
+    pub fn set_live(&mut self, live: Live, out: &mut Outgoing) {
+        let Some(c) = &mut self.cluster else { return };
+        if c.live == live {
+            return;
+        }
+        let old = std::mem::replace(&mut c.live, live);
+        let came: Vec<NodeId> = c
+            .live
+            .others()
+            .filter(|n| old.nodes.get(n).map(|(g, _)| *g) != c.live.nodes.get(n).map(|(g, _)| *g))
+            .collect();
+        if !came.is_empty() {
+            for change in c.agg.all_online() {
+                for node in &came {
+                    out.presence.push((*node, Out::Changed(change.clone())));
+                }
+            }
+        }
+        let now = now_ms();
+        let changes = c.agg.retain(&c.live, now);
+        let gone = c.watch.gone(&c.live);
+        self.announce(changes, out);
+        for user in gone {
+            let offline = presence(&user, Some(Record { online: false, devices: 0, at_ms: now }));
+            self.broadcast(&user, offline, out);
+        }
+        self.snapshot(out);
+    }
+
+    /// Delivers changes of users homed here locally and sends them to every other live node;
+    /// an offline aggregate's last-seen time is stored here.
+    fn announce(&mut self, changes: Vec<wire::Changed>, out: &mut Outgoing) {
+        for change in changes {
+            let Some(c) = &self.cluster else { return };
+            for node in c.live.others() {
+                out.presence.push((node, Out::Changed(change.clone())));
+            }
+            if let Some(p) = change.presence.as_ref().filter(|p| !p.online) {
+                self.last_seen_dirty.insert(Arc::from(p.user_id.as_str()), p.last_seen_ms);
+            }
+            self.deliver(change, out);
+        }
+    }
+
+    /// Delivers a change from a user's home node to this node's subscribers and the user's
+    /// direct peers here.
+    fn deliver(&mut self, change: wire::Changed, out: &mut Outgoing) {
+        let Some(p) = change.presence.clone() else { return };
+        let user: Arc<str> = Arc::from(p.user_id.as_str());
+        if let Some(c) = &mut self.cluster {
+            c.watch.note(&user, &change);
+        }
+        self.broadcast(&user, p, out);
+    }
+
+    /// Pushes a presence change to the user's subscribers and direct peers with sessions here.
+    fn broadcast(&self, user: &Arc<str>, presence: Presence, out: &mut Outgoing) {
+        let frame: SharedFrame =
+            Encoded::of(&ServerFrame::push(server_frame::Kind::Presence(presence)));
         if let Some(subs) = self.subscribers.get(user) {
             for (shard, sessions) in group_by_shard(subs) {
                 out.push_local(
@@ -380,7 +540,23 @@ impl Home {
                 );
             }
         }
-        let Some(peers) = self.peers.get(user) else { return };
+        let loaded;
+        let peers = match self.peers.get(user) {
+            Some(peers) => peers,
+            // In a cluster, a user with no session here: its peers may have sessions here.
+            None if self.cluster.is_some() => {
+                loaded = self
+                    .storage
+                    .reader()
+                    .direct_peers(user, MAX_PEERS)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|p| Arc::from(p.as_str()))
+                    .collect::<Vec<Arc<str>>>();
+                &loaded
+            }
+            None => return,
+        };
         let mut by_home: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
         for p in peers {
             by_home.entry(home_shard(p, self.shards)).or_default().push(p.clone());

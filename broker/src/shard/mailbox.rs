@@ -254,6 +254,22 @@ pub enum HomeMsg {
     },
     /// A durable message: queue push notifications for those of `users` with no session.
     Notify(Box<NotifyMsg>),
+    /// (Cluster) Presence reports of users homed on this node, from one node and shard.
+    PresenceReports {
+        /// The reporting node and shard.
+        reporter: crate::cluster::presence::Reporter,
+        /// The reporting node's generation.
+        generation: u64,
+        /// Everything the reporter holds for users homed on the receiving shard, if a snapshot.
+        snapshot: Option<Vec<crate::cluster::presence::wire::Report>>,
+        /// Changes after the snapshot, in order.
+        reports: Vec<crate::cluster::presence::wire::Report>,
+    },
+    /// (Cluster) Presence changes from the users' home node, for the sessions here.
+    PresenceChanged {
+        /// The changes, of users homed on the receiving shard.
+        changes: Vec<crate::cluster::presence::wire::Changed>,
+    },
     /// `user` read `conversation` up to `read_seq`: cancel a pending notification it covers.
     Read {
         /// The user.
@@ -383,6 +399,8 @@ pub struct Outgoing {
     /// Pushes for the sessions on the other nodes replicating the conversation (cluster):
     /// (conversation, frame, droppable).
     pub peers: Vec<(Arc<str>, SharedFrame, bool)>,
+    /// Presence reports, snapshots and changes for other nodes (cluster), by node.
+    pub presence: Vec<(crate::cluster::NodeId, crate::cluster::presence::Out)>,
 }
 
 /// A request to forward to the node that leads its conversation.
@@ -410,6 +428,7 @@ impl Outgoing {
             stored: 0,
             forward: Vec::new(),
             peers: Vec::new(),
+            presence: Vec::new(),
         }
     }
 

@@ -231,6 +231,8 @@ pub struct Shard {
     forwards: RefCell<HashMap<crate::cluster::NodeId, mpsc::Sender<mailbox::Forward>>>,
     /// Queues of pushes for other nodes' sessions, by node (cluster).
     pushes: RefCell<HashMap<crate::cluster::NodeId, mpsc::Sender<forward::Push>>>,
+    /// Queues of presence reports and changes for other nodes, by node (cluster).
+    presence: RefCell<HashMap<crate::cluster::NodeId, mpsc::Sender<crate::cluster::presence::Out>>>,
     /// The HTTP client for peers, built on first use (cluster).
     peer_client: std::cell::OnceCell<reqwest::Client>,
     shutdown: RefCell<Option<Shutdown>>,
@@ -268,6 +270,10 @@ impl Shard {
             owner::Owner::new(setup.id, count, setup.storage.clone(), &setup.config, routing);
         let mut home = home::Home::new(&setup.config, setup.storage.clone(), count);
         home.restore_pushes(setup.id);
+        if let Some(c) = &setup.cluster {
+            let view = c.gossip.borrow();
+            home.enable_cluster(setup.id, view.self_id, view.generation);
+        }
         Rc::new(Self {
             id: setup.id,
             count,
@@ -290,6 +296,7 @@ impl Shard {
             next_session: Cell::new(1),
             forwards: RefCell::new(HashMap::new()),
             pushes: RefCell::new(HashMap::new()),
+            presence: RefCell::new(HashMap::new()),
             peer_client: std::cell::OnceCell::new(),
             shutdown: RefCell::new(None),
             cancel: CancellationToken::new(),
@@ -433,7 +440,7 @@ impl Shard {
 
     /// Routes what a role produced: bundles to session shards, events to home shards.
     pub(crate) fn dispatch(self: &Rc<Self>, out: mailbox::Outgoing) {
-        let mailbox::Outgoing { local, home, owner, flush, stored, forward, peers } = out;
+        let mailbox::Outgoing { local, home, owner, flush, stored, forward, peers, presence } = out;
         if stored > 0 {
             self.stats.messages_stored.set(self.stats.messages_stored.get() + stored);
         }
@@ -458,6 +465,9 @@ impl Shard {
         }
         for (conversation, frame, droppable) in peers {
             self.push_to_peers(&conversation, &frame, droppable);
+        }
+        for (node, item) in presence {
+            self.presence_to(node, item);
         }
         if flush {
             self.schedule_flush();
@@ -548,7 +558,9 @@ impl Shard {
 
     /// Periodic work, every [`TICK`]: presence grace periods and leases, push windows, receipt
     /// coalescing; and, every `presence.last_seen_flush_ms`, batched writes. Also renews the
-    /// presence leases of users with sessions here, every heartbeat interval.
+    /// presence leases of users with sessions here, every heartbeat interval; in a cluster,
+    /// takes in changes of the live nodes and sends presence snapshots every heartbeat
+    /// interval (`cluster::presence`).
     pub async fn run_ticks(self: Rc<Self>) {
         let flush_every = Duration::from_millis(self.config.presence.last_seen_flush_ms);
         let renew_every = Duration::from_millis(self.config.server.heartbeat_interval_ms);
@@ -556,6 +568,7 @@ impl Shard {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_flush = tokio::time::Instant::now();
         let mut last_renew = tokio::time::Instant::now();
+        let mut view = self.cluster.as_ref().map(|c| c.gossip.borrow().clone());
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => return,
@@ -567,6 +580,14 @@ impl Shard {
                 last_flush = now;
             }
             let mut out = mailbox::Outgoing::new(self.count);
+            if let (Some(c), Some(seen)) = (&self.cluster, &mut view) {
+                let latest = c.gossip.borrow().clone();
+                if !Arc::ptr_eq(&latest, seen) {
+                    let live = crate::cluster::presence::Live::of(&latest);
+                    *seen = latest;
+                    self.home.borrow_mut().set_live(live, &mut out);
+                }
+            }
             let ops = self.home.borrow_mut().tick(now.into_std(), flush, &mut out);
             self.owner.borrow_mut().tick(now.into_std(), &mut out);
             if !ops.is_empty() {
@@ -580,6 +601,9 @@ impl Shard {
                 for (home, users) in group_by_home(users, self.count) {
                     self.send_home_at(home, HomeMsg::Renew { users });
                 }
+                let mut out = mailbox::Outgoing::new(self.count);
+                self.home.borrow_mut().snapshot(&mut out);
+                self.dispatch(out);
             }
             self.deliver_pushes(now.into_std());
             if flush {

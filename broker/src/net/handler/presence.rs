@@ -1,5 +1,6 @@
 //! `PresenceQuery`, `PresenceSubscribe`, `PresenceUnsubscribe`: answered by the users' home
-//! shards; users a home shard has no record of are looked up in storage (last seen).
+//! shards (in a cluster, on the users' home nodes); users a home shard has no record of are
+//! looked up in storage (last seen).
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -13,6 +14,7 @@ use tokio::sync::oneshot;
 
 use super::{Ctx, Reject};
 use crate::shard::{HomeMsg, SessionRef, Shard, group_by_home};
+use crate::storage::Storage;
 
 /// Validates and deduplicates a user list.
 fn users(ctx: &Ctx<'_>, users: &[String]) -> Result<Vec<Arc<str>>, Reject> {
@@ -35,8 +37,29 @@ fn users(ctx: &Ctx<'_>, users: &[String]) -> Result<Vec<Arc<str>>, Reject> {
 
 type Ask = fn(Vec<Arc<str>>, oneshot::Sender<Vec<Option<Presence>>>, SessionRef) -> HomeMsg;
 
-/// Asks each home shard about its users, fills unknown users from storage, and replies in the
-/// request's order.
+/// The presence of users a home shard had no record of: offline, last seen as stored.
+pub async fn stored(storage: Arc<Storage>, users: Vec<Arc<str>>) -> Vec<Presence> {
+    if users.is_empty() {
+        return Vec::new();
+    }
+    tokio::task::spawn_blocking(move || {
+        let r = storage.reader();
+        users
+            .into_iter()
+            .map(|u| {
+                let last_seen_ms = r.last_seen(&u).ok().flatten().unwrap_or(0);
+                Presence { user_id: u.to_string(), online: false, devices: 0, last_seen_ms }
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+/// Asks each home shard about its users (and registers subscriptions), and replies in the
+/// request's order. In a cluster only a user's home node knows its presence: users homed on
+/// another node are asked there (`cluster::presence`), and a node that does not answer leaves
+/// them to the local store. Users nobody has a record of are looked up in storage.
 fn answer(ctx: &Ctx<'_>, request_id: u64, users: Vec<Arc<str>>, ask: Ask) {
     ctx.session.request_started();
     let shard: Rc<Shard> = ctx.shard.clone();
@@ -57,27 +80,29 @@ fn answer(ctx: &Ctx<'_>, request_id: u64, users: Vec<Arc<str>>, ask: Ask) {
                 }
             }
         }
+        let live = shard.home.borrow().live().cloned();
+        if let Some(live) = live {
+            let mut remote: HashMap<crate::cluster::NodeId, Vec<Arc<str>>> = HashMap::new();
+            for u in &users {
+                let home = live.home(u);
+                if home != live.me {
+                    known.remove(u);
+                    remote.entry(home).or_default().push(u.clone());
+                }
+            }
+            let asks = remote.into_iter().map(|(node, group)| shard.query_node(node, group));
+            for answer in futures::future::join_all(asks).await.into_iter().flatten() {
+                for p in answer {
+                    if let Some(u) = users.iter().find(|u| ***u == *p.user_id) {
+                        known.insert(u.clone(), p);
+                    }
+                }
+            }
+        }
         let missing: Vec<Arc<str>> =
             users.iter().filter(|u| !known.contains_key(*u)).cloned().collect();
-        if !missing.is_empty() {
-            let storage = shard.storage.clone();
-            let stored = tokio::task::spawn_blocking(move || {
-                let r = storage.reader();
-                missing
-                    .into_iter()
-                    .map(|u| {
-                        let seen = r.last_seen(&u).ok().flatten().unwrap_or(0);
-                        (u, seen)
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .unwrap_or_default();
-            for (u, last_seen_ms) in stored {
-                let p =
-                    Presence { user_id: u.to_string(), online: false, devices: 0, last_seen_ms };
-                known.insert(u, p);
-            }
+        for p in stored(shard.storage.clone(), missing).await {
+            known.insert(Arc::from(p.user_id.as_str()), p);
         }
         let presences = users
             .iter()
