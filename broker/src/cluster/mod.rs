@@ -15,11 +15,13 @@
 //!
 //! - [`dataplane`]: where shards meet the engine: owners' writes become replicated entries,
 //!   applied on every replica once committed, acknowledged on the leader after that.
+//! - [`presence`]: presence across nodes, decided on each user's home node from every node's
+//!   reports.
 //!
 //! Requests for a partition led elsewhere are forwarded to its leader, and every replica
 //! delivers what it applies to its own sessions (`shard::forward`, `docs/cluster.md`). Not
-//! built yet: presence across nodes, reads on nodes outside a partition's replica set, log
-//! compaction and anti-entropy (see "Limits" in `docs/cluster.md`).
+//! built yet: reads on nodes outside a partition's replica set, log compaction and
+//! anti-entropy (see "Limits" in `docs/cluster.md`).
 
 /// A node of the cluster.
 pub type NodeId = u64;
