@@ -267,7 +267,13 @@ pub fn main() -> ExitCode {
         default_hook(info);
         std::process::abort();
     }));
-    execute(Cli::parse())
+    // Failpoints from FAILPOINTS (test builds only; see the `failpoints` feature).
+    #[cfg(feature = "failpoints")]
+    let scenario = fail::FailScenario::setup();
+    let code = execute(Cli::parse());
+    #[cfg(feature = "failpoints")]
+    scenario.teardown();
+    code
 }
 
 #[cfg(test)]

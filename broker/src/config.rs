@@ -305,6 +305,9 @@ pub struct ClusterConfig {
     /// Applied replication log entries per partition whose payloads stay in memory (older
     /// ones are read back from disk for a replica that lags further). Default 1024.
     pub log_memory_entries: u64,
+    /// Time between anti-entropy rounds, in which a node compares the partitions it follows
+    /// with their leaders and pulls committed messages it lacks. 0 turns it off. Default 30000.
+    pub anti_entropy_interval_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -322,6 +325,7 @@ impl Default for ClusterConfig {
             bootstrap_expect: 3,
             election_timeout_ms: 1_500,
             log_memory_entries: 1_024,
+            anti_entropy_interval_ms: 30_000,
         }
     }
 }
@@ -912,6 +916,9 @@ election_timeout_ms = {election}
 # Applied replication log entries per partition kept in memory; older payloads are read back
 # from disk for a replica that lags further.
 log_memory_entries = {log_memory}
+# Anti-entropy: every this often a node compares the partitions it follows with their leaders
+# and pulls committed messages it lacks. 0 turns it off.
+anti_entropy_interval_ms = {anti_entropy}
 "#,
             listen = d.server.listen,
             shards = d.server.shards,
@@ -960,6 +967,7 @@ log_memory_entries = {log_memory}
             bootstrap_expect = d.cluster.bootstrap_expect,
             election = d.cluster.election_timeout_ms,
             log_memory = d.cluster.log_memory_entries,
+            anti_entropy = d.cluster.anti_entropy_interval_ms,
         )
     }
 }

@@ -73,6 +73,10 @@ pub const REPLICATION_APPLIED: &str = "switchboard_replication_applied_entries_t
 pub const REPLICATION_DISK_READS: &str = "switchboard_replication_disk_reads_total";
 /// Requests forwarded to the node leading their conversation, by outcome.
 pub const FORWARDED: &str = "switchboard_forwarded_requests_total";
+/// Partitions compared with their leader by anti-entropy, by outcome.
+pub const ANTI_ENTROPY_CHECKS: &str = "switchboard_antientropy_checks_total";
+/// Committed messages anti-entropy restored on this node.
+pub const ANTI_ENTROPY_REPAIRED: &str = "switchboard_antientropy_repaired_messages_total";
 /// Presence batches sent to other nodes, by outcome.
 pub const PRESENCE_BATCHES: &str = "switchboard_presence_batches_total";
 /// Presence reports or changes dropped because a node's queue was full.
@@ -155,6 +159,14 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_counter!(
         FORWARDED,
         "Client requests forwarded to the node leading their conversation, by outcome (ok: the leader answered; unavailable: it could not be reached)."
+    );
+    metrics::describe_counter!(
+        ANTI_ENTROPY_CHECKS,
+        "Partitions this node compared with their leader's digest, by outcome (equal; repaired; behind: not yet applied as far as the digest; failed)."
+    );
+    metrics::describe_counter!(
+        ANTI_ENTROPY_REPAIRED,
+        "Committed messages this node lacked and pulled from a partition leader (anti-entropy); nonzero means a store lost data or a bug."
     );
     metrics::describe_counter!(
         PRESENCE_BATCHES,

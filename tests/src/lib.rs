@@ -82,6 +82,8 @@ pub struct Options {
     pub ip: std::net::Ipv4Addr,
     /// Gossip on `ip` (a free port, kept across restarts): `--cluster-listen`.
     pub gossip: bool,
+    /// Extra environment variables (e.g. `FAILPOINTS`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -93,6 +95,7 @@ impl Default for Options {
             jwt_secret: true,
             ip: std::net::Ipv4Addr::LOCALHOST,
             gossip: false,
+            env: Vec::new(),
         }
     }
 }
@@ -194,6 +197,7 @@ impl Broker {
             ])
             .args(self.gossip.map(|g| format!("--cluster-listen={g}")))
             .args(&self.opts.args)
+            .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "SWITCHBOARD_LOG",
                 std::env::var("SB_TEST_LOG")

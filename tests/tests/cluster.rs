@@ -1142,3 +1142,42 @@ async fn given_a_node_restarted_before_failure_detection_should_drop_its_stale_p
     );
     hank.close().await;
 }
+
+#[tokio::test]
+async fn given_a_replica_that_lost_committed_messages_should_restore_them_from_the_leader_by_anti_entropy()
+ {
+    let mut opts = fast_gossip();
+    opts.args.extend(["--set".into(), "cluster.anti_entropy_interval_ms=200".into()]);
+    let mut cluster = Cluster::start(2, &opts);
+    // Node 3 applies every entry it follows but loses its messages (a failpoint), as a store
+    // that lost data would.
+    let mut faulty = opts.clone();
+    faulty.env.push(("FAILPOINTS".into(), "replica-drop-messages=return".into()));
+    cluster.add_node(&faulty);
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    let (conv, _, leader) = conversation(&cluster, Some(2), 0).await;
+    let (mut c, _) = cluster.nodes[leader].raw_as("alice").await;
+    let mut acks = HashMap::new();
+    assert!(send_keys(&mut c, &conv, &mut keys("ae", 0..40), &mut acks).await, "sends");
+    let expected = history(&acks);
+    // Node 3 pulls what it lacks from the leader: it then holds the whole log, the same as
+    // the other nodes, and says what it repaired.
+    for i in 0..3 {
+        wait_log(&cluster, i, &conv, &expected).await;
+    }
+    let repaired =
+        metric(cluster.nodes[2].http, "switchboard_antientropy_repaired_messages_total").await;
+    assert!(repaired >= expected.len() as f64, "{repaired} messages repaired");
+    // The healthy nodes compared and found nothing to repair.
+    for i in 0..2 {
+        let equal = metric(
+            cluster.nodes[i].http,
+            "switchboard_antientropy_checks_total{outcome=\"equal\"}",
+        )
+        .await;
+        assert!(equal > 0.0, "node {} compared nothing", i + 1);
+        let repaired =
+            metric(cluster.nodes[i].http, "switchboard_antientropy_repaired_messages_total").await;
+        assert_eq!(repaired, 0.0, "node {} had nothing to repair", i + 1);
+    }
+}

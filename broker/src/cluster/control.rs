@@ -374,6 +374,7 @@ impl ControlPlane {
         let (settle_tx, settle_rx) = tokio::sync::mpsc::channel(64);
         let shards = data.as_ref().map(|(d, _)| d.shards.clone()).unwrap_or_default();
         let storage = data.as_ref().map(|(d, _)| d.storage.clone());
+        let repair_writer = data.as_ref().map(|(d, _)| d.writer.clone());
         let (engine, inbox, replication) = super::replication::open(
             node,
             data_dir,
@@ -384,6 +385,7 @@ impl ControlPlane {
         )
         .map_err(ControlError::Storage)?;
         let client = network.client();
+        let anti_entropy = Duration::from_millis(config.anti_entropy_interval_ms);
         let engine_table = machine.clone();
         let election = config.election_timeout_ms;
         let raft_config = openraft::Config {
@@ -432,13 +434,29 @@ impl ControlPlane {
                     }
                 };
                 let _ = started_tx.send(Ok(()));
+                let peers_storage = storage.clone();
                 let peers = Peers { raft: raft.clone(), inbox, settle: settle_tx, shards, storage };
                 let server = tokio::spawn(serve_peers(peers, listener));
                 let engine_stop = Arc::new(Notify::new());
                 let data = tokio::spawn(engine.run(engine_table, engine_stop.clone()));
+                let repair_stop = Arc::new(Notify::new());
+                if let (Some(storage), Some(writer), true) =
+                    (peers_storage, repair_writer, anti_entropy > Duration::ZERO)
+                {
+                    let task = super::antientropy::AntiEntropy {
+                        me: node,
+                        storage,
+                        writer,
+                        control: view_tx.subscribe(),
+                        client: client.clone(),
+                        interval: anti_entropy,
+                    };
+                    tokio::spawn(task.run(repair_stop.clone()));
+                }
                 let links = Links { gossip, machine, settle: settle_rx, client };
                 run(&raft, &settings, links, &view_tx, &announce, &stop_rx).await;
                 engine_stop.notify_one();
+                repair_stop.notify_one();
                 let _ = data.await;
                 server.abort();
                 let _ = tokio::time::timeout(Duration::from_secs(2), raft.shutdown()).await;
@@ -805,6 +823,20 @@ async fn peer_request(peers: &Peers, req: Request<hyper::body::Incoming>) -> Res
                 return json(StatusCode::NOT_FOUND, Vec::new());
             };
             return match super::presence::serve_query(&peers.shards, storage, &body).await {
+                Some(reply) => json(StatusCode::OK, reply),
+                None => json(StatusCode::BAD_REQUEST, Vec::new()),
+            };
+        }
+        super::antientropy::DIGEST_PATH | super::antientropy::RANGE_PATH => {
+            let Some(storage) = peers.storage.clone() else {
+                return json(StatusCode::NOT_FOUND, Vec::new());
+            };
+            let reply = if path == super::antientropy::DIGEST_PATH {
+                super::antientropy::serve_digest(storage, &body).await
+            } else {
+                super::antientropy::serve_range(storage, &body).await
+            };
+            return match reply {
                 Some(reply) => json(StatusCode::OK, reply),
                 None => json(StatusCode::BAD_REQUEST, Vec::new()),
             };

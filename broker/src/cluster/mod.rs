@@ -15,6 +15,8 @@
 //!
 //! - [`dataplane`]: where shards meet the engine: owners' writes become replicated entries,
 //!   applied on every replica once committed, acknowledged on the leader after that.
+//! - [`antientropy`]: followers compare their message store with the leaders' per
+//!   conversation and pull committed messages they lack.
 //! - [`presence`]: presence across nodes, decided on each user's home node from every node's
 //!   reports.
 //!
@@ -26,6 +28,7 @@
 /// A node of the cluster.
 pub type NodeId = u64;
 
+pub mod antientropy;
 pub mod control;
 pub mod dataplane;
 pub mod membership;

@@ -814,6 +814,12 @@ impl Engine {
             };
             reports.push(Report::Replayed(Replayed::of(&decoded)));
             ops.extend(decoded);
+            // Fault injection (tests of anti-entropy): this replica loses the messages of
+            // entries it applies without having proposed them.
+            #[cfg(feature = "failpoints")]
+            if fail::eval("replica-drop-messages", |_| ()).is_some() {
+                ops.retain(|op| !matches!(op, WriteOp::Put(Ks::Messages, ..)));
+            }
         }
         // Feed appends get node-local user_seqs in apply order, which a re-apply after a crash
         // may not repeat: a batch holding any is fsynced before its events are shown.

@@ -501,6 +501,84 @@ impl Reader {
         Ok(n)
     }
 
+    /// A partition's last applied replicated log index (cluster mode; 0 when none).
+    ///
+    /// # Errors
+    /// On an engine error or a damaged record.
+    pub fn applied_index(&self, partition: u16) -> Result<u64> {
+        match self.snap.get(&self.ks.meta, keys::applied_key(partition))? {
+            None => Ok(0),
+            Some(v) => keys::trailing_u64(&v).ok_or_else(|| corrupt("meta", "applied index")),
+        }
+    }
+
+    /// The newest seq of each conversation of `partition` with id > `after` (by key order),
+    /// at most `limit`: one seek per conversation, not a scan of its entries.
+    ///
+    /// # Errors
+    /// On an engine error or a damaged key.
+    pub fn heads(&self, partition: u16, after: &str, limit: usize) -> Result<Vec<(String, u64)>> {
+        let part = partition.to_be_bytes();
+        let end = prefix_end(&part);
+        let mut from = if after.is_empty() {
+            part.to_vec()
+        } else {
+            prefix_end(&keys::message_prefix(partition, after))
+        };
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(kv) = self.snap.range(&self.ks.messages, from.clone()..end.clone()).next()
+            else {
+                break;
+            };
+            let key = kv.key()?;
+            let len = usize::from(*key.get(2).ok_or_else(|| corrupt("messages", "key"))?);
+            let conversation = key
+                .get(3..3 + len)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .ok_or_else(|| corrupt("messages", "key"))?
+                .to_owned();
+            let prefix = keys::message_prefix(partition, &conversation);
+            let last = self.snap.prefix(&self.ks.messages, &prefix).next_back();
+            if let Some(kv) = last {
+                let seq =
+                    keys::trailing_u64(&kv.key()?).ok_or_else(|| corrupt("messages", "key"))?;
+                out.push((conversation, seq));
+            }
+            from = prefix_end(&prefix);
+        }
+        Ok(out)
+    }
+
+    /// Encoded entries with `after < seq <= to`, ascending, up to about `max_bytes` (at least
+    /// one).
+    ///
+    /// # Errors
+    /// On an engine error or a damaged key.
+    pub fn raw_entries(
+        &self,
+        partition: u16,
+        conversation: &str,
+        after: u64,
+        to: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>> {
+        let lo = keys::message_key(partition, conversation, after.saturating_add(1));
+        let hi = keys::message_key(partition, conversation, to.saturating_add(1));
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for kv in self.snap.range(&self.ks.messages, lo..hi) {
+            if bytes >= max_bytes {
+                break;
+            }
+            let (k, v) = kv.into_inner()?;
+            let seq = keys::trailing_u64(&k).ok_or_else(|| corrupt("messages", "key"))?;
+            bytes += v.len();
+            out.push((seq, v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// The newest entry of a conversation: (seq, entry).
     ///
     /// # Errors
