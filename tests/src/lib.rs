@@ -278,6 +278,11 @@ impl Broker {
         self.spawn();
     }
 
+    /// The options the next (re)start uses.
+    pub fn options_mut(&mut self) -> &mut Options {
+        &mut self.opts
+    }
+
     /// Everything the broker logged in its current run.
     #[must_use]
     pub fn log(&self) -> String {

@@ -170,6 +170,9 @@ async fn push_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<Push>) {
 /// the reports queued before it.
 async fn presence_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<presence::Out>) {
     let Some(client) = shard.peer_client() else { return };
+    // Numbers the batches: the receiver drops one that arrives after a later one (a request
+    // that timed out here may still be served there).
+    let mut seq = 0;
     while let Some(items) = next_batch(&mut rx).await {
         let Some(addr) = shard.gossip_addr(to) else { continue };
         let (node, generation) = match &shard.cluster {
@@ -179,20 +182,24 @@ async fn presence_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<pres
             }
             None => return,
         };
+        seq += 1;
         let mut batch = presence::wire::Batch {
             node,
             generation,
             shard: u32::try_from(shard.id).unwrap_or(u32::MAX),
+            seq,
+            shards: u32::try_from(shard.count).unwrap_or(u32::MAX),
             ..presence::wire::Batch::default()
         };
         for item in items {
             match item {
                 presence::Out::Report(r) => batch.reports.push(r),
-                presence::Out::Snapshot(reports) => {
+                presence::Out::Snapshot(snapshot) => {
                     batch.reports.clear();
-                    batch.snapshot = Some(presence::wire::Snapshot { reports });
+                    batch.snapshot = Some(snapshot);
                 }
                 presence::Out::Changed(c) => batch.changed.push(c),
+                presence::Out::Online(set) => batch.online = Some(set),
             }
         }
         let body = batch.encode_to_vec();

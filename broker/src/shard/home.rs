@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 use super::mailbox::{HomeMsg, LocalMsg, Outgoing};
 use super::{SessionRef, home_shard};
 use crate::cluster::NodeId;
-use crate::cluster::presence::{Aggregator, Live, Out, Watch, wire};
+use crate::cluster::presence::{Aggregator, Incoming, Live, Order, Out, Watch, wire};
 use crate::config::Config;
 use crate::push::{Notification, summary};
 use crate::shard::owner::now_ms;
@@ -127,6 +127,9 @@ pub struct Home {
     next_epoch: u64,
     subscribers: HashMap<Arc<str>, Vec<SessionRef>>,
     peers: HashMap<Arc<str>, Vec<Arc<str>>>,
+    /// The reverse of `peers`: for a user, this shard's online users that have them as a
+    /// direct peer (cluster: a change from another node reaches them through this).
+    followers: HashMap<Arc<str>, Vec<Arc<str>>>,
     last_seen_dirty: HashMap<Arc<str>, u64>,
     pending: HashMap<Arc<str>, HashMap<Arc<str>, Pending>>,
     push_dirty: HashSet<(Arc<str>, Arc<str>)>,
@@ -145,8 +148,10 @@ struct Clustered {
     live: Live,
     /// Users homed on this node (and shard): who reports them online where.
     agg: Aggregator,
-    /// Through which nodes users are online, per the changes received.
+    /// Which users of the cluster are online, per their home nodes.
     watch: Watch,
+    /// The newest batch seen from each node's shard.
+    order: Order,
 }
 
 impl std::fmt::Debug for Home {
@@ -209,6 +214,7 @@ impl Home {
             next_epoch: 1,
             subscribers: HashMap::new(),
             peers: HashMap::new(),
+            followers: HashMap::new(),
             last_seen_dirty: HashMap::new(),
             pending: HashMap::new(),
             push_dirty: HashSet::new(),
@@ -226,6 +232,7 @@ impl Home {
             live: Live::alone(me, generation),
             agg: Aggregator::default(),
             watch: Watch::default(),
+            order: Order::default(),
         });
     }
 
@@ -247,7 +254,9 @@ impl Home {
                 {
                     let pair = event.conversation.trim_start_matches(validate::DIRECT_PREFIX);
                     if let Some(peer) = pair.split(':').find(|p| *p != &*user) {
-                        peers.push(Arc::from(peer));
+                        let peer: Arc<str> = Arc::from(peer);
+                        peers.push(peer.clone());
+                        self.followers.entry(peer).or_default().push(user.clone());
                     }
                 }
                 let Some(sessions) = self.sessions.get(&user) else { return };
@@ -304,14 +313,17 @@ impl Home {
                 }
             }
             HomeMsg::Notify(n) => self.notify(&n),
-            HomeMsg::PresenceReports { reporter, generation, snapshot, reports } => {
-                let Some(c) = &mut self.cluster else { return };
-                let changes = c.agg.report(reporter, generation, snapshot, reports, now_ms());
-                self.announce(changes, out);
-            }
-            HomeMsg::PresenceChanged { changes } => {
-                for change in changes {
-                    self.deliver(change, out);
+            HomeMsg::Presence(incoming) => self.incoming(*incoming, out),
+            HomeMsg::PeerPresence { user, frame } => {
+                let Some(followers) = self.followers.get(&user) else { return };
+                for f in followers {
+                    let Some(sessions) = self.sessions.get(f) else { continue };
+                    for (shard, sessions) in group_by_shard(sessions) {
+                        out.push_local(
+                            shard,
+                            LocalMsg::Push { sessions, frame: frame.clone(), droppable: false },
+                        );
+                    }
                 }
             }
             HomeMsg::Read { user, conversation, read_seq } => {
@@ -375,7 +387,7 @@ impl Home {
         self.records.insert(user.clone(), record);
         if !was_online {
             if !self.peers.contains_key(&user) {
-                let peers = self
+                let peers: Vec<Arc<str>> = self
                     .storage
                     .reader()
                     .direct_peers(&user, MAX_PEERS)
@@ -383,10 +395,13 @@ impl Home {
                     .into_iter()
                     .map(|p| Arc::from(p.as_str()))
                     .collect();
+                for p in &peers {
+                    self.followers.entry(p.clone()).or_default().push(user.clone());
+                }
                 self.peers.insert(user.clone(), peers);
             }
             if self.cluster.is_none() {
-                self.broadcast(&user, presence(&user, Some(record)), out);
+                self.push_presence(presence(&user, Some(record)), out);
             }
         }
         self.report(&user, out);
@@ -416,10 +431,17 @@ impl Home {
         self.records.insert(user.clone(), record);
         self.last_seen_dirty.insert(user.clone(), last_seen_ms);
         if self.cluster.is_none() {
-            self.broadcast(user, presence(user, Some(record)), out);
+            self.push_presence(presence(user, Some(record)), out);
         }
         self.report(user, out);
-        self.peers.remove(user);
+        for p in self.peers.remove(user).unwrap_or_default() {
+            if let Some(f) = self.followers.get_mut(&p) {
+                f.retain(|u| u != user);
+                if f.is_empty() {
+                    self.followers.remove(&p);
+                }
+            }
+        }
     }
 
     /// This node's presence of `user` (its sessions here), as reported to the home node.
@@ -435,12 +457,18 @@ impl Home {
 
     /// Reports a change of `user`'s local presence to the user's home node (cluster).
     fn report(&mut self, user: &Arc<str>, out: &mut Outgoing) {
+        if self.cluster.is_none() {
+            return;
+        }
         let report = self.local_report(user);
         let Some(c) = &mut self.cluster else { return };
         let home = c.live.home(user);
         if home == c.live.me {
-            let reporter = (c.live.me, c.shard);
-            let changes = c.agg.report(reporter, c.live.generation, None, vec![report], now_ms());
+            let (reporter, generation) = ((c.live.me, c.shard), c.live.generation);
+            let live = &c.live;
+            let is_home = |u: &str| live.home(u) == live.me;
+            let changes =
+                c.agg.report(reporter, generation, None, vec![report], live, is_home, now_ms());
             self.announce(changes, out);
         } else {
             out.presence.push((home, Out::Report(report)));
@@ -456,83 +484,136 @@ impl Home {
         for user in self.sessions.keys().chain(self.in_grace.keys()) {
             by_home.entry(c.live.home(user)).or_default().push(self.local_report(user));
         }
-        let (me, generation, reporter) = (c.live.me, c.live.generation, (c.live.me, c.shard));
+        let seen: Vec<NodeId> = c.live.nodes.keys().copied().collect();
         for (node, reports) in by_home {
-            if node == me {
-                let Some(c) = &mut self.cluster else { return };
-                let changes =
-                    c.agg.report(reporter, generation, Some(reports), Vec::new(), now_ms());
+            let snapshot = wire::Snapshot { reports, live: seen.clone() };
+            let Some(c) = &mut self.cluster else { return };
+            if node == c.live.me {
+                let (reporter, generation) = ((c.live.me, c.shard), c.live.generation);
+                let live = &c.live;
+                let is_home = |u: &str| live.home(u) == live.me;
+                let changes = c.agg.report(
+                    reporter,
+                    generation,
+                    Some(snapshot),
+                    Vec::new(),
+                    live,
+                    is_home,
+                    now_ms(),
+                );
                 self.announce(changes, out);
             } else {
-                out.presence.push((node, Out::Snapshot(reports)));
+                out.presence.push((node, Out::Snapshot(snapshot)));
             }
         }
     }
 
-    /// Takes in a new set of live nodes: drops the entries of nodes gone or restarted, tells
-    /// local subscribers of users seen online only through gone nodes, tells nodes that came
-    /// up (or restarted) which users homed here are online, and sends snapshots (homes may
-    /// have moved).
+    /// Sends every other live node the online users homed on this shard, so that a change
+    /// one of them missed is repaired (`Watch::sync`).
+    pub fn sync(&mut self, out: &mut Outgoing) {
+        let Some(c) = &self.cluster else { return };
+        let set = wire::OnlineSet {
+            users: c.agg.all_online(),
+            live: c.live.nodes.keys().copied().collect(),
+        };
+        for node in c.live.others() {
+            out.presence.push((node, Out::Online(set.clone())));
+        }
+    }
+
+    /// Takes in a new set of live nodes: drops the entries of nodes gone or restarted (and
+    /// of users whose home moved elsewhere), turns offline the users whose home node died
+    /// with every node they were online through, sends nodes that came up (or restarted) the
+    /// online users homed here, and sends snapshots (homes may have moved).
     pub fn set_live(&mut self, live: Live, out: &mut Outgoing) {
         let Some(c) = &mut self.cluster else { return };
-        if c.live == live {
+        if c.live.nodes == live.nodes {
             return;
         }
-        let old = std::mem::replace(&mut c.live, live);
-        let came: Vec<NodeId> = c
-            .live
-            .others()
-            .filter(|n| old.nodes.get(n).map(|(g, _)| *g) != c.live.nodes.get(n).map(|(g, _)| *g))
-            .collect();
+        let live = live.after(&c.live);
+        let before = std::mem::replace(&mut c.live, live);
+        let now = now_ms();
+        let live = &c.live;
+        let changes = c.agg.retain(live, |u| live.home(u) == live.me, now);
+        let came: Vec<NodeId> = c.live.came(&before).collect();
+        c.watch.gone(&c.live, now);
         if !came.is_empty() {
-            for change in c.agg.all_online() {
-                for node in &came {
-                    out.presence.push((*node, Out::Changed(change.clone())));
-                }
+            let set = wire::OnlineSet {
+                users: c.agg.all_online(),
+                live: c.live.nodes.keys().copied().collect(),
+            };
+            for node in came {
+                out.presence.push((node, Out::Online(set.clone())));
             }
         }
-        let now = now_ms();
-        let changes = c.agg.retain(&c.live, now);
-        let gone = c.watch.gone(&c.live);
         self.announce(changes, out);
-        for user in gone {
-            let offline = presence(&user, Some(Record { online: false, devices: 0, at_ms: now }));
-            self.broadcast(&user, offline, out);
-        }
         self.snapshot(out);
     }
 
-    /// Delivers changes of users homed here locally and sends them to every other live node;
-    /// an offline aggregate's last-seen time is stored here.
+    /// Takes in a batch part from another node: reports for users homed here, changes and
+    /// syncs from other users' home nodes. A batch older than one already taken in from the
+    /// same shard of that node, or from a node gossip knows as dead, leaving or restarted
+    /// since, is ignored.
+    fn incoming(&mut self, inc: Incoming, out: &mut Outgoing) {
+        let Some(c) = &mut self.cluster else { return };
+        let (node, generation) = (inc.origin.from.0, inc.origin.generation);
+        if !c.live.counts(node, generation) || !c.order.fresh(inc.origin) {
+            return;
+        }
+        let now = now_ms();
+        let mut pushes = Vec::new();
+        for change in &inc.changed {
+            pushes.extend(c.watch.apply(inc.origin.from, change));
+        }
+        if let Some(set) = &inc.online {
+            pushes.extend(c.watch.sync(inc.origin.from, inc.shards, set, &c.live, now));
+        }
+        if inc.snapshot.is_some() || !inc.reports.is_empty() {
+            let live = &c.live;
+            let changes = c.agg.report(
+                inc.origin.from,
+                generation,
+                inc.snapshot,
+                inc.reports,
+                live,
+                |u| live.home(u) == live.me,
+                now,
+            );
+            self.announce(changes, out);
+        }
+        for p in pushes {
+            self.push_presence(p, out);
+        }
+    }
+
+    /// Sends changes of users homed here to every other live node and applies them here; an
+    /// offline aggregate's last-seen time is stored here.
     fn announce(&mut self, changes: Vec<wire::Changed>, out: &mut Outgoing) {
+        let Some(c) = &mut self.cluster else { return };
+        let me = (c.live.me, c.shard);
+        let mut pushes = Vec::new();
         for change in changes {
-            let Some(c) = &self.cluster else { return };
             for node in c.live.others() {
                 out.presence.push((node, Out::Changed(change.clone())));
             }
             if let Some(p) = change.presence.as_ref().filter(|p| !p.online) {
                 self.last_seen_dirty.insert(Arc::from(p.user_id.as_str()), p.last_seen_ms);
             }
-            self.deliver(change, out);
+            pushes.extend(c.watch.apply(me, &change));
+        }
+        for p in pushes {
+            self.push_presence(p, out);
         }
     }
 
-    /// Delivers a change from a user's home node to this node's subscribers and the user's
-    /// direct peers here.
-    fn deliver(&mut self, change: wire::Changed, out: &mut Outgoing) {
-        let Some(p) = change.presence.clone() else { return };
-        let user: Arc<str> = Arc::from(p.user_id.as_str());
-        if let Some(c) = &mut self.cluster {
-            c.watch.note(&user, &change);
-        }
-        self.broadcast(&user, p, out);
-    }
-
-    /// Pushes a presence change to the user's subscribers and direct peers with sessions here.
-    fn broadcast(&self, user: &Arc<str>, presence: Presence, out: &mut Outgoing) {
+    /// Pushes a presence change to the user's subscribers and direct peers with sessions
+    /// here (called on the user's home shard). In a cluster the peers are found through
+    /// every shard's `followers`; on a single node through the user's own peer list.
+    fn push_presence(&self, presence: Presence, out: &mut Outgoing) {
+        let user: Arc<str> = Arc::from(presence.user_id.as_str());
         let frame: SharedFrame =
             Encoded::of(&ServerFrame::push(server_frame::Kind::Presence(presence)));
-        if let Some(subs) = self.subscribers.get(user) {
+        if let Some(subs) = self.subscribers.get(&user) {
             for (shard, sessions) in group_by_shard(subs) {
                 out.push_local(
                     shard,
@@ -540,23 +621,14 @@ impl Home {
                 );
             }
         }
-        let loaded;
-        let peers = match self.peers.get(user) {
-            Some(peers) => peers,
-            // In a cluster, a user with no session here: its peers may have sessions here.
-            None if self.cluster.is_some() => {
-                loaded = self
-                    .storage
-                    .reader()
-                    .direct_peers(user, MAX_PEERS)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|p| Arc::from(p.as_str()))
-                    .collect::<Vec<Arc<str>>>();
-                &loaded
+        if self.cluster.is_some() {
+            for shard in 0..self.shards {
+                let msg = HomeMsg::PeerPresence { user: user.clone(), frame: frame.clone() };
+                out.home_at.push((shard, msg));
             }
-            None => return,
-        };
+            return;
+        }
+        let Some(peers) = self.peers.get(&user) else { return };
         let mut by_home: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
         for p in peers {
             by_home.entry(home_shard(p, self.shards)).or_default().push(p.clone());
@@ -667,6 +739,11 @@ impl Home {
     /// Periodic work: grace periods, lapsed leases, due notifications. Returns writes for the
     /// shard's next batch when `flush` (last seen, pending notifications).
     pub fn tick(&mut self, now: Instant, flush: bool, out: &mut Outgoing) -> Vec<WriteOp> {
+        if let Some(c) = &mut self.cluster {
+            for p in c.watch.due(now_ms()) {
+                self.push_presence(p, out);
+            }
+        }
         while let Some((due, _, _)) = self.grace_queue.front() {
             if *due > now {
                 break;

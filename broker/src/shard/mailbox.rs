@@ -254,21 +254,15 @@ pub enum HomeMsg {
     },
     /// A durable message: queue push notifications for those of `users` with no session.
     Notify(Box<NotifyMsg>),
-    /// (Cluster) Presence reports of users homed on this node, from one node and shard.
-    PresenceReports {
-        /// The reporting node and shard.
-        reporter: crate::cluster::presence::Reporter,
-        /// The reporting node's generation.
-        generation: u64,
-        /// Everything the reporter holds for users homed on the receiving shard, if a snapshot.
-        snapshot: Option<Vec<crate::cluster::presence::wire::Report>>,
-        /// Changes after the snapshot, in order.
-        reports: Vec<crate::cluster::presence::wire::Report>,
-    },
-    /// (Cluster) Presence changes from the users' home node, for the sessions here.
-    PresenceChanged {
-        /// The changes, of users homed on the receiving shard.
-        changes: Vec<crate::cluster::presence::wire::Changed>,
+    /// (Cluster) A presence batch from another node: its part about users homed here.
+    Presence(Box<crate::cluster::presence::Incoming>),
+    /// (Cluster) A presence change of `user`, for this shard's users who have them as a
+    /// direct peer.
+    PeerPresence {
+        /// The user whose presence changed.
+        user: Arc<str>,
+        /// The encoded `presence` push.
+        frame: SharedFrame,
     },
     /// `user` read `conversation` up to `read_seq`: cancel a pending notification it covers.
     Read {
@@ -388,6 +382,8 @@ pub struct Outgoing {
     pub local: Vec<Vec<LocalMsg>>,
     /// Messages for home shards, keyed by user.
     pub home: Vec<(Arc<str>, HomeMsg)>,
+    /// Messages for home shards, by shard index.
+    pub home_at: Vec<(usize, HomeMsg)>,
     /// Messages for owner shards, by shard index.
     pub owner: Vec<(usize, OwnerMsg)>,
     /// The open write batch grew: flush it soon.
@@ -423,6 +419,7 @@ impl Outgoing {
         Self {
             local: (0..shards).map(|_| Vec::new()).collect(),
             home: Vec::new(),
+            home_at: Vec::new(),
             owner: Vec::new(),
             flush: false,
             stored: 0,

@@ -440,7 +440,17 @@ impl Shard {
 
     /// Routes what a role produced: bundles to session shards, events to home shards.
     pub(crate) fn dispatch(self: &Rc<Self>, out: mailbox::Outgoing) {
-        let mailbox::Outgoing { local, home, owner, flush, stored, forward, peers, presence } = out;
+        let mailbox::Outgoing {
+            local,
+            home,
+            home_at,
+            owner,
+            flush,
+            stored,
+            forward,
+            peers,
+            presence,
+        } = out;
         if stored > 0 {
             self.stats.messages_stored.set(self.stats.messages_stored.get() + stored);
         }
@@ -456,6 +466,9 @@ impl Shard {
         }
         for (user, msg) in home {
             self.to_home(&user, msg);
+        }
+        for (shard, msg) in home_at {
+            self.send_home_at(shard, msg);
         }
         for (shard, msg) in owner {
             self.send_owner_at(shard, msg);
@@ -602,7 +615,10 @@ impl Shard {
                     self.send_home_at(home, HomeMsg::Renew { users });
                 }
                 let mut out = mailbox::Outgoing::new(self.count);
-                self.home.borrow_mut().snapshot(&mut out);
+                let mut home = self.home.borrow_mut();
+                home.snapshot(&mut out);
+                home.sync(&mut out);
+                drop(home);
                 self.dispatch(out);
             }
             self.deliver_pushes(now.into_std());
