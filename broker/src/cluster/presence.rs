@@ -53,6 +53,9 @@ const MAX_QUERY: usize = 10_000;
 /// user's nodes may have been behind), before it turns the user offline itself.
 pub const WATCH_GRACE_MS: u64 = 3_000;
 
+/// How long reports of a node gossip has never seen live count before they are dropped.
+pub const UNKNOWN_GRACE_MS: u64 = 30_000;
+
 /// Offline users whose last-seen time the aggregator keeps in memory.
 const LAST_SEEN_CAPACITY: u64 = 1 << 20;
 /// How long it keeps them (then the store answers).
@@ -296,11 +299,19 @@ pub struct Origin {
 #[derive(Debug, Default)]
 pub struct Order {
     last: HashMap<Reporter, (u64, u64)>,
+    /// The newest generation seen per node, whatever the shard: a shard the new incarnation
+    /// does not have any more must not speak for the old one.
+    generations: HashMap<NodeId, u64>,
 }
 
 impl Order {
     /// Whether a batch from `o` is newer than every one seen from its sender (and notes it).
     pub fn fresh(&mut self, o: Origin) -> bool {
+        let newest = self.generations.entry(o.from.0).or_insert(o.generation);
+        if o.generation < *newest {
+            return false;
+        }
+        *newest = o.generation;
         let key = (o.generation, o.seq);
         match self.last.get(&o.from) {
             Some(last) if *last >= key => false,
@@ -326,6 +337,9 @@ pub struct Aggregator {
     /// The newest generation seen per node: never forgotten, so a late message of an older
     /// generation cannot bring back entries dropped with it.
     generations: HashMap<NodeId, u64>,
+    /// Reporting nodes gossip has not seen live yet, since when: kept for a while (their
+    /// messages may outrun gossip), dropped after [`UNKNOWN_GRACE_MS`].
+    unknown: HashMap<NodeId, u64>,
     last_seen: moka::sync::Cache<Arc<str>, u64>,
 }
 
@@ -341,6 +355,7 @@ impl Default for Aggregator {
             online: HashMap::new(),
             reporters: HashMap::new(),
             generations: HashMap::new(),
+            unknown: HashMap::new(),
             last_seen: moka::sync::Cache::builder()
                 .max_capacity(LAST_SEEN_CAPACITY)
                 .time_to_live(LAST_SEEN_TTL)
@@ -411,26 +426,46 @@ impl Aggregator {
         self.changes(t, is_home, now_ms)
     }
 
-    /// Drops the entries of reporters whose node is not live in their generation (dead,
-    /// leaving, restarted, forgotten), and silently those of users no longer homed here (their new home node
-    /// receives snapshots and decides). Returns the changes of users homed here.
+    /// Drops the entries of reporters whose node `live` no longer counts (dead, leaving,
+    /// restarted) or that gossip has not seen live for [`UNKNOWN_GRACE_MS`], and silently
+    /// those of users no longer homed here (their new home node receives snapshots and
+    /// decides). Returns the changes of users homed here, including users online here who
+    /// were homed elsewhere per `was_home` (this node announces them now).
     pub fn retain(
         &mut self,
         live: &Live,
         is_home: impl Fn(&str) -> bool,
+        was_home: impl Fn(&str) -> bool,
         now_ms: u64,
     ) -> Vec<wire::Changed> {
         let mut t = Touched::default();
+        let nodes: HashSet<NodeId> = self.reporters.keys().map(|r| r.0).collect();
+        self.unknown.retain(|n, _| nodes.contains(n) && !live.nodes.contains_key(n));
+        for n in nodes {
+            if !live.nodes.contains_key(&n) && !live.down.contains_key(&n) {
+                self.unknown.entry(n).or_insert(now_ms);
+            }
+        }
         let gone: Vec<Reporter> = self
             .reporters
             .keys()
             .filter(|(node, _)| {
-                !live.holds(*node, self.generations.get(node).copied().unwrap_or_default())
+                let generation = self.generations.get(node).copied().unwrap_or_default();
+                !live.counts(*node, generation)
+                    || self
+                        .unknown
+                        .get(node)
+                        .is_some_and(|since| now_ms.saturating_sub(*since) >= UNKNOWN_GRACE_MS)
             })
             .copied()
             .collect();
         for r in gone {
             self.drop_reporter(r, now_ms, &mut t);
+        }
+        let reporters = &self.reporters;
+        self.unknown.retain(|n, _| reporters.keys().any(|r| r.0 == *n));
+        for user in self.online.keys().filter(|u| is_home(u) && !was_home(u)) {
+            t.before.entry(user.clone()).or_insert(None);
         }
         let moved: Vec<Arc<str>> = self.online.keys().filter(|u| !is_home(u)).cloned().collect();
         for user in moved {
@@ -460,11 +495,13 @@ impl Aggregator {
         self.online.len()
     }
 
-    /// Every user online per this aggregator, as changes (for [`Watch::sync`]).
+    /// Every user homed here (per `is_home`) online per this aggregator, as changes (for
+    /// [`Watch::sync`]).
     #[must_use]
-    pub fn all_online(&self) -> Vec<wire::Changed> {
+    pub fn all_online(&self, is_home: impl Fn(&str) -> bool) -> Vec<wire::Changed> {
         self.online
             .iter()
+            .filter(|(user, _)| is_home(user))
             .map(|(user, entries)| wire::Changed {
                 presence: Some(online(user, entries)),
                 nodes: nodes_of(entries),
@@ -575,8 +612,17 @@ fn offline(user: &str, last_seen_ms: u64) -> Presence {
 struct Watched {
     /// The home node and shard that said the user is online.
     home: Reporter,
+    /// That home node's generation.
+    generation: u64,
     /// The nodes the user is online through.
     nodes: Vec<NodeId>,
+}
+
+impl Watched {
+    /// Whether the home incarnation that said the user is online is live.
+    fn home_alive(&self, live: &Live) -> bool {
+        live.holds(self.home.0, self.generation)
+    }
 }
 
 /// What a node knows of the online users of the cluster, from their home nodes' changes and
@@ -592,14 +638,19 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// Takes in a change from the user's home (node, shard); returns the presence to push
-    /// to the sessions here when the user's online state changed.
-    pub fn apply(&mut self, home: Reporter, change: &wire::Changed) -> Option<Presence> {
+    /// Takes in a change from the user's home (node, shard, in `generation`); returns the
+    /// presence to push to the sessions here when the user's online state changed.
+    pub fn apply(
+        &mut self,
+        home: Reporter,
+        generation: u64,
+        change: &wire::Changed,
+    ) -> Option<Presence> {
         let p = change.presence.as_ref()?;
         let user: Arc<str> = Arc::from(p.user_id.as_str());
         let suspect = self.suspect.remove(&user).is_some();
         if p.online {
-            let watched = Watched { home, nodes: change.nodes.clone() };
+            let watched = Watched { home, generation, nodes: change.nodes.clone() };
             (self.online.insert(user, watched).is_none() && !suspect).then(|| p.clone())
         } else {
             (self.online.remove(&user).is_some() || suspect).then(|| p.clone())
@@ -614,13 +665,15 @@ impl Watch {
     pub fn sync(
         &mut self,
         home: Reporter,
+        generation: u64,
         shards: usize,
         set: &wire::OnlineSet,
         live: &Live,
         now_ms: u64,
     ) -> Vec<Presence> {
         let all = &set.users;
-        let mut out: Vec<Presence> = all.iter().filter_map(|c| self.apply(home, c)).collect();
+        let mut out: Vec<Presence> =
+            all.iter().filter_map(|c| self.apply(home, generation, c)).collect();
         if !set.live.iter().copied().eq(live.nodes.keys().copied()) {
             return out;
         }
@@ -628,7 +681,7 @@ impl Watch {
             all.iter().filter_map(|c| c.presence.as_ref()).map(|p| p.user_id.as_str()).collect();
         let covers = |user: &str, w: &Watched| {
             w.home == home
-                || (!live.is_live(w.home.0)
+                || (!w.home_alive(live)
                     && live.home(user) == home.0
                     && u32::try_from(crate::shard::home_shard(user, shards.max(1))).ok()
                         == Some(home.1))
@@ -649,7 +702,11 @@ impl Watch {
     pub fn gone(&mut self, live: &Live, now_ms: u64) {
         let suspect = &mut self.suspect;
         self.online.retain(|user, w| {
-            let keep = live.is_live(w.home.0) || w.nodes.iter().any(|n| live.is_live(*n));
+            // A restarted home forgot the user: suspect, whatever the nodes (the new
+            // incarnation, or another home, claims users still online within the grace).
+            let restarted = live.nodes.get(&w.home.0).is_some_and(|(g, _)| *g > w.generation);
+            let keep =
+                w.home_alive(live) || (!restarted && w.nodes.iter().any(|n| live.is_live(*n)));
             if !keep {
                 suspect.insert(user.clone(), now_ms + WATCH_GRACE_MS);
             }
@@ -861,7 +918,7 @@ mod tests {
         assert_eq!(a.current("alice").map(|p| p.last_seen_ms), Some(300));
         assert_eq!(a.online_users(), 0);
         report(&mut a, (3, 1), 1, None, vec![on("bob", 1, 400)], 400);
-        let every = a.all_online();
+        let every = a.all_online(|_| true);
         assert_eq!(flips(&every), [("bob".into(), true, 1, 400)]);
         assert_eq!(every[0].nodes, [3]);
     }
@@ -895,15 +952,44 @@ mod tests {
         report(&mut a, (2, 0), 1, None, vec![on("alice", 1, 1), on("bob", 1, 1)], 10);
         report(&mut a, (2, 1), 1, None, vec![on("dave", 1, 1)], 10);
         report(&mut a, (3, 0), 1, None, vec![on("bob", 1, 1)], 10);
-        assert!(a.retain(&all(), |_| true, 20).is_empty());
+        assert!(a.retain(&all(), |_| true, |_| true, 20).is_empty());
         // Node 2 restarted: gossip shows generation 2, so generation 1's entries go at once.
-        let c = a.retain(&live(&[(1, 1), (2, 2), (3, 1)]), |_| true, 30);
+        let restarted = live(&[(1, 1), (2, 2), (3, 1)]).after(&all());
+        let c = a.retain(&restarted, |_| true, |_| true, 30);
         let c: Vec<_> = flips(&c).into_iter().filter(|f| !f.1).collect();
         assert_eq!(c, [("alice".into(), false, 0, 30), ("dave".into(), false, 0, 30)]);
         assert_eq!(a.current("bob").map(|p| p.online), Some(true));
         // Node 3 died.
-        let c = a.retain(&live(&[(1, 1), (2, 2)]), |_| true, 40);
+        let c = a.retain(&live(&[(1, 1), (2, 2)]).after(&restarted), |_| true, |_| true, 40);
         assert_eq!(flips(&c), [("bob".into(), false, 0, 40)]);
+    }
+
+    #[test]
+    fn given_reports_of_a_node_gossip_never_saw_live_should_keep_them_only_for_a_while() {
+        let mut a = Aggregator::default();
+        // Node 4 reports before this node's gossip has seen it live.
+        report(&mut a, (4, 0), 1, None, vec![on("alice", 1, 1)], 10);
+        assert!(a.retain(&all(), |_| true, |_| true, 20).is_empty(), "kept while unknown");
+        let c = a.retain(&all(), |_| true, |_| true, 20 + UNKNOWN_GRACE_MS);
+        assert_eq!(flips(&c), [("alice".into(), false, 0, 20 + UNKNOWN_GRACE_MS)]);
+        // Seen live in time: kept.
+        report(&mut a, (4, 0), 1, None, vec![on("bob", 1, 1)], 100_000);
+        a.retain(&all(), |_| true, |_| true, 100_000);
+        let four = live(&[(1, 1), (2, 1), (3, 1), (4, 1)]);
+        assert!(a.retain(&four, |_| true, |_| true, 200_000).is_empty());
+        assert_eq!(a.current("bob").map(|p| p.online), Some(true));
+    }
+
+    #[test]
+    fn given_users_whose_home_moved_here_should_announce_them_and_list_only_home_users() {
+        let mut a = Aggregator::default();
+        // Taken in while another node was carol's home: nothing announced.
+        let c = a.report((2, 0), 1, None, vec![on("carol", 1, 7)], &all(), |_| false, 10);
+        assert!(c.is_empty());
+        assert!(a.all_online(|u| u != "carol").is_empty(), "not homed here: not listed");
+        // That node died and carol is homed here now.
+        let c = a.retain(&all(), |_| true, |_| false, 20);
+        assert_eq!(flips(&c), [("carol".into(), true, 1, 7)]);
     }
 
     #[test]
@@ -912,7 +998,7 @@ mod tests {
         report(&mut a, (2, 0), 1, None, vec![on("alice", 1, 1)], 10);
         let mut dead = live(&[(1, 1), (3, 1)]);
         dead.down.insert(2, 1);
-        a.retain(&dead, |_| true, 20);
+        a.retain(&dead, |_| true, |_| true, 20);
         let late = a.report((2, 0), 1, None, vec![on("alice", 1, 1)], &dead, |_| true, 30);
         assert!(late.is_empty(), "a dead node's late report revived alice");
         // The node restarted (generation 2) and its empty snapshot came; then a late batch of
@@ -929,7 +1015,7 @@ mod tests {
         // The restarted node reports before gossip tells of its new generation.
         let c = report(&mut a, (2, 0), 2, None, vec![on("bob", 1, 15)], 20);
         assert_eq!(flips(&c), [("alice".into(), false, 0, 20), ("bob".into(), true, 1, 15)]);
-        assert!(a.retain(&all(), |_| true, 25).is_empty(), "gossip is behind");
+        assert!(a.retain(&all(), |_| true, |_| true, 25).is_empty(), "gossip is behind");
         assert_eq!(a.current("bob").map(|p| p.online), Some(true));
     }
 
@@ -938,7 +1024,7 @@ mod tests {
         let mut a = Aggregator::default();
         report(&mut a, (2, 0), 1, None, vec![on("alice", 1, 1), on("bob", 1, 1)], 10);
         // Alice's home is now another node: no "offline" from here, and no entry left.
-        let c = a.retain(&all(), |u| u != "alice", 20);
+        let c = a.retain(&all(), |u| u != "alice", |_| true, 20);
         assert!(c.is_empty(), "{c:?}");
         assert!(a.current("alice").is_none_or(|p| !p.online));
         // Reports about her still count for nobody here.
@@ -960,23 +1046,23 @@ mod tests {
         };
         let alice = "alice";
         let h = (l.home(alice), u32::try_from(crate::shard::home_shard(alice, 2)).expect("u32"));
-        assert!(w.apply(h, &changed(alice, true, vec![2])).is_some(), "news");
-        assert!(w.apply(h, &changed(alice, true, vec![2, 3])).is_none(), "same state");
-        assert!(w.apply(h, &changed(alice, false, vec![])).is_some());
-        assert!(w.apply(h, &changed(alice, false, vec![])).is_none(), "no duplicate");
+        assert!(w.apply(h, 1, &changed(alice, true, vec![2])).is_some(), "news");
+        assert!(w.apply(h, 1, &changed(alice, true, vec![2, 3])).is_none(), "same state");
+        assert!(w.apply(h, 1, &changed(alice, false, vec![])).is_some());
+        assert!(w.apply(h, 1, &changed(alice, false, vec![])).is_none(), "no duplicate");
         // The offline change was lost: the next sync from her home repairs it, but only
         // when the sender saw the same live nodes (else homes may differ).
-        w.apply(h, &changed(alice, true, vec![2]));
-        assert!(w.sync(h, 2, &set(vec![], &[1, 2]), &l, 99).is_empty(), "other views");
-        let p = w.sync(h, 2, &set(vec![], &[1, 2, 3]), &l, 99);
+        w.apply(h, 1, &changed(alice, true, vec![2]));
+        assert!(w.sync(h, 1, 2, &set(vec![], &[1, 2]), &l, 99).is_empty(), "other views");
+        let p = w.sync(h, 1, 2, &set(vec![], &[1, 2, 3]), &l, 99);
         let p: Vec<_> = p.iter().map(|p| (p.user_id.as_str(), p.online)).collect();
         assert_eq!(p, [(alice, false)]);
         // Another node's sync does not speak for her while her home is live.
-        w.apply(h, &changed(alice, true, vec![2]));
+        w.apply(h, 1, &changed(alice, true, vec![2]));
         let other = if h.0 == 1 { (2, 0) } else { (1, 0) };
-        assert!(w.sync(other, 2, &set(vec![], &[1, 2, 3]), &l, 99).is_empty());
+        assert!(w.sync(other, 1, 2, &set(vec![], &[1, 2, 3]), &l, 99).is_empty());
         // A sync lists a user this node had not heard of: news.
-        let p = w.sync(other, 2, &set(vec![changed("bob", true, vec![1])], &[1, 2, 3]), &l, 99);
+        let p = w.sync(other, 1, 2, &set(vec![changed("bob", true, vec![1])], &[1, 2, 3]), &l, 99);
         assert_eq!(p.len(), 1);
     }
 
@@ -987,22 +1073,30 @@ mod tests {
             presence: Some(Presence { user_id: user.into(), online: true, ..Presence::default() }),
             nodes,
         };
-        w.apply((3, 0), &changed("alice", vec![2, 3]));
-        w.apply((3, 0), &changed("bob", vec![3]));
-        w.apply((1, 0), &changed("carol", vec![3]));
-        w.apply((3, 0), &changed("dora", vec![3]));
+        w.apply((3, 0), 1, &changed("alice", vec![2, 3]));
+        w.apply((3, 0), 1, &changed("bob", vec![3]));
+        w.apply((1, 0), 1, &changed("carol", vec![3]));
+        w.apply((3, 0), 1, &changed("dora", vec![3]));
         // Node 3 died: bob's and dora's homes went with their only node; alice is still on
         // node 2, and carol's home (node 1) will say so itself.
         w.gone(&live(&[(1, 1), (2, 1)]), 50);
         w.gone(&live(&[(1, 1), (2, 1)]), 60);
         // Dora's new home says she is online (on a node this node had not heard of): no push.
-        assert!(w.apply((1, 0), &changed("dora", vec![1])).is_none());
+        assert!(w.apply((1, 0), 1, &changed("dora", vec![1])).is_none());
         assert!(w.due(50 + WATCH_GRACE_MS - 1).is_empty(), "not yet");
         let due = w.due(50 + WATCH_GRACE_MS);
         let due: Vec<_> =
             due.iter().map(|p| (p.user_id.as_str(), p.online, p.last_seen_ms)).collect();
         assert_eq!(due, [("bob", false, 50)], "once");
         assert!(w.due(u64::MAX).is_empty());
+        // A home that restarted forgot its users: suspected even though a node of theirs is
+        // live, unless the new incarnation claims them.
+        w.apply((2, 0), 1, &changed("erin", vec![1, 2]));
+        w.apply((2, 0), 1, &changed("finn", vec![1]));
+        w.gone(&live(&[(1, 1), (2, 2)]), 100);
+        assert!(w.apply((2, 0), 2, &changed("finn", vec![1])).is_none(), "claimed");
+        let due = w.due(100 + WATCH_GRACE_MS);
+        assert_eq!(due.iter().map(|p| p.user_id.as_str()).collect::<Vec<_>>(), ["erin"]);
     }
 
     #[test]
@@ -1015,6 +1109,8 @@ mod tests {
         assert!(!o.fresh(at(1, 3)), "again");
         assert!(o.fresh(at(2, 1)), "a restart starts over");
         assert!(!o.fresh(at(1, 9)), "older generation");
+        let other_shard = Origin { from: (2, 5), generation: 1, seq: 1 };
+        assert!(!o.fresh(other_shard), "older generation, from a shard never heard of");
     }
 
     #[test]

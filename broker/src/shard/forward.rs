@@ -182,8 +182,7 @@ async fn presence_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<pres
             }
             None => return,
         };
-        seq += 1;
-        let mut batch = presence::wire::Batch {
+        let new_batch = |seq: u64| presence::wire::Batch {
             node,
             generation,
             shard: u32::try_from(shard.id).unwrap_or(u32::MAX),
@@ -191,23 +190,36 @@ async fn presence_loop(shard: Rc<Shard>, to: NodeId, mut rx: mpsc::Receiver<pres
             shards: u32::try_from(shard.count).unwrap_or(u32::MAX),
             ..presence::wire::Batch::default()
         };
+        // A receiver applies a batch's changes before its online set: a change queued after a
+        // set starts the next batch, so that it is applied after the set.
+        seq += 1;
+        let mut batches = vec![new_batch(seq)];
         for item in items {
+            let Some(batch) = batches.last_mut() else { break };
             match item {
                 presence::Out::Report(r) => batch.reports.push(r),
                 presence::Out::Snapshot(snapshot) => {
                     batch.reports.clear();
                     batch.snapshot = Some(snapshot);
                 }
+                presence::Out::Changed(c) if batch.online.is_some() => {
+                    seq += 1;
+                    let mut next = new_batch(seq);
+                    next.changed.push(c);
+                    batches.push(next);
+                }
                 presence::Out::Changed(c) => batch.changed.push(c),
                 presence::Out::Online(set) => batch.online = Some(set),
             }
         }
-        let body = batch.encode_to_vec();
-        let sent = post_protobuf(&client, &addr, presence::PATH, body, Duration::from_secs(2))
-            .await
-            .is_some();
-        metrics::counter!(crate::metrics::PRESENCE_BATCHES, "outcome" => if sent { "ok" } else { "failed" })
-            .increment(1);
+        for batch in batches {
+            let body = batch.encode_to_vec();
+            let sent = post_protobuf(&client, &addr, presence::PATH, body, Duration::from_secs(2))
+                .await
+                .is_some();
+            let outcome = if sent { "ok" } else { "failed" };
+            metrics::counter!(crate::metrics::PRESENCE_BATCHES, "outcome" => outcome).increment(1);
+        }
     }
 }
 

@@ -129,7 +129,7 @@ pub struct Home {
     peers: HashMap<Arc<str>, Vec<Arc<str>>>,
     /// The reverse of `peers`: for a user, this shard's online users that have them as a
     /// direct peer (cluster: a change from another node reaches them through this).
-    followers: HashMap<Arc<str>, Vec<Arc<str>>>,
+    followers: HashMap<Arc<str>, HashSet<Arc<str>>>,
     last_seen_dirty: HashMap<Arc<str>, u64>,
     pending: HashMap<Arc<str>, HashMap<Arc<str>, Pending>>,
     push_dirty: HashSet<(Arc<str>, Arc<str>)>,
@@ -256,7 +256,9 @@ impl Home {
                     if let Some(peer) = pair.split(':').find(|p| *p != &*user) {
                         let peer: Arc<str> = Arc::from(peer);
                         peers.push(peer.clone());
-                        self.followers.entry(peer).or_default().push(user.clone());
+                        if self.cluster.is_some() {
+                            self.followers.entry(peer).or_default().insert(user.clone());
+                        }
                     }
                 }
                 let Some(sessions) = self.sessions.get(&user) else { return };
@@ -395,8 +397,10 @@ impl Home {
                     .into_iter()
                     .map(|p| Arc::from(p.as_str()))
                     .collect();
-                for p in &peers {
-                    self.followers.entry(p.clone()).or_default().push(user.clone());
+                if self.cluster.is_some() {
+                    for p in &peers {
+                        self.followers.entry(p.clone()).or_default().insert(user.clone());
+                    }
                 }
                 self.peers.insert(user.clone(), peers);
             }
@@ -434,11 +438,14 @@ impl Home {
             self.push_presence(presence(user, Some(record)), out);
         }
         self.report(user, out);
-        for p in self.peers.remove(user).unwrap_or_default() {
-            if let Some(f) = self.followers.get_mut(&p) {
-                f.retain(|u| u != user);
-                if f.is_empty() {
-                    self.followers.remove(&p);
+        let peers = self.peers.remove(user).unwrap_or_default();
+        if self.cluster.is_some() {
+            for p in peers {
+                if let Some(f) = self.followers.get_mut(&p) {
+                    f.remove(user);
+                    if f.is_empty() {
+                        self.followers.remove(&p);
+                    }
                 }
             }
         }
@@ -508,16 +515,29 @@ impl Home {
         }
     }
 
-    /// Sends every other live node the online users homed on this shard, so that a change
-    /// one of them missed is repaired (`Watch::sync`).
+    /// Periodic upkeep (every heartbeat interval): drops entries of reporters gossip never
+    /// saw live for long, and sends every other live node the online users homed on this
+    /// shard, so that a change one of them missed is repaired (`Watch::sync`); this node's
+    /// own watch is checked against the same list.
     pub fn sync(&mut self, out: &mut Outgoing) {
-        let Some(c) = &self.cluster else { return };
+        let Some(c) = &mut self.cluster else { return };
+        let now = now_ms();
+        let live = &c.live;
+        let is_home = |u: &str| live.home(u) == live.me;
+        let changes = c.agg.retain(live, is_home, is_home, now);
         let set = wire::OnlineSet {
-            users: c.agg.all_online(),
+            users: c.agg.all_online(is_home),
             live: c.live.nodes.keys().copied().collect(),
         };
         for node in c.live.others() {
             out.presence.push((node, Out::Online(set.clone())));
+        }
+        let me = (c.live.me, c.shard);
+        let generation = c.live.generation;
+        let mut pushes = c.watch.sync(me, generation, self.shards, &set, &c.live, now);
+        self.announce(changes, out);
+        for p in pushes.drain(..) {
+            self.push_presence(p, out);
         }
     }
 
@@ -534,12 +554,13 @@ impl Home {
         let before = std::mem::replace(&mut c.live, live);
         let now = now_ms();
         let live = &c.live;
-        let changes = c.agg.retain(live, |u| live.home(u) == live.me, now);
+        let was_home = |u: &str| before.home(u) == before.me;
+        let changes = c.agg.retain(live, |u| live.home(u) == live.me, was_home, now);
         let came: Vec<NodeId> = c.live.came(&before).collect();
         c.watch.gone(&c.live, now);
         if !came.is_empty() {
             let set = wire::OnlineSet {
-                users: c.agg.all_online(),
+                users: c.agg.all_online(|u| live.home(u) == live.me),
                 live: c.live.nodes.keys().copied().collect(),
             };
             for node in came {
@@ -563,10 +584,11 @@ impl Home {
         let now = now_ms();
         let mut pushes = Vec::new();
         for change in &inc.changed {
-            pushes.extend(c.watch.apply(inc.origin.from, change));
+            pushes.extend(c.watch.apply(inc.origin.from, generation, change));
         }
         if let Some(set) = &inc.online {
-            pushes.extend(c.watch.sync(inc.origin.from, inc.shards, set, &c.live, now));
+            let from = inc.origin.from;
+            pushes.extend(c.watch.sync(from, generation, inc.shards, set, &c.live, now));
         }
         if inc.snapshot.is_some() || !inc.reports.is_empty() {
             let live = &c.live;
@@ -591,6 +613,7 @@ impl Home {
     fn announce(&mut self, changes: Vec<wire::Changed>, out: &mut Outgoing) {
         let Some(c) = &mut self.cluster else { return };
         let me = (c.live.me, c.shard);
+        let generation = c.live.generation;
         let mut pushes = Vec::new();
         for change in changes {
             for node in c.live.others() {
@@ -599,7 +622,7 @@ impl Home {
             if let Some(p) = change.presence.as_ref().filter(|p| !p.online) {
                 self.last_seen_dirty.insert(Arc::from(p.user_id.as_str()), p.last_seen_ms);
             }
-            pushes.extend(c.watch.apply(me, &change));
+            pushes.extend(c.watch.apply(me, generation, &change));
         }
         for p in pushes {
             self.push_presence(p, out);

@@ -581,7 +581,8 @@ impl Shard {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_flush = tokio::time::Instant::now();
         let mut last_renew = tokio::time::Instant::now();
-        let mut view = self.cluster.as_ref().map(|c| c.gossip.borrow().clone());
+        // The gossip view last taken in (none yet: the first tick takes in the current one).
+        let mut view: Option<Arc<crate::cluster::membership::View>> = None;
         loop {
             tokio::select! {
                 () = self.cancel.cancelled() => return,
@@ -593,11 +594,11 @@ impl Shard {
                 last_flush = now;
             }
             let mut out = mailbox::Outgoing::new(self.count);
-            if let (Some(c), Some(seen)) = (&self.cluster, &mut view) {
+            if let Some(c) = &self.cluster {
                 let latest = c.gossip.borrow().clone();
-                if !Arc::ptr_eq(&latest, seen) {
+                if view.as_ref().is_none_or(|seen| !Arc::ptr_eq(&latest, seen)) {
                     let live = crate::cluster::presence::Live::of(&latest);
-                    *seen = latest;
+                    view = Some(latest);
                     self.home.borrow_mut().set_live(live, &mut out);
                 }
             }
