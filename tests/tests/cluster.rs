@@ -928,6 +928,10 @@ async fn chaos_given_random_faults_on_one_node_at_a_time_should_lose_no_acknowle
     for node in &cluster.nodes {
         let repaired = metric(node.http, "switchboard_antientropy_repaired_messages_total").await;
         assert_eq!(repaired, 0.0, "node {} repaired messages", node.http);
+        let behind =
+            metric(node.http, "switchboard_antientropy_checks_total{outcome=\"leader_behind\"}")
+                .await;
+        assert_eq!(behind, 0.0, "node {} led a partition it lacked messages of", node.http);
     }
 }
 
@@ -1280,5 +1284,11 @@ async fn given_a_replica_that_lost_committed_messages_should_restore_them_from_t
         let repaired =
             metric(cluster.nodes[i].http, "switchboard_antientropy_repaired_messages_total").await;
         assert_eq!(repaired, 0.0, "node {} had nothing to repair", i + 1);
+        let behind = metric(
+            cluster.nodes[i].http,
+            "switchboard_antientropy_checks_total{outcome=\"leader_behind\"}",
+        )
+        .await;
+        assert_eq!(behind, 0.0, "node {} as a leader lacks nothing", i + 1);
     }
 }

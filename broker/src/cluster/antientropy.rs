@@ -14,6 +14,10 @@
 //!    missing range from the leader (a leader's store holds only committed entries) and writes
 //!    those messages with their idempotency records, fsynced.
 //!
+//! A leader also compares the partitions it leads with each follower's digest, the same way;
+//! if it lacks messages a follower holds, it reports it (error log, `leader_behind`) instead of
+//! writing under its owner shard, which serves from what it loaded.
+//!
 //! Committed messages never change, so a repair write can never undo a newer write. Mutable
 //! rows (conversation, members, receipts) are not compared or repaired, and a gap below a
 //! conversation's newest seq is not detected (that would need a scan of every entry).
@@ -195,6 +199,9 @@ enum Check {
     Behind,
     /// The leader did not answer, or a repair failed.
     Failed,
+    /// (On a leader, compared with a follower.) The leader lacks committed messages the
+    /// follower holds: reported, not repaired (its owner shard serves from what it loaded).
+    LeaderBehind,
 }
 
 impl Check {
@@ -204,6 +211,7 @@ impl Check {
             Self::Repaired => "repaired",
             Self::Behind => "behind",
             Self::Failed => "failed",
+            Self::LeaderBehind => "leader_behind",
         }
     }
 }
@@ -227,7 +235,7 @@ pub struct AntiEntropy {
 impl AntiEntropy {
     /// Runs rounds until `stop`.
     pub async fn run(self, stop: Arc<Notify>) {
-        let mut cursors: HashMap<u16, String> = HashMap::new();
+        let mut cursors: HashMap<(u16, NodeId), String> = HashMap::new();
         loop {
             tokio::select! {
                 () = stop.notified() => return,
@@ -237,25 +245,30 @@ impl AntiEntropy {
         }
     }
 
-    /// One round: every partition this node follows, one digest request per leader.
-    async fn round(&self, cursors: &mut HashMap<u16, String>) {
+    /// One round, one digest request per peer: every partition this node follows, compared
+    /// with its leader (and repaired), and every partition it leads, compared with each
+    /// follower (a leader that lacks what a follower holds is reported).
+    async fn round(&self, cursors: &mut HashMap<(u16, NodeId), String>) {
         let view = self.control.borrow().clone();
-        let mut by_leader: HashMap<NodeId, Vec<u16>> = HashMap::new();
+        let mut by_peer: HashMap<NodeId, Vec<u16>> = HashMap::new();
         for (p, a) in view.machine.table.partitions.iter().enumerate() {
             let Ok(p) = u16::try_from(p) else { continue };
-            if a.leader != self.me && a.replicas.contains(&self.me) {
-                by_leader.entry(a.leader).or_default().push(p);
+            if a.leader == self.me {
+                for r in a.replicas.iter().filter(|r| **r != self.me) {
+                    by_peer.entry(*r).or_default().push(p);
+                }
+            } else if a.replicas.contains(&self.me) {
+                by_peer.entry(a.leader).or_default().push(p);
             }
         }
-        for (leader, partitions) in by_leader {
-            let addr =
-                view.machine.membership.membership().get_node(&leader).map(|n| n.addr.clone());
+        for (peer, partitions) in by_peer {
+            let addr = view.machine.membership.membership().get_node(&peer).map(|n| n.addr.clone());
             let Some(addr) = addr else { continue };
             let cursors_out = partitions
                 .iter()
                 .map(|p| wire::Cursor {
                     partition: u32::from(*p),
-                    after: cursors.get(p).cloned().unwrap_or_default(),
+                    after: cursors.get(&(*p, peer)).cloned().unwrap_or_default(),
                 })
                 .collect();
             let body = wire::DigestRequest { cursors: cursors_out }.encode_to_vec();
@@ -277,18 +290,20 @@ impl AntiEntropy {
             for d in digests.digests {
                 let Some(p) = partition_id(d.partition) else { continue };
                 match (d.more, d.heads.last()) {
-                    (true, Some(last)) => cursors.insert(p, last.conversation.clone()),
-                    _ => cursors.remove(&p),
+                    (true, Some(last)) => cursors.insert((p, peer), last.conversation.clone()),
+                    _ => cursors.remove(&(p, peer)),
                 };
-                let check = self.check(p, &d, &addr).await;
+                let leads = view.machine.table.partitions.get(usize::from(p)).map(|a| a.leader);
+                let check = self.check(p, &d, &addr, leads == Some(self.me)).await;
                 metrics::counter!(crate::metrics::ANTI_ENTROPY_CHECKS, "outcome" => check.label())
                     .increment(1);
             }
         }
     }
 
-    /// Compares one partition with the leader's digest and repairs what is missing here.
-    async fn check(&self, p: u16, digest: &wire::Digest, addr: &str) -> Check {
+    /// Compares one partition with a peer's digest, and repairs what is missing here unless
+    /// this node `leads` the partition (then a difference is reported).
+    async fn check(&self, p: u16, digest: &wire::Digest, addr: &str, leads: bool) -> Check {
         let storage = self.storage.clone();
         let names: Vec<String> = digest.heads.iter().map(|h| h.conversation.clone()).collect();
         let local = tokio::task::spawn_blocking(move || {
@@ -309,6 +324,16 @@ impl AntiEntropy {
         for (h, mine) in digest.heads.iter().zip(heads) {
             if mine >= h.seq {
                 continue;
+            }
+            if leads {
+                tracing::error!(
+                    partition = p,
+                    conversation = %h.conversation,
+                    here = mine,
+                    follower = h.seq,
+                    "anti-entropy: this leader lacks committed messages a follower holds"
+                );
+                return Check::LeaderBehind;
             }
             tracing::warn!(
                 partition = p,
