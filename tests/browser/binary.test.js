@@ -91,6 +91,13 @@ describe('binary subprotocol in a browser', () => {
         const aWelcome = fields(await a.next());
         a.ws.send(new Uint8Array([...num(1, 2), ...bytes(7, [...num(1, 1), ...str(3, bob)])]));
         const created = fields(await a.next());
+        // Bob's session is subscribed to the new conversation once its feed event arrives
+        // (the broker subscribes, then pushes the event). A message sent before that would
+        // reach him only through a sync, which this raw client does not do.
+        for (;;) {
+          const f = JSON.parse(await b.next());
+          if (f.feedEvent) break;
+        }
         a.ws.send(new Uint8Array([...num(1, 3), ...bytes(4, [
           ...str(1, conv), ...str(2, 'b1'), ...bytes(3, str(2, 'hello from a binary socket')),
         ])]));
@@ -99,7 +106,7 @@ describe('binary subprotocol in a browser', () => {
           const f = fields(await a.next());
           if (f[1] === 3n) { ack = f; break; }
         }
-        // Bob gets the feed event, then the conversation's entries (creation, message).
+        // Then the message, live.
         let message;
         for (;;) {
           const f = JSON.parse(await b.next());
