@@ -93,9 +93,7 @@ fn answer(ctx: &Ctx<'_>, request_id: u64, users: Vec<Arc<str>>, ask: Ask) {
             let asks = remote.into_iter().map(|(node, group)| shard.query_node(node, group));
             for answer in futures::future::join_all(asks).await.into_iter().flatten() {
                 for p in answer {
-                    if let Some(u) = users.iter().find(|u| ***u == *p.user_id) {
-                        known.insert(u.clone(), p);
-                    }
+                    known.insert(Arc::from(p.user_id.as_str()), p);
                 }
             }
         }
