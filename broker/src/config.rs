@@ -110,6 +110,9 @@ pub struct HttpConfig {
     /// safe: every listener on a loopback address and the generated local secret in use.
     /// Default true; it is never served otherwise.
     pub dev_tokens: bool,
+    /// Bearer token of the admin API under `/admin/` (operations on the cluster). Unset (the
+    /// default): the admin API is off and answers 404. At least 16 bytes.
+    pub admin_token: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -118,6 +121,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7401)),
             allowed_origins: Vec::new(),
             dev_tokens: true,
+            admin_token: None,
         }
     }
 }
@@ -723,6 +727,9 @@ impl Config {
             return Err(invalid("presence.typing_expires_ms", "timings must be at least 1 ms"));
         }
         let p = &self.push;
+        if self.http.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid("http.admin_token", "must be at least 16 bytes"));
+        }
         if let Some(url) = &p.webhook_url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(invalid("push.webhook_url", "must be an http:// or https:// URL"));
@@ -821,6 +828,8 @@ allowed_origins = []
 # Serve POST /dev/token for the demo page, but only while every listener is on loopback and
 # the generated local secret is in use.
 dev_tokens = {dev_tokens}
+# Bearer token of the admin API under /admin/ (cluster operations); unset: the API is off.
+# admin_token = "at least 16 bytes"
 
 [storage]
 # Database directory (also holds the generated jwt.secret).
@@ -1030,6 +1039,15 @@ mod tests {
         let mut c = Config::default();
         c.push.webhook_url = Some("http://127.0.0.1:9/hook".into());
         assert!(c.validate().unwrap_err().to_string().contains("push.secret"));
+    }
+
+    #[test]
+    fn given_a_short_admin_token_should_reject_it_naming_the_key() {
+        let mut c = Config::default();
+        c.http.admin_token = Some("short".into());
+        assert!(c.validate().unwrap_err().to_string().contains("http.admin_token"));
+        c.http.admin_token = Some("a-long-enough-admin-token".into());
+        assert!(c.validate().is_ok());
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub const PRESENCE_BATCHES: &str = "switchboard_presence_batches_total";
 /// Presence reports or changes dropped because a node's queue was full.
 pub const PRESENCE_DROPPED: &str = "switchboard_presence_dropped_total";
 
+/// Admin API requests refused for a missing or wrong token.
+pub const ADMIN_UNAUTHORIZED: &str = "switchboard_admin_unauthorized_total";
+
 /// How often the recorder's histogram samples are folded into their buckets.
 pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -99,6 +102,10 @@ pub fn install() -> Option<PrometheusHandle> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).ok()?;
     metrics::describe_gauge!(CONNECTIONS, "Open client connections by transport.");
+    metrics::describe_counter!(
+        ADMIN_UNAUTHORIZED,
+        "Admin API requests refused for a missing or wrong token."
+    );
     metrics::describe_counter!(FRAMES_IN, "Client frames decoded, by transport.");
     metrics::describe_counter!(FRAMES_OUT, "Server frames written, by transport.");
     metrics::describe_counter!(MESSAGES_STORED, "User messages made durable.");

@@ -1011,10 +1011,29 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// # Panics
 /// When the request cannot be made.
 pub async fn http_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_request_with(addr, method, path, &[], body).await
+}
+
+/// [`http_request`] with extra headers (`("Authorization", "Bearer …")`).
+///
+/// # Panics
+/// When the request cannot be made.
+pub async fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use std::fmt::Write as _;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.expect("connect");
+    let extra = headers.iter().fold(String::new(), |mut h, (k, v)| {
+        let _ = write!(h, "{k}: {v}\r\n");
+        h
+    });
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.expect("write");

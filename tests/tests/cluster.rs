@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, HashMap};
 
 use switchboard_broker::cluster::placement::Placement;
 use switchboard_protocol::{ClientFrame, ConversationKind, client_frame, server_frame};
-use switchboard_tests::{Broker, Cluster, Options, RawConn, WAIT, eventually, http_get, member};
+use switchboard_tests::{
+    Broker, Cluster, Options, RawConn, WAIT, eventually, http_get, http_request_with, member,
+};
 
 fn fast_gossip() -> Options {
     // Fast rounds so failure detection takes a second or two, not tens of seconds.
@@ -1290,5 +1292,134 @@ async fn given_a_replica_that_lost_committed_messages_should_restore_them_from_t
         )
         .await;
         assert_eq!(behind, 0.0, "node {} as a leader lacks nothing", i + 1);
+    }
+}
+
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// `POST /admin/cluster/nodes/{node}/remove` through node `via`'s HTTP port.
+async fn admin_remove(
+    cluster: &Cluster,
+    via: usize,
+    node: u64,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer.iter().map(|b| ("Authorization", b.as_str())).collect();
+    let path = format!("/admin/cluster/nodes/{node}/remove");
+    let (status, body) =
+        http_request_with(cluster.nodes[via].http, "POST", &path, &headers, "").await;
+    (status, serde_json::from_str(&body).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn given_a_dead_node_when_an_operator_removes_it_should_move_its_copies_to_the_others_and_keep_it_out()
+ {
+    let mut opts = fast_gossip();
+    opts.args.extend(["--set".into(), format!("http.admin_token={ADMIN_TOKEN}")]);
+    let mut cluster = Cluster::start(3, &opts);
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    // Three nodes for three replicas: removing one is refused (add a node first).
+    let (status, body) = admin_remove(&cluster, 0, 3, Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 409, "{body}");
+
+    cluster.add_node(&opts);
+    let four = Placement::uniform([1, 2, 3, 4], 3).expect("placement");
+    wait_table(&cluster, 0, "partitions settled over four nodes", |p| {
+        p.len() == 1024 && p.iter().zip(four.iter()).all(|(a, (_, want))| settled_on(a, want))
+    })
+    .await;
+    wait_all_serving(&cluster, &[0, 1, 2, 3]).await;
+    // A conversation with a copy on node 3, the node that will die.
+    let conv = (0..)
+        .map(|n| format!("room-{n}"))
+        .find(|c| {
+            let p = switchboard_broker::shard::partition(c);
+            four.iter().any(|(q, want)| q == p && want.contains(&3))
+        })
+        .expect("a conversation on node 3");
+    let (mut c, _) = cluster.nodes[0].raw_as("alice").await;
+    create_group(&mut c, &conv).await;
+    drop(c);
+    let mut acks = HashMap::new();
+    send_until_acked(&cluster, &[0, 1, 3], &conv, keys("before", 0..40), &mut acks).await;
+
+    cluster.nodes[2].kill();
+    // Without the right token nothing happens; an unknown node is refused.
+    assert_eq!(admin_remove(&cluster, 0, 3, None).await.0, 401);
+    assert_eq!(admin_remove(&cluster, 1, 3, Some("wrong-token-wrong-token")).await.0, 401);
+    assert_eq!(admin_remove(&cluster, 0, 99, Some(ADMIN_TOKEN)).await.0, 404);
+    // The control leader may have been node 3: retried until a new one commits the removal.
+    let state = eventually("the removal accepted", || async {
+        match admin_remove(&cluster, 1, 3, Some(ADMIN_TOKEN)).await {
+            (202, v) => Ok(v),
+            (status, v) => Err(format!("{status} {v}")),
+        }
+    })
+    .await;
+    assert_eq!(state["node"], 3, "{state}");
+    send_until_acked(&cluster, &[0, 1, 3], &conv, keys("during", 0..40), &mut acks).await;
+
+    // Every copy moves to the three others, through joint epochs; then node 3 leaves Raft.
+    let three = Placement::uniform([1, 2, 4], 3).expect("placement");
+    wait_table(&cluster, 0, "every copy moved off node 3", |p| {
+        p.len() == 1024 && p.iter().zip(three.iter()).all(|(a, (_, want))| settled_on(a, want))
+    })
+    .await;
+    wait_all_serving(&cluster, &[0, 1, 3]).await;
+    cluster
+        .wait_view(0, "node 3 out of the control plane", |v| {
+            v["control"]["voters"] == serde_json::json!([1, 2, 4])
+                && v["control"]["learners"] == serde_json::json!([])
+                && v["control"]["removed"] == serde_json::json!([3])
+        })
+        .await;
+    let state = eventually("the removal finished", || async {
+        match admin_remove(&cluster, 3, 3, Some(ADMIN_TOKEN)).await {
+            (202, v) if v["state"] == "removed" => Ok(v),
+            (status, v) => Err(format!("{status} {v}")),
+        }
+    })
+    .await;
+    assert_eq!(state["copies"], 0);
+    // No acknowledged message was lost, on any remaining replica.
+    let expected = history(&acks);
+    for i in [0, 1, 3] {
+        wait_log(&cluster, i, &conv, &expected).await;
+    }
+
+    // Node 3 comes back with its old data: it learns from gossip that it was removed, is not
+    // ready, refuses clients, and is not added back.
+    cluster.nodes[2].restart();
+    let http = cluster.nodes[2].http;
+    eventually("node 3 to report its removal", || async {
+        match http_get(http, "/readyz").await {
+            (503, body) if body.contains("removed") => Ok(()),
+            (status, body) => Err(format!("{status} {body}")),
+        }
+    })
+    .await;
+    let mut raw = RawConn::connect(cluster.nodes[2].addr).await;
+    let token = cluster.nodes[2].token("alice");
+    raw.send(ClientFrame::request(1, switchboard_tests::hello(&token))).await;
+    match raw.recv().await.and_then(|f| f.kind) {
+        Some(server_frame::Kind::Error(e)) => {
+            assert_eq!(e.code, switchboard_protocol::ErrorCode::Unavailable as i32, "{e:?}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    cluster
+        .wait_view(0, "node 3 seen as not live", |v| {
+            member(v, 3).is_some_and(|m| m["live"] == false && m["leaving"] == true)
+        })
+        .await;
+    // A few planning rounds later it is still out, and everything is still served.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let view = cluster.wait_view(0, "a control leader", |v| v["control"]["leader"].is_u64()).await;
+    assert_eq!(view["control"]["voters"], serde_json::json!([1, 2, 4]), "{view:#}");
+    send_until_acked(&cluster, &[0, 1, 3], &conv, keys("after", 0..10), &mut acks).await;
+    let expected = history(&acks);
+    for i in [0, 1, 3] {
+        wait_log(&cluster, i, &conv, &expected).await;
     }
 }

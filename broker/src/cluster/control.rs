@@ -66,6 +66,11 @@ pub struct Assignment {
 pub struct Table {
     /// Indexed by partition.
     pub partitions: Vec<Assignment>,
+    /// Nodes an operator removed ([`Command::Remove`]): placement leaves them out, so their
+    /// copies move to the other nodes through joint epochs; once they hold none they leave
+    /// the Raft group. A removed id never rejoins.
+    #[serde(default)]
+    pub removed: BTreeSet<NodeId>,
 }
 
 /// A leader change of one partition.
@@ -104,6 +109,12 @@ pub enum Command {
     Settle {
         /// `(partition, epoch)` pairs.
         settled: Vec<(PartitionId, u64)>,
+    },
+    /// Removes a node from the cluster for good (an operator's decision: gossip never makes
+    /// it). Void when it is already removed.
+    Remove {
+        /// The node.
+        node: NodeId,
     },
 }
 
@@ -151,6 +162,11 @@ impl Table {
                     changed += 1;
                 }
             }
+            Command::Remove { node } => {
+                if self.removed.insert(*node) {
+                    tracing::info!(node, "node removed from the partition table's placement");
+                }
+            }
             Command::Settle { settled } => {
                 for &(p, epoch) in settled {
                     if let Some(a) = self.partitions.get_mut(usize::from(p))
@@ -164,6 +180,21 @@ impl Table {
             }
         }
         Applied { changed }
+    }
+
+    /// Copies `node` holds or is still counted for (in a replica set, or in the previous
+    /// set of a move in progress).
+    #[must_use]
+    pub fn copies(&self, node: NodeId) -> usize {
+        self.partitions
+            .iter()
+            .filter(|a| a.replicas.contains(&node) || a.previous.contains(&node))
+            .count()
+    }
+
+    /// Removed nodes that hold no copy any more (they can leave the Raft group).
+    pub fn drained(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.removed.iter().copied().filter(|&n| self.copies(n) == 0)
     }
 
     /// Partitions led by each node.
@@ -435,7 +466,15 @@ impl ControlPlane {
                 };
                 let _ = started_tx.send(Ok(()));
                 let peers_storage = storage.clone();
-                let peers = Peers { raft: raft.clone(), inbox, settle: settle_tx, shards, storage };
+                let peers = Peers {
+                    raft: raft.clone(),
+                    inbox,
+                    settle: settle_tx,
+                    shards,
+                    storage,
+                    machine: machine.clone(),
+                    replication: settings.replication,
+                };
                 let server = tokio::spawn(serve_peers(peers, listener));
                 let engine_stop = Arc::new(Notify::new());
                 let data = tokio::spawn(engine.run(engine_table, engine_stop.clone()));
@@ -535,6 +574,7 @@ async fn run(
     let mut last_leader = None;
     let mut suspicion = Suspicion::default();
     let mut cached: Option<(BTreeSet<NodeId>, Placement)> = None;
+    let mut retired = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
@@ -560,6 +600,10 @@ async fn run(
             // Tells bootstrapping nodes that a control plane exists here.
             announce.set(super::membership::CONTROL_KEY, "member");
         }
+        // Tells every node (a removed one that was down when it was removed included) which
+        // removed nodes are gone for good.
+        let drained: Vec<String> = table.table.drained().map(|n| n.to_string()).collect();
+        announce.set(super::membership::REMOVED_KEY, &drained.join(","));
         if m.current_leader != last_leader {
             last_leader = m.current_leader;
             metrics::counter!(crate::metrics::CLUSTER_LEADER_CHANGES).increment(1);
@@ -575,6 +619,15 @@ async fn run(
             machine: table.clone(),
         }));
         let view = gossip.borrow().clone();
+        if view.self_removed() && !retired {
+            retired = true;
+            announce.set(super::membership::RETIRED_KEY, "true");
+            tracing::error!(
+                node = settings.node,
+                "this node was removed from the cluster: it serves nothing; stop it (a removed \
+                 node id never rejoins: start a new node with an empty data directory instead)"
+            );
+        }
         let live: BTreeMap<NodeId, u64> =
             view.members.iter().filter(|m| m.live).map(|m| (m.id, m.generation)).collect();
         let down = suspicion.down(&view, tokio::time::Instant::now());
@@ -584,16 +637,20 @@ async fn run(
             if known.is_empty() && m.last_log_index.is_none() {
                 bootstrap(raft, settings, &view).await;
             } else if m.current_leader == Some(settings.node) {
-                if join(raft, &view, &known, &voters).await {
+                let t = &table.table;
+                if join(raft, &view, &known, &voters, &t.removed).await
+                    || retire(raft, t, &known, &voters).await
+                {
                     return;
                 }
                 let min_voters = settings.bootstrap_expect.min(settings.replication);
-                let (r, t) = (settings.replication, &table.table);
-                let fresh = cached.as_ref().is_none_or(|(v, _)| *v != voters);
+                // Removed nodes are left out of the placement: their copies move away.
+                let members: BTreeSet<NodeId> = voters.difference(&t.removed).copied().collect();
+                let fresh = cached.as_ref().is_none_or(|(v, _)| *v != members);
                 if fresh {
-                    cached = Placement::uniform(voters.iter().copied(), r)
+                    cached = Placement::uniform(members.iter().copied(), settings.replication)
                         .ok()
-                        .map(|p| (voters.clone(), p));
+                        .map(|p| (members, p));
                 }
                 let Some((_, placement)) = &cached else { return };
                 if let Some(cmd) = plan(t, placement, &live, &down, min_voters) {
@@ -694,17 +751,18 @@ async fn bootstrap(raft: &Raft, settings: &Settings, view: &View) {
 }
 
 /// Adds one live node that Raft does not know yet: learner first, then voter. Returns whether
-/// it tried (one change at a time).
+/// it tried (one change at a time). Removed nodes are never added back.
 async fn join(
     raft: &Raft,
     view: &View,
     known: &BTreeSet<NodeId>,
     voters: &BTreeSet<NodeId>,
+    removed: &BTreeSet<NodeId>,
 ) -> bool {
+    let candidates = || view.members.iter().filter(|m| m.live && !removed.contains(&m.id));
     // A live learner whose promotion failed earlier (timeout, leader change) is promoted now.
-    let stuck =
-        view.members.iter().find(|m| m.live && known.contains(&m.id) && !voters.contains(&m.id));
-    let new = view.members.iter().find(|m| m.live && !known.contains(&m.id));
+    let stuck = candidates().find(|m| known.contains(&m.id) && !voters.contains(&m.id));
+    let new = candidates().find(|m| !known.contains(&m.id));
     let Some(new) = stuck.or(new) else {
         return false;
     };
@@ -723,6 +781,34 @@ async fn join(
     true
 }
 
+/// Takes one removed node that holds no copy any more out of the Raft group (a voter, or a
+/// learner that never became one). Returns whether it tried (one change at a time).
+async fn retire(
+    raft: &Raft,
+    table: &Table,
+    known: &BTreeSet<NodeId>,
+    voters: &BTreeSet<NodeId>,
+) -> bool {
+    let Some(node) = table.drained().find(|n| known.contains(n)) else {
+        return false;
+    };
+    // The last voter stays: the removal request refuses to remove it, but a table from
+    // older code could still ask for it.
+    if voters.len() == 1 && voters.contains(&node) {
+        return false;
+    }
+    tracing::info!(node, "removing a drained node from the control plane");
+    let change = if voters.contains(&node) {
+        ChangeMembers::RemoveVoters(BTreeSet::from([node]))
+    } else {
+        ChangeMembers::RemoveNodes(BTreeSet::from([node]))
+    };
+    if let Err(e) = raft.change_membership(change, false).await {
+        tracing::warn!(node, error = %e, "cannot remove the node from the control plane");
+    }
+    true
+}
+
 async fn propose(raft: &Raft, cmd: Command) {
     let what = match &cmd {
         Command::Place { partitions } => format!("place {} partitions", partitions.len()),
@@ -731,6 +817,7 @@ async fn propose(raft: &Raft, cmd: Command) {
             format!("new epochs for {} partitions ({moves} moving)", changes.len())
         }
         Command::Settle { settled } => format!("settle {} moved partitions", settled.len()),
+        Command::Remove { node } => format!("remove node {node}"),
     };
     match raft.client_write(cmd).await {
         Ok(r) => {
@@ -757,6 +844,78 @@ struct Peers {
     shards: Vec<tokio::sync::mpsc::Sender<crate::shard::ShardMsg>>,
     /// The message store (last-seen times for presence queries).
     storage: Option<Arc<crate::storage::Storage>>,
+    /// The committed partition table (for removal requests).
+    machine: watch::Receiver<Arc<Machine>>,
+    /// `cluster.replication`.
+    replication: usize,
+}
+
+/// Peer path where a node hands an operator's removal request to the control leader.
+pub const REMOVE_PATH: &str = "/control/remove";
+
+/// A removal request ([`REMOVE_PATH`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RemoveRequest {
+    /// The node to remove.
+    pub node: NodeId,
+}
+
+/// Serves a removal request on the control leader: validates it against the current voters
+/// and proposes [`Command::Remove`]. Answers JSON: `202` with the node's state, `404` for a
+/// node the cluster does not know, `409` when too few nodes would remain, `421` with the
+/// leader's id when this node does not lead the control plane, `503` when the change could
+/// not be committed.
+async fn remove_node(peers: &Peers, body: &[u8]) -> Response<Body> {
+    let reply = |status, v: serde_json::Value| json(status, v.to_string().into_bytes());
+    let Ok(RemoveRequest { node }) = serde_json::from_slice(body) else {
+        return reply(StatusCode::BAD_REQUEST, serde_json::json!({"error": "bad request"}));
+    };
+    let m = peers.raft.metrics().borrow().clone();
+    if m.current_leader != Some(m.id) {
+        return reply(
+            StatusCode::MISDIRECTED_REQUEST,
+            serde_json::json!({"error": "not the control leader", "leader": m.current_leader}),
+        );
+    }
+    let table = peers.machine.borrow().clone();
+    let membership = m.membership_config.membership();
+    let known = membership.nodes().any(|(id, _)| *id == node);
+    // `removing` while it holds copies or is still in the Raft group, then `removed`.
+    let state = |t: &Table| {
+        let copies = t.copies(node);
+        let state = if copies == 0 && !known { "removed" } else { "removing" };
+        serde_json::json!({"node": node, "state": state, "copies": copies})
+    };
+    if table.table.removed.contains(&node) {
+        return reply(StatusCode::ACCEPTED, state(&table.table));
+    }
+    if !known && table.table.copies(node) == 0 {
+        return reply(StatusCode::NOT_FOUND, serde_json::json!({"error": "unknown node"}));
+    }
+    let remaining =
+        membership.voter_ids().filter(|v| *v != node && !table.table.removed.contains(v)).count();
+    if remaining < peers.replication {
+        let error = format!(
+            "removing node {node} would leave {remaining} nodes for {} replicas: add a node first",
+            peers.replication
+        );
+        return reply(StatusCode::CONFLICT, serde_json::json!({"error": error}));
+    }
+    let write = peers.raft.client_write(Command::Remove { node });
+    match tokio::time::timeout(RAFT_OP_TIMEOUT, write).await {
+        Ok(Ok(_)) => {
+            tracing::info!(node, "node removal committed; its copies move away");
+            let table = peers.machine.borrow().clone();
+            reply(StatusCode::ACCEPTED, state(&table.table))
+        }
+        Ok(Err(e)) => {
+            reply(StatusCode::SERVICE_UNAVAILABLE, serde_json::json!({"error": e.to_string()}))
+        }
+        Err(_) => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            serde_json::json!({"error": "the control plane did not commit in time (no quorum?)"}),
+        ),
+    }
 }
 
 async fn serve_peers(peers: Peers, listener: tokio::net::TcpListener) {
@@ -804,6 +963,7 @@ async fn peer_request(peers: &Peers, req: Request<hyper::body::Incoming>) -> Res
                 Err(_) => json(StatusCode::BAD_REQUEST, Vec::new()),
             };
         }
+        REMOVE_PATH => return remove_node(peers, &body).await,
         super::dataplane::DELIVER_PATH => {
             return if super::dataplane::serve_pushes(&peers.shards, &body) {
                 json(StatusCode::NO_CONTENT, Vec::new())
@@ -998,7 +1158,13 @@ mod tests {
             leaving: false,
             control: true,
         };
-        let view = |members| View { self_id: 1, generation: 1, seeded: false, members };
+        let view = |members| View {
+            self_id: 1,
+            generation: 1,
+            seeded: false,
+            members,
+            removed: BTreeSet::new(),
+        };
         let t0 = tokio::time::Instant::now();
         let mut s = Suspicion::default();
         assert_eq!(s.down(&view(vec![member(1, true), member(2, false)]), t0), set(&[]));
@@ -1024,13 +1190,7 @@ mod tests {
             let Command::Lead { changes } = &cmd else { panic!("expected moves: {cmd:?}") };
             assert!(changes.len() <= MAX_MOVING);
             t.apply(&cmd);
-            let moving: Vec<(PartitionId, u64)> = t
-                .partitions
-                .iter()
-                .enumerate()
-                .filter(|(_, a)| !a.previous.is_empty())
-                .map(|(p, a)| (PartitionId::try_from(p).unwrap(), a.epoch))
-                .collect();
+            let moving = moving(&t);
             assert!(moving.len() <= MAX_MOVING);
             for &(p, _) in &moving {
                 let a = &t.partitions[usize::from(p)];
@@ -1073,6 +1233,49 @@ mod tests {
         assert_eq!(t.apply(&Command::Settle { settled: vec![(0, 2)] }).changed, 1);
         assert!(t.partitions[0].previous.is_empty());
         assert_eq!(t.apply(&mv(3, vec![4, 4, 2])).changed, 0, "duplicate replica");
+    }
+
+    /// `(partition, epoch)` of every move in progress.
+    fn moving(t: &Table) -> Vec<(PartitionId, u64)> {
+        t.partitions
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| !a.previous.is_empty())
+            .map(|(p, a)| (PartitionId::try_from(p).unwrap(), a.epoch))
+            .collect()
+    }
+
+    /// Plans and applies until nothing is left to do, settling every move at once.
+    fn converge(t: &mut Table, members: &BTreeSet<NodeId>, live: &BTreeMap<NodeId, u64>) {
+        let down: BTreeSet<NodeId> =
+            t.partitions.iter().map(|a| a.leader).filter(|n| !live.contains_key(n)).collect();
+        for _ in 0..100 {
+            let Some(cmd) = plan3(t, members, live, &down, 3) else { return };
+            t.apply(&cmd);
+            t.apply(&Command::Settle { settled: moving(t) });
+        }
+        panic!("does not converge");
+    }
+
+    #[test]
+    fn given_a_removed_node_dead_or_alive_should_move_every_copy_off_it_then_call_it_drained() {
+        for alive in [true, false] {
+            let mut t = placed(&[1, 2, 3, 4]);
+            assert!(t.copies(4) > 0);
+            t.apply(&Command::Remove { node: 4 });
+            assert_eq!(t.apply(&Command::Remove { node: 4 }).changed, 0, "idempotent");
+            assert_eq!(t.drained().count(), 0, "it still holds copies");
+            let up = if alive { live(&[1, 2, 3, 4]) } else { live(&[1, 2, 3]) };
+            converge(&mut t, &set(&[1, 2, 3]), &up);
+            assert_eq!(t.copies(4), 0, "alive {alive}");
+            assert_eq!(t.drained().collect::<Vec<_>>(), vec![4]);
+            let want = Placement::uniform([1, 2, 3], 3).unwrap();
+            for (p, set) in want.iter() {
+                let a = &t.partitions[usize::from(p)];
+                assert!(same_nodes(&a.replicas, set), "partition {p}: {a:?}");
+                assert_ne!(a.leader, 4);
+            }
+        }
     }
 
     #[test]

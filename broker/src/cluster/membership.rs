@@ -12,7 +12,7 @@
 //! previous incarnation disappears from the view the moment its new generation is heard of,
 //! without waiting for the failure detector.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -38,6 +38,14 @@ mod key {
 
 /// Gossip key set to `member` once the node belongs to a control plane (Raft group).
 pub const CONTROL_KEY: &str = "control";
+
+/// Gossip key: the nodes an operator removed whose copies have all moved away, as the
+/// publishing node's partition table has them (comma-separated ids).
+pub const REMOVED_KEY: &str = "removed";
+
+/// Gossip key set to `true` by a node that learned it was removed: it serves nothing and
+/// peers stop counting it live, like a node that is leaving.
+pub const RETIRED_KEY: &str = "retired";
 
 /// Publishes extra gossip keys about this node (applied on the next gossip round).
 #[derive(Debug, Clone)]
@@ -172,7 +180,7 @@ pub struct Member {
     pub load: u64,
     /// Whether the failure detector deems it alive and it has not announced that it is leaving.
     pub live: bool,
-    /// It announced a graceful shutdown.
+    /// It announced a graceful shutdown, or that it was removed from the cluster.
     pub leaving: bool,
     /// It belongs to a control plane.
     pub control: bool,
@@ -189,6 +197,8 @@ pub struct View {
     pub seeded: bool,
     /// Every known node, this one included, by id.
     pub members: Vec<Member>,
+    /// Nodes removed from the cluster (their copies moved away), as live members announce.
+    pub removed: BTreeSet<NodeId>,
 }
 
 impl View {
@@ -204,6 +214,13 @@ impl View {
     pub fn joined(&self) -> bool {
         !self.seeded || self.members.iter().any(|m| m.live && m.id != self.self_id)
     }
+
+    /// Whether this node was removed from the cluster (by an operator, through the control
+    /// plane): a removed node id never serves or rejoins.
+    #[must_use]
+    pub fn self_removed(&self) -> bool {
+        self.removed.contains(&self.self_id)
+    }
 }
 
 /// Folds gossip state into a [`View`]: node ids that do not parse are ignored (another
@@ -215,12 +232,19 @@ fn fold<'a>(
     live: &[&ChitchatId],
 ) -> View {
     let mut by_id: BTreeMap<NodeId, Member> = BTreeMap::new();
+    let mut removed = BTreeSet::new();
     for (cid, state) in nodes {
+        if live.contains(&cid)
+            && let Some(list) = state.get(REMOVED_KEY)
+        {
+            removed.extend(list.split(',').filter_map(|id| id.parse::<NodeId>().ok()));
+        }
         let Ok(id) = cid.node_id.parse::<NodeId>() else { continue };
         if by_id.get(&id).is_some_and(|m| m.generation >= cid.generation_id) {
             continue;
         }
-        let leaving = state.get(key::STATE) == Some(LEAVING);
+        let leaving =
+            state.get(key::STATE) == Some(LEAVING) || state.get(RETIRED_KEY) == Some("true");
         let member = Member {
             id,
             generation: cid.generation_id,
@@ -240,6 +264,7 @@ fn fold<'a>(
         generation: me.generation_id,
         seeded,
         members: by_id.into_values().collect(),
+        removed,
     }
 }
 

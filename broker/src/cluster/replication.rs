@@ -1355,7 +1355,7 @@ mod tests {
             previous: Vec::new(),
         };
         let machine = Machine {
-            table: Table { partitions: vec![elsewhere; PARTITION_COUNT] },
+            table: Table { partitions: vec![elsewhere; PARTITION_COUNT], ..Table::default() },
             ..Machine::default()
         };
         engine.follow(&machine, &mut Vec::new());

@@ -9,6 +9,7 @@
 //! | `GET /cluster` | the gossip view as JSON (404 when clustering is off) |
 //! | `GET /metrics` | Prometheus text format |
 //! | `POST /dev/token` | a development token for `{"user": …}`, only when safe (see config) |
+//! | `/admin/…` | the admin API, off unless `http.admin_token` is set ([`super::admin`]) |
 //! | `GET /`, `/app.js`, … | the demo chat page and the browser client ([`super::assets`]) |
 
 use std::convert::Infallible;
@@ -114,6 +115,7 @@ async fn route(shard: &Rc<Shard>, peer: SocketAddr, req: Request<Incoming>) -> R
             respond(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", body)
         }
         (&Method::POST, "/dev/token") => dev_token(shard, req).await,
+        (_, p) if p.starts_with("/admin/") => super::admin::route(shard, req).await,
         (&Method::GET | &Method::HEAD, _) => match assets::get(&path) {
             Some((content_type, body)) => {
                 respond(StatusCode::OK, content_type, Bytes::from_static(body))
@@ -126,6 +128,9 @@ async fn route(shard: &Rc<Shard>, peer: SocketAddr, req: Request<Incoming>) -> R
 
 /// Why a clustered node is not ready, if it is not.
 fn not_ready(c: &crate::shard::ClusterView) -> Option<&'static str> {
+    if c.gossip.borrow().self_removed() {
+        return Some("removed from the cluster: this node serves nothing; stop it\n");
+    }
     if !c.gossip.borrow().joined() {
         return Some("not joined: no peer reachable through the seeds\n");
     }
@@ -159,6 +164,7 @@ fn cluster_json(c: &crate::shard::ClusterView, table: bool) -> Vec<u8> {
             "partitions": partitions.len(),
             "max_epoch": partitions.iter().map(|a| a.epoch).max().unwrap_or(0),
             "led": led,
+            "removed": control.machine.table.removed,
         });
         view["replication"] = serde_json::to_value(&*c.replication.borrow()).unwrap_or_default();
         view

@@ -129,7 +129,7 @@ impl Shard {
     }
 
     /// This shard's HTTP client for peers (one connection pool for every target).
-    fn peer_client(&self) -> Option<reqwest::Client> {
+    pub(crate) fn peer_client(&self) -> Option<reqwest::Client> {
         if let Some(c) = self.peer_client.get() {
             return Some(c.clone());
         }

@@ -1570,6 +1570,7 @@ mod tests {
             generation: 1,
             seeded: false,
             members: Vec::new(),
+            removed: std::collections::BTreeSet::new(),
         };
         let gossip = tokio::sync::watch::channel(Arc::new(view)).1;
         let owner = Owner::new(0, 1, storage, &config, Some(Routed { partitions, gossip }));

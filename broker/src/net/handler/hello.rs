@@ -73,6 +73,15 @@ pub async fn handshake(
         );
         return None;
     }
+    if shard.cluster.as_ref().is_some_and(|c| c.gossip.borrow().self_removed()) {
+        session.fail(
+            request_id,
+            ErrorCode::Unavailable,
+            "this node was removed from the cluster: connect to another node",
+            DisconnectReason::Shutdown,
+        );
+        return None;
+    }
     let user: Arc<str> = match shard.auth.verify(&hello.token) {
         Ok(user) => Arc::from(user),
         Err(e) => {
