@@ -333,6 +333,46 @@ async fn given_a_fourth_node_joins_should_move_partitions_onto_it_through_joint_
         })
         .await;
     }
+
+    // A conversation node 4 holds no copy of is still written and read through node 4: its
+    // reads go to the partition's leader.
+    let conv = (0..)
+        .map(|n| format!("room-{n}"))
+        .find(|c| {
+            let a = &moved[usize::from(switchboard_broker::shard::partition(c))];
+            !a["replicas"].as_array().is_some_and(|r| r.contains(&4.into()))
+        })
+        .expect("a conversation outside node 4");
+    let (mut c, _) = cluster.nodes[3].raw_as("alice").await;
+    create_group(&mut c, &conv).await;
+    let mut acks = HashMap::new();
+    send_until_acked(&cluster, &[3], &conv, keys("via-4", 0..20), &mut acks).await;
+    wait_log(&cluster, 3, &conv, &history(&acks)).await;
+    let list =
+        switchboard_protocol::ListMembers { conversation_id: conv.clone(), ..Default::default() };
+    match c.request(client_frame::Kind::ListMembers(list)).await {
+        server_frame::Kind::Members(m) => {
+            let users: Vec<&str> = m.members.iter().map(|m| m.user_id.as_str()).collect();
+            assert_eq!(users, ["alice", "bob"]);
+        }
+        other => panic!("{other:?}"),
+    }
+    let receipts =
+        switchboard_protocol::GetReceipts { conversation_id: conv.clone(), ..Default::default() };
+    match c.request(client_frame::Kind::GetReceipts(receipts)).await {
+        server_frame::Kind::Receipts(r) => assert_eq!(r.receipts.len(), 2, "{r:?}"),
+        other => panic!("{other:?}"),
+    }
+    // A non-member reading through node 4 is refused like anywhere else.
+    let (mut eve, _) = cluster.nodes[3].raw_as("eve").await;
+    let history =
+        switchboard_protocol::History { conversation_id: conv.clone(), ..Default::default() };
+    match eve.request(client_frame::Kind::History(history)).await {
+        server_frame::Kind::Error(e) => {
+            assert_eq!(e.code, switchboard_protocol::ErrorCode::NotFound as i32, "{e:?}");
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]

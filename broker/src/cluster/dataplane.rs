@@ -110,7 +110,7 @@ pub async fn serve_forwarded(shards: &[mpsc::Sender<ShardMsg>], body: &[u8]) -> 
     let mut waiting = Vec::with_capacity(batch.requests.len());
     for f in batch.requests {
         let decoded = ClientFrame::decode(f.frame).ok().and_then(|frame| {
-            let op = crate::shard::OwnerOp::from_kind(frame.kind?, &f.conversation_id)?;
+            let op = crate::shard::mailbox::Remote::from_kind(frame.kind?, &f.conversation_id)?;
             Some((frame.request_id, op))
         });
         let Some((request_id, op)) = decoded else {

@@ -41,7 +41,73 @@ async fn next_batch<T>(rx: &mut mpsc::Receiver<T>) -> Option<Vec<T>> {
     Some(batch)
 }
 
+/// Where a read of one conversation is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadAt {
+    /// Here: clustering is off, or this node holds a readable copy of the partition.
+    Here,
+    /// On this node, the partition's leader.
+    Node(NodeId),
+    /// Nowhere right now (no leader known, or this node is taking the partition over).
+    Nowhere,
+}
+
 impl Shard {
+    /// Where reads of partition `p` are served. A node reads its own copy when it serves the
+    /// partition (it leads and applied everything) or belongs to its replica set, except as
+    /// a newcomer of a move in progress (its copy is still being filled); other reads go to
+    /// the leader the committed table names.
+    pub(crate) fn read_at(&self, p: u16) -> ReadAt {
+        let Some(cluster) = &self.cluster else { return ReadAt::Here };
+        if cluster.routing.partitions.serving(p).is_some() {
+            return ReadAt::Here;
+        }
+        let me = cluster.gossip.borrow().self_id;
+        let control = cluster.control.borrow();
+        let Some(a) = control.machine.table.partitions.get(usize::from(p)) else {
+            return ReadAt::Here; // not placed yet: nothing is anywhere else either
+        };
+        if a.replicas.contains(&me) && (a.previous.is_empty() || a.previous.contains(&me)) {
+            ReadAt::Here
+        } else if a.leader == me {
+            ReadAt::Nowhere
+        } else {
+            ReadAt::Node(a.leader)
+        }
+    }
+
+    /// Serves a read another node forwarded (it holds no copy of the partition) from this
+    /// node's store; one that this node cannot serve either (the partition moved) is answered
+    /// `UNAVAILABLE`, and the client retries.
+    pub(crate) fn serve_forwarded_read(
+        &self,
+        user: Arc<str>,
+        request_id: u64,
+        op: super::mailbox::ReadOp,
+        reply: tokio::sync::oneshot::Sender<SharedFrame>,
+    ) {
+        if self.read_at(super::partition(op.conversation())) != ReadAt::Here {
+            let _ = reply.send(Encoded::of(&super::error_frame(
+                request_id,
+                ErrorCode::Unavailable,
+                "this node no longer holds the conversation; retry",
+            )));
+            return;
+        }
+        let storage = self.storage.clone();
+        let limits = self.config.limits.clone();
+        tokio::task::spawn_local(async move {
+            let read =
+                tokio::task::spawn_blocking(move || op.run(&storage.reader(), &user, &limits));
+            let frame = match read.await {
+                Ok(Ok(kind)) => ServerFrame::reply(request_id, kind),
+                Ok(Err(r)) => super::error_frame(request_id, r.code, r.message),
+                Err(_) => super::error_frame(request_id, ErrorCode::Internal, "internal error"),
+            };
+            let _ = reply.send(Encoded::of(&frame));
+        });
+    }
+
     /// Queues a request for the node that leads its conversation.
     pub(crate) fn forward(self: &Rc<Self>, to: NodeId, f: Forward) {
         let mut queues = self.forwards.borrow_mut();

@@ -50,6 +50,70 @@ pub enum ShardMsg {
     Exit,
 }
 
+/// A read of one conversation, served from the store of a node that holds a copy of its
+/// partition (in a cluster, another node when this one holds none).
+#[derive(Debug)]
+pub enum ReadOp {
+    /// A page of the log.
+    History(switchboard_protocol::History),
+    /// A page of the member list.
+    ListMembers(switchboard_protocol::ListMembers),
+}
+
+impl ReadOp {
+    /// The conversation read.
+    #[must_use]
+    pub fn conversation(&self) -> &str {
+        match self {
+            Self::History(r) => &r.conversation_id,
+            Self::ListMembers(r) => &r.conversation_id,
+        }
+    }
+}
+
+/// A request forwarded to the node that leads its conversation: a write (or anything the
+/// owner decides), or a read this node cannot serve.
+#[derive(Debug)]
+pub enum Remote {
+    /// For the leader's owner role.
+    Owner(OwnerOp),
+    /// For the leader's store.
+    Read(ReadOp),
+}
+
+impl Remote {
+    /// The request as a client frame kind, and its conversation (resolved, for a create).
+    #[must_use]
+    pub fn into_kind(self) -> (switchboard_protocol::client_frame::Kind, String) {
+        use switchboard_protocol::client_frame::Kind;
+        match self {
+            Self::Owner(op) => op.into_kind(),
+            Self::Read(op) => {
+                let conversation = op.conversation().to_owned();
+                let kind = match op {
+                    ReadOp::History(r) => Kind::History(r),
+                    ReadOp::ListMembers(r) => Kind::ListMembers(r),
+                };
+                (kind, conversation)
+            }
+        }
+    }
+
+    /// The inverse of [`Remote::into_kind`]; `None` for a kind that is never forwarded.
+    #[must_use]
+    pub fn from_kind(
+        kind: switchboard_protocol::client_frame::Kind,
+        conversation: &str,
+    ) -> Option<Self> {
+        use switchboard_protocol::client_frame::Kind;
+        Some(match kind {
+            Kind::History(r) => Self::Read(ReadOp::History(r)),
+            Kind::ListMembers(r) => Self::Read(ReadOp::ListMembers(r)),
+            kind => Self::Owner(OwnerOp::from_kind(kind, conversation)?),
+        })
+    }
+}
+
 /// An operation on a conversation, decided by its owner.
 #[derive(Debug)]
 pub enum OwnerOp {
@@ -409,7 +473,7 @@ pub struct Forward {
     /// Echoed in the reply.
     pub request_id: u64,
     /// What to do.
-    pub op: OwnerOp,
+    pub op: Remote,
 }
 
 impl Outgoing {

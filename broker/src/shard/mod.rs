@@ -26,6 +26,7 @@
 //!   for local deliveries; peer server → owner: `Forwarded`, another node's request.
 
 mod forward;
+pub(crate) use forward::ReadAt;
 pub mod home;
 pub mod local;
 pub mod mailbox;
@@ -339,9 +340,16 @@ impl Shard {
             ShardMsg::Forwarded { request, reply } => {
                 // A request another node forwarded: answered like a local session's, through a
                 // one-shot stand-in for the session.
+                let mailbox::Forward { user, request_id, op, .. } = request;
+                let op = match op {
+                    mailbox::Remote::Owner(op) => op,
+                    mailbox::Remote::Read(op) => {
+                        self.serve_forwarded_read(user, request_id, op, reply);
+                        return true;
+                    }
+                };
                 let id = self.next_session_id();
                 self.local.borrow_mut().insert_remote(id, reply);
-                let mailbox::Forward { user, request_id, op, .. } = request;
                 self.handle_owner(OwnerMsg::Request {
                     from: SessionRef { shard: self.id, id },
                     user,

@@ -648,6 +648,7 @@ impl Owner {
                 } else if let Err(e) = self.check_serving(op.conversation(), out) {
                     if let (Some(leader), false) = (e.leader, forwarded) {
                         // Another node leads: it answers, through this node.
+                        let op = super::mailbox::Remote::Owner(op);
                         out.forward.push((leader, Forward { from, user, request_id, op }));
                         return;
                     }

@@ -1,10 +1,12 @@
 //! `History`: one page of a conversation's log, read from the durable snapshot.
 
 use switchboard_protocol::{
-    HistoryPage, HistoryVisibility, Message, history::Anchor, server_frame, validate,
+    HistoryPage, HistoryVisibility, Message, history::Anchor, server_frame,
 };
 
 use super::{Ctx, REPLY_OVERHEAD, Reject};
+use crate::config::LimitsConfig;
+use crate::shard::mailbox::ReadOp;
 use crate::shard::partition;
 use crate::storage::{Reader, StoredConversation, StoredEntry, StoredMember};
 
@@ -47,20 +49,25 @@ pub fn decode(entry: StoredEntry) -> Result<Message, Reject> {
     })
 }
 
-/// Handles `History`.
+/// Handles `History`: read here, or by the leader when this node holds no copy.
 pub fn handle(ctx: &Ctx<'_>, request_id: u64, req: switchboard_protocol::History) {
-    if let Err(e) = validate::conversation_id(&req.conversation_id) {
-        ctx.reject(request_id, e.into());
-        return;
-    }
-    let limits = &ctx.shard.config.limits;
+    ctx.read_conversation(request_id, ReadOp::History(req));
+}
+
+/// Reads one `History` page within the configured limits.
+///
+/// # Errors
+/// `not_found` for non-members, or a storage failure.
+pub fn read(
+    r: &Reader,
+    user: &str,
+    req: &switchboard_protocol::History,
+    limits: &LimitsConfig,
+) -> Result<server_frame::Kind, Reject> {
     let max = limits.max_history_limit;
     let limit = if req.limit == 0 || req.limit > max { max } else { req.limit } as usize;
     let budget = limits.max_frame_bytes - REPLY_OVERHEAD;
-    let user = ctx.session.user.clone();
-    ctx.read(request_id, move |r| {
-        page(r, &user, &req, limit, budget).map(server_frame::Kind::History)
-    });
+    page(r, user, req, limit, budget).map(server_frame::Kind::History)
 }
 
 fn page(

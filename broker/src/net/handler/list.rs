@@ -95,19 +95,32 @@ fn summary(r: &Reader, id: &str, user: &str) -> Result<Option<ConversationSummar
     }))
 }
 
-/// Handles `ListMembers`.
+/// Handles `ListMembers`: read here, or by the leader when this node holds no copy.
 pub fn members(ctx: &Ctx<'_>, request_id: u64, req: ListMembers) {
-    let valid = validate::conversation_id(&req.conversation_id)
-        .map_err(Reject::from)
-        .and_then(|()| check_after(&req.after, validate::user_id));
-    if let Err(r) = valid {
-        ctx.reject(request_id, r);
-        return;
-    }
-    let user = ctx.session.user.clone();
+    ctx.read_conversation(request_id, crate::shard::mailbox::ReadOp::ListMembers(req));
+}
+
+/// Checks a `ListMembers` request's fields.
+///
+/// # Errors
+/// The first invalid field.
+pub fn check_members(req: &ListMembers) -> Result<(), Reject> {
+    validate::conversation_id(&req.conversation_id)?;
+    check_after(&req.after, validate::user_id)
+}
+
+/// Reads one `ListMembers` page.
+///
+/// # Errors
+/// `not_found` for non-members, or a storage failure.
+pub fn read_members(
+    r: &Reader,
+    user: &str,
+    req: ListMembers,
+) -> Result<server_frame::Kind, Reject> {
     let limit = page_size(req.limit);
-    ctx.read(request_id, move |r| {
-        access(r, &req.conversation_id, &user)?;
+    {
+        access(r, &req.conversation_id, user)?;
         let mut rows = r.members(&req.conversation_id, &req.after, limit + 1)?;
         let has_more = rows.len() > limit;
         rows.truncate(limit);
@@ -126,5 +139,5 @@ pub fn members(ctx: &Ctx<'_>, request_id: u64, req: ListMembers) {
             has_more,
             next_after,
         }))
-    });
+    }
 }

@@ -19,7 +19,10 @@ use switchboard_protocol::{
     validate::ValidationError,
 };
 
+use crate::config::LimitsConfig;
+use crate::shard::ReadAt;
 use crate::shard::local::LocalSession;
+use crate::shard::mailbox::{Forward, ReadOp, Remote};
 use crate::shard::owner::now_ms;
 use crate::shard::{OwnerMsg, OwnerOp, SessionRef, Shard};
 use crate::storage::{Reader, StorageError};
@@ -101,6 +104,32 @@ impl Ctx<'_> {
         );
     }
 
+    /// Serves a read of one conversation: from this node's store when it holds a readable
+    /// copy (always, single node), else by the partition's leader, through the peer port.
+    pub fn read_conversation(&self, request_id: u64, op: ReadOp) {
+        if let Err(r) = op.validate() {
+            self.reject(request_id, r);
+            return;
+        }
+        match self.shard.read_at(crate::shard::partition(op.conversation())) {
+            ReadAt::Here => {
+                let user = self.session.user.clone();
+                let limits = self.shard.config.limits.clone();
+                self.read(request_id, move |r| op.run(r, &user, &limits));
+            }
+            ReadAt::Node(leader) => {
+                self.session.request_started();
+                let user = self.session.user.clone();
+                let op = Remote::Read(op);
+                self.shard.forward(leader, Forward { from: self.me, user, request_id, op });
+            }
+            ReadAt::Nowhere => self.reject(
+                request_id,
+                Reject::new(ErrorCode::Unavailable, "the conversation is moving; retry shortly"),
+            ),
+        }
+    }
+
     /// Runs `read` on a blocking thread against the durable snapshot, then sends its result
     /// (or its rejection) as the reply. Counts as in flight until then.
     pub fn read<F>(&self, request_id: u64, read: F)
@@ -123,6 +152,37 @@ impl Ctx<'_> {
             session.out.push(Encoded::of(&frame));
             session.request_done();
         });
+    }
+}
+
+impl ReadOp {
+    /// Checks the request's fields.
+    ///
+    /// # Errors
+    /// The first invalid field.
+    pub fn validate(&self) -> Result<(), Reject> {
+        match self {
+            Self::History(r) => {
+                Ok(switchboard_protocol::validate::conversation_id(&r.conversation_id)?)
+            }
+            Self::ListMembers(r) => list::check_members(r),
+        }
+    }
+
+    /// Reads the reply from `r`, for `user` (members only).
+    ///
+    /// # Errors
+    /// `not_found` for non-members, or a storage failure.
+    pub fn run(
+        self,
+        r: &Reader,
+        user: &str,
+        limits: &LimitsConfig,
+    ) -> Result<server_frame::Kind, Reject> {
+        match self {
+            Self::History(req) => history::read(r, user, &req, limits),
+            Self::ListMembers(req) => list::read_members(r, user, req),
+        }
     }
 }
 
