@@ -802,44 +802,73 @@ async fn given_a_leader_cut_off_from_the_majority_should_acknowledge_nothing_and
     }
 }
 
-#[tokio::test]
-async fn given_clients_on_different_nodes_should_chat_in_one_conversation_with_one_order() {
-    use switchboard_client::{Content, HistoryVisibility};
-    const EACH: usize = 15;
-    let cluster = Cluster::start(3, &fast_gossip());
-    wait_all_serving(&cluster, &[0, 1, 2]).await;
-    let users = ["alice", "bob", "carol"];
+type Connected = (switchboard_client::Client, switchboard_client::EventStream);
+
+/// Alice, bob and carol, connected to the nodes at `nodes`, and alice's group of the three.
+async fn connect_three(cluster: &Cluster, nodes: [usize; 3]) -> (Vec<Connected>, String) {
     let mut clients = Vec::new();
-    for (i, user) in users.iter().enumerate() {
+    for (i, user) in nodes.into_iter().zip(["alice", "bob", "carol"]) {
         clients.push(cluster.nodes[i].client(user).await);
     }
     let group = clients[0]
         .0
-        .create_group("three nodes", ["bob", "carol"], HistoryVisibility::Shared)
+        .create_group("three", ["bob", "carol"], switchboard_client::HistoryVisibility::Shared)
         .await
         .expect("create")
         .conversation_id;
-    // Everyone sends at once, each through the node it is connected to.
+    (clients, group)
+}
+
+/// Messages each client sends in a [`chat`] round.
+const EACH: usize = 15;
+
+/// Round `round` of a chat: every client sends [`EACH`] messages at once, each through its
+/// own node; each client then sees all of them live (round 0 also the creation before them),
+/// in one gapless order from `first` (the round's first seq), each sender's in the order sent.
+/// Returns the round's last seq.
+async fn chat(clients: &mut [Connected], group: &str, round: usize, first: u64) -> u64 {
     let sends = clients.iter().enumerate().map(|(i, (client, _))| {
-        let (client, group) = (client.clone(), group.clone());
+        let (client, group) = (client.clone(), group.to_owned());
         async move {
             for n in 0..EACH {
-                client.send(&group, Content::text(format!("{i}-{n}"))).await.expect("send");
+                let text = format!("{round}:{i}-{n}");
+                client.send(&group, switchboard_client::Content::text(text)).await.expect("send");
             }
         }
     });
     futures::future::join_all(sends).await;
-    // Each client sees the creation and all messages, live, in one order.
+    let count = clients.len() * EACH + usize::from(round == 0);
     let mut orders = Vec::new();
-    for (_, events) in &mut clients {
-        let got = switchboard_tests::messages(events, &group, 1 + 3 * EACH).await;
+    for (_, events) in clients.iter_mut() {
+        let got = switchboard_tests::messages(events, group, count).await;
         let order: Vec<(u64, String)> = got
             .iter()
             .map(|m| (m.seq, switchboard_tests::text(m).unwrap_or("").to_owned()))
             .collect();
-        switchboard_tests::assert_gapless(order.iter().map(|(seq, _)| *seq), 1);
+        switchboard_tests::assert_gapless(order.iter().map(|(seq, _)| *seq), first);
         orders.push(order);
     }
+    for (n, o) in orders.iter().enumerate().skip(1) {
+        assert_eq!(&orders[0], o, "clients 0 and {n} saw different orders");
+    }
+    for i in 0..clients.len() {
+        let mine: Vec<&str> = orders[0]
+            .iter()
+            .filter_map(|(_, t)| t.strip_prefix(&format!("{round}:{i}-")))
+            .collect();
+        let sent: Vec<String> = (0..EACH).map(|n| n.to_string()).collect();
+        assert_eq!(mine, sent, "sender {i}'s messages in the order sent");
+    }
+    orders[0].last().map_or(0, |(seq, _)| *seq)
+}
+
+#[tokio::test]
+async fn given_clients_on_different_nodes_should_chat_in_one_conversation_with_one_order() {
+    use switchboard_client::Content;
+    let cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    let (mut clients, group) = connect_three(&cluster, [0, 1, 2]).await;
+    chat(&mut clients, &group, 0, 1).await;
     // Typing and read receipts (pushes that are not log entries) reach the other nodes too.
     let last = clients[2].0.send(&group, Content::text("last")).await.expect("send").seq;
     for (_, events) in &mut clients[..2] {
@@ -861,14 +890,6 @@ async fn given_clients_on_different_nodes_should_chat_in_one_conversation_with_o
         }
         client.close().await;
     }
-    assert_eq!(orders[0], orders[1], "alice and bob saw different orders");
-    assert_eq!(orders[0], orders[2], "alice and carol saw different orders");
-    for i in 0..3 {
-        let mine: Vec<&str> =
-            orders[0].iter().filter_map(|(_, t)| t.strip_prefix(&format!("{i}-"))).collect();
-        let sent: Vec<String> = (0..EACH).map(|n| n.to_string()).collect();
-        assert_eq!(mine, sent, "sender {i}'s messages in the order sent");
-    }
     // Two of the three clients wrote through a node that forwards; every node applied.
     let mut forwarded = 0.0;
     for node in &cluster.nodes {
@@ -878,6 +899,33 @@ async fn given_clients_on_different_nodes_should_chat_in_one_conversation_with_o
             metric(node.http, "switchboard_forwarded_requests_total{outcome=\"ok\"}").await;
     }
     assert!(forwarded >= (2 * EACH) as f64, "{forwarded} forwarded requests");
+}
+
+#[tokio::test]
+async fn given_five_nodes_replicating_everything_should_chat_across_them_and_survive_two_node_deaths()
+ {
+    let mut opts = fast_gossip();
+    opts.args.extend(["--set".into(), "cluster.replication=5".into()]);
+    let mut cluster = Cluster::start(5, &opts);
+    // Placed on the first three, then every set grows to all five through joint epochs.
+    wait_table(&cluster, 0, "five replicas of every partition", |p| {
+        p.len() == 1024 && p.iter().all(|a| settled_on(a, &[1, 2, 3, 4, 5]))
+    })
+    .await;
+    wait_all_serving(&cluster, &[0, 1, 2, 3, 4]).await;
+    // Every node holds every conversation: clients on nodes 1, 4 and 5 chat in one order.
+    let (mut clients, group) = connect_three(&cluster, [0, 3, 4]).await;
+    let last = chat(&mut clients, &group, 0, 1).await;
+    // Two of the five die: each partition keeps a majority (3 of 5), so it fails over and
+    // the chat goes on without losing anything (with three replicas it would stop).
+    cluster.nodes[1].kill();
+    cluster.nodes[2].kill();
+    wait_table(&cluster, 0, "no partition led by a dead node", |p| {
+        p.len() == 1024 && !leaders(p).contains_key(&2) && !leaders(p).contains_key(&3)
+    })
+    .await;
+    wait_all_serving(&cluster, &[0, 3, 4]).await;
+    chat(&mut clients, &group, 1, last + 1).await;
 }
 
 /// A longer randomized run, outside the default suite: faults hit one random node at a time

@@ -648,6 +648,15 @@ async fn run(
                 let members: BTreeSet<NodeId> = voters.difference(&t.removed).copied().collect();
                 let fresh = cached.as_ref().is_none_or(|(v, _)| *v != members);
                 if fresh {
+                    if members.len() > settings.replication {
+                        tracing::warn!(
+                            nodes = members.len(),
+                            replication = settings.replication,
+                            "more nodes than replicas: a node outside a conversation's replica \
+                             set forwards its reads but gets no live pushes or sync for it \
+                             (docs/cluster.md, Limits); set cluster.replication to the node count"
+                        );
+                    }
                     cached = Placement::uniform(members.iter().copied(), settings.replication)
                         .ok()
                         .map(|p| (members, p));
