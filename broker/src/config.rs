@@ -299,7 +299,9 @@ pub struct ClusterConfig {
     /// A node suspected down this long is forgotten. Default 3600000 (1 h).
     pub dead_node_grace_ms: u64,
     /// Replicas per partition (R). Default 3; with fewer nodes every node holds every
-    /// partition and the loss of a node is not survivable.
+    /// partition and the loss of a node is not survivable. Run as many nodes as replicas
+    /// (nodes outside a partition's replica set forward its reads but get no live pushes or
+    /// sync for it yet).
     pub replication: usize,
     /// The control plane is founded once this many nodes are live in gossip. Default 3.
     pub bootstrap_expect: usize,
@@ -915,7 +917,9 @@ gossip_interval_ms = {gossip_interval}
 phi_threshold = {phi:?}
 # A node suspected down for this long is forgotten.
 dead_node_grace_ms = {dead_grace}
-# Replicas per partition. With fewer nodes, node loss is not survivable.
+# Replicas per partition. With fewer nodes, node loss is not survivable. Clients see every
+# conversation on every node only while each node holds every partition: run as many nodes
+# as replicas (3, or 5 with replication = 5, ...).
 replication = {replication}
 # The control plane (Raft) is founded once this many nodes are live; use 1 for a one-node
 # cluster. Nodes that come later join it.
