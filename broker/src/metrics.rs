@@ -169,7 +169,7 @@ pub fn install() -> Option<PrometheusHandle> {
     );
     metrics::describe_counter!(
         ANTI_ENTROPY_CHECKS,
-        "Partitions this node compared with their leader's digest, by outcome (equal; repaired; behind: not yet applied as far as the digest; failed; leader_behind: this node leads the partition and lacks committed messages a follower holds, reported and not repaired)."
+        "Partitions this node compared with a peer replica's digest (its leader's, or as leader each follower's), by outcome (equal; repaired; behind: not yet applied as far as the digest; failed)."
     );
     metrics::describe_counter!(
         ANTI_ENTROPY_REPAIRED,

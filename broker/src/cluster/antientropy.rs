@@ -1,4 +1,4 @@
-//! Anti-entropy: followers compare their message store with the leader's, per conversation,
+//! Anti-entropy: replicas compare their message store with each other's, per conversation,
 //! and pull the committed messages they lack.
 //!
 //! Replication keeps the replicas' stores equal as long as every replica applies every entry it
@@ -14,9 +14,11 @@
 //!    missing range from the leader (a leader's store holds only committed entries) and writes
 //!    those messages with their idempotency records, fsynced.
 //!
-//! A leader also compares the partitions it leads with each follower's digest, the same way;
-//! if it lacks messages a follower holds, it reports it (error log, `leader_behind`) instead of
-//! writing under its owner shard, which serves from what it loaded.
+//! A leader also compares the partitions it leads with each follower's digest, the same way,
+//! and pulls what it lacks from that follower: a follower's store, too, holds only committed
+//! entries. The leader's owner shard keeps serving meanwhile: it reads messages from the store
+//! and never writes a seq it already handed out (its conversation state is not a message row),
+//! so the repaired rows are the only writes of those keys.
 //!
 //! Committed messages never change, so a repair write can never undo a newer write. Mutable
 //! rows (conversation, members, receipts) are not compared or repaired, and a gap below a
@@ -197,11 +199,8 @@ enum Check {
     Repaired,
     /// This node has not applied everything the digest covers yet: nothing to conclude.
     Behind,
-    /// The leader did not answer, or a repair failed.
+    /// The peer did not answer, or a repair failed.
     Failed,
-    /// (On a leader, compared with a follower.) The leader lacks committed messages the
-    /// follower holds: reported, not repaired (its owner shard serves from what it loaded).
-    LeaderBehind,
 }
 
 impl Check {
@@ -211,7 +210,6 @@ impl Check {
             Self::Repaired => "repaired",
             Self::Behind => "behind",
             Self::Failed => "failed",
-            Self::LeaderBehind => "leader_behind",
         }
     }
 }
@@ -246,8 +244,8 @@ impl AntiEntropy {
     }
 
     /// One round, one digest request per peer: every partition this node follows, compared
-    /// with its leader (and repaired), and every partition it leads, compared with each
-    /// follower (a leader that lacks what a follower holds is reported).
+    /// with its leader, and every partition it leads, compared with each follower; what this
+    /// node lacks is pulled from that peer.
     async fn round(&self, cursors: &mut HashMap<(u16, NodeId), String>) {
         let view = self.control.borrow().clone();
         let mut by_peer: HashMap<NodeId, Vec<u16>> = HashMap::new();
@@ -293,17 +291,16 @@ impl AntiEntropy {
                     (true, Some(last)) => cursors.insert((p, peer), last.conversation.clone()),
                     _ => cursors.remove(&(p, peer)),
                 };
-                let leads = view.machine.table.partitions.get(usize::from(p)).map(|a| a.leader);
-                let check = self.check(p, &d, &addr, leads == Some(self.me)).await;
+                let check = self.check(p, &d, &addr).await;
                 metrics::counter!(crate::metrics::ANTI_ENTROPY_CHECKS, "outcome" => check.label())
                     .increment(1);
             }
         }
     }
 
-    /// Compares one partition with a peer's digest, and repairs what is missing here unless
-    /// this node `leads` the partition (then a difference is reported).
-    async fn check(&self, p: u16, digest: &wire::Digest, addr: &str, leads: bool) -> Check {
+    /// Compares one partition with a peer's digest, and repairs what is missing here from
+    /// that peer.
+    async fn check(&self, p: u16, digest: &wire::Digest, addr: &str) -> Check {
         let storage = self.storage.clone();
         let names: Vec<String> = digest.heads.iter().map(|h| h.conversation.clone()).collect();
         let local = tokio::task::spawn_blocking(move || {
@@ -325,21 +322,11 @@ impl AntiEntropy {
             if mine >= h.seq {
                 continue;
             }
-            if leads {
-                tracing::error!(
-                    partition = p,
-                    conversation = %h.conversation,
-                    here = mine,
-                    follower = h.seq,
-                    "anti-entropy: this leader lacks committed messages a follower holds"
-                );
-                return Check::LeaderBehind;
-            }
             tracing::warn!(
                 partition = p,
                 conversation = %h.conversation,
                 here = mine,
-                leader = h.seq,
+                peer = h.seq,
                 "anti-entropy: this replica lacks committed messages; pulling them"
             );
             match self.repair(p, &h.conversation, mine, h.seq, addr).await {
@@ -353,7 +340,7 @@ impl AntiEntropy {
         check
     }
 
-    /// Pulls entries `after < seq <= to` of a conversation from the leader and writes them
+    /// Pulls entries `after < seq <= to` of a conversation from a peer and writes them
     /// (fsynced); the number written, `None` on failure.
     async fn repair(
         &self,

@@ -795,6 +795,16 @@ impl Engine {
                 let feeds =
                     own.iter().filter(|op| matches!(op, WriteOp::FeedAppend { .. })).count();
                 reports.push(Report::Proposed { who, feeds });
+                // Fault injection (tests of anti-entropy): this leader loses the messages of
+                // the entries it proposed (its acks and deliveries still happen).
+                #[cfg(feature = "failpoints")]
+                let own = if fail::eval("leader-drop-messages", |_| ()).is_some() {
+                    own.into_iter()
+                        .filter(|op| !matches!(op, WriteOp::Put(Ks::Messages, ..)))
+                        .collect()
+                } else {
+                    own
+                };
                 ops.extend(own);
                 continue;
             }
