@@ -285,35 +285,64 @@ impl AntiEntropy {
                     .increment(n);
                 continue;
             };
-            for d in digests.digests {
-                let Some(p) = partition_id(d.partition) else { continue };
+            let digests: Vec<(u16, wire::Digest)> = digests
+                .digests
+                .into_iter()
+                .filter_map(|d| Some((partition_id(d.partition)?, d)))
+                .collect();
+            for (p, d) in &digests {
                 match (d.more, d.heads.last()) {
-                    (true, Some(last)) => cursors.insert((p, peer), last.conversation.clone()),
-                    _ => cursors.remove(&(p, peer)),
+                    (true, Some(last)) => cursors.insert((*p, peer), last.conversation.clone()),
+                    _ => cursors.remove(&(*p, peer)),
                 };
-                let check = self.check(p, &d, &addr).await;
+            }
+            let local = self.local_heads(&digests).await;
+            for ((p, d), local) in digests.iter().zip(local) {
+                let check = match local {
+                    Some(local) => self.check(*p, d, local, &addr).await,
+                    None => Check::Failed,
+                };
                 metrics::counter!(crate::metrics::ANTI_ENTROPY_CHECKS, "outcome" => check.label())
                     .increment(1);
             }
         }
     }
 
-    /// Compares one partition with a peer's digest, and repairs what is missing here from
-    /// that peer.
-    async fn check(&self, p: u16, digest: &wire::Digest, addr: &str) -> Check {
+    /// This node's applied index and its newest seq of each conversation of each digest (0
+    /// when absent), read from one snapshot on one blocking thread; `None` for a partition
+    /// whose read failed.
+    async fn local_heads(&self, digests: &[(u16, wire::Digest)]) -> Vec<Option<(u64, Vec<u64>)>> {
         let storage = self.storage.clone();
-        let names: Vec<String> = digest.heads.iter().map(|h| h.conversation.clone()).collect();
-        let local = tokio::task::spawn_blocking(move || {
+        let wanted: Vec<(u16, Vec<String>)> = digests
+            .iter()
+            .map(|(p, d)| (*p, d.heads.iter().map(|h| h.conversation.clone()).collect()))
+            .collect();
+        let n = wanted.len();
+        let read = tokio::task::spawn_blocking(move || {
             let reader = storage.reader();
-            let applied = reader.applied_index(p)?;
-            let mut heads = Vec::with_capacity(names.len());
-            for c in names {
-                heads.push(reader.head(p, &c)?.map_or(0, |(seq, _)| seq));
-            }
-            Ok::<_, crate::storage::StorageError>((applied, heads))
+            let one = |p: u16, names: Vec<String>| {
+                let applied = reader.applied_index(p)?;
+                let mut heads = Vec::with_capacity(names.len());
+                for c in names {
+                    heads.push(reader.head(p, &c)?.map_or(0, |(seq, _)| seq));
+                }
+                Ok::<_, crate::storage::StorageError>((applied, heads))
+            };
+            wanted.into_iter().map(|(p, names)| one(p, names).ok()).collect()
         })
         .await;
-        let Ok(Ok((applied, heads))) = local else { return Check::Failed };
+        read.unwrap_or_else(|_| vec![None; n])
+    }
+
+    /// Compares one partition with a peer's digest, given this node's `(applied, heads)` for
+    /// it, and repairs what is missing here from that peer.
+    async fn check(
+        &self,
+        p: u16,
+        digest: &wire::Digest,
+        (applied, heads): (u64, Vec<u64>),
+        addr: &str,
+    ) -> Check {
         if applied < digest.applied {
             return Check::Behind;
         }

@@ -847,7 +847,7 @@ pub async fn serve_query(
             }
         }
     }
-    presences.extend(crate::net::handler::presence::stored(storage, missing).await);
+    presences.extend(crate::shard::home::stored_presence(storage, missing).await);
     Some(switchboard_protocol::PresenceList { presences }.encode_to_vec())
 }
 

@@ -912,6 +912,33 @@ fn len_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// The presence of users a home shard had no record of: offline, last seen as stored.
+pub async fn stored_presence(
+    storage: Arc<crate::storage::Storage>,
+    users: Vec<Arc<str>>,
+) -> Vec<switchboard_protocol::Presence> {
+    if users.is_empty() {
+        return Vec::new();
+    }
+    tokio::task::spawn_blocking(move || {
+        let r = storage.reader();
+        users
+            .into_iter()
+            .map(|u| {
+                let last_seen_ms = r.last_seen(&u).ok().flatten().unwrap_or(0);
+                switchboard_protocol::Presence {
+                    user_id: u.to_string(),
+                    online: false,
+                    devices: 0,
+                    last_seen_ms,
+                }
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,6 @@ use tokio::sync::oneshot;
 
 use super::{Ctx, Reject};
 use crate::shard::{HomeMsg, SessionRef, Shard, group_by_home};
-use crate::storage::Storage;
 
 /// Validates and deduplicates a user list.
 fn users(ctx: &Ctx<'_>, users: &[String]) -> Result<Vec<Arc<str>>, Reject> {
@@ -36,25 +35,6 @@ fn users(ctx: &Ctx<'_>, users: &[String]) -> Result<Vec<Arc<str>>, Reject> {
 }
 
 type Ask = fn(Vec<Arc<str>>, oneshot::Sender<Vec<Option<Presence>>>, SessionRef) -> HomeMsg;
-
-/// The presence of users a home shard had no record of: offline, last seen as stored.
-pub async fn stored(storage: Arc<Storage>, users: Vec<Arc<str>>) -> Vec<Presence> {
-    if users.is_empty() {
-        return Vec::new();
-    }
-    tokio::task::spawn_blocking(move || {
-        let r = storage.reader();
-        users
-            .into_iter()
-            .map(|u| {
-                let last_seen_ms = r.last_seen(&u).ok().flatten().unwrap_or(0);
-                Presence { user_id: u.to_string(), online: false, devices: 0, last_seen_ms }
-            })
-            .collect()
-    })
-    .await
-    .unwrap_or_default()
-}
 
 /// Asks each home shard about its users (and registers subscriptions), and replies in the
 /// request's order. In a cluster only a user's home node knows its presence: users homed on
@@ -99,7 +79,7 @@ fn answer(ctx: &Ctx<'_>, request_id: u64, users: Vec<Arc<str>>, ask: Ask) {
         }
         let missing: Vec<Arc<str>> =
             users.iter().filter(|u| !known.contains_key(*u)).cloned().collect();
-        for p in stored(shard.storage.clone(), missing).await {
+        for p in crate::shard::home::stored_presence(shard.storage.clone(), missing).await {
             known.insert(Arc::from(p.user_id.as_str()), p);
         }
         let presences = users
