@@ -1537,3 +1537,66 @@ async fn given_a_dead_node_when_an_operator_removes_it_should_move_its_copies_to
         wait_log(&cluster, i, &conv, &expected).await;
     }
 }
+
+/// Waits for a presence push about `user` with `online` on `events`.
+async fn presence_event(events: &mut switchboard_client::EventStream, user: &str, online: bool) {
+    loop {
+        let event = tokio::time::timeout(WAIT, events.next()).await;
+        if let switchboard_client::Event::Presence(p) =
+            event.expect("a presence push").expect("events")
+            && p.user_id == user
+            && p.online == online
+        {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn given_members_online_on_other_nodes_should_notify_only_the_offline_one() {
+    let mut hook = switchboard_tests::WebhookReceiver::start().await;
+    let mut opts = fast_gossip();
+    opts.args.extend([
+        "--set".into(),
+        format!("push.webhook_url=\"{}\"", hook.url),
+        "--set".into(),
+        "push.secret=\"push-secret-0123456789\"".into(),
+        "--set".into(),
+        "push.window_ms=2000".into(),
+    ]);
+    let cluster = Cluster::start(3, &opts);
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    // A group node 1 leads: node 1 decides who is offline.
+    let partitions = table(&cluster, 0).await["partitions"].clone();
+    let conv = (0..)
+        .map(|n| format!("push-{n}"))
+        .find(|c| partitions[usize::from(switchboard_broker::shard::partition(c))]["leader"] == 1)
+        .expect("a conversation node 1 leads");
+    // Bob is online on node 2 only, and node 1 knows it (its presence watch pushes it to a
+    // subscriber there).
+    let (watcher, mut watched) = cluster.nodes[0].client("watcher").await;
+    watcher.subscribe_presence(["bob", "dave"]).await.expect("subscribe");
+    let (_bob, _bob_events) = cluster.nodes[1].client("bob").await;
+    presence_event(&mut watched, "bob", true).await;
+    let (mut alice, _) = cluster.nodes[0].raw_as("alice").await;
+    let create = switchboard_protocol::CreateConversation {
+        kind: ConversationKind::Group as i32,
+        name: conv.clone(),
+        members: vec!["bob".into(), "carol".into(), "dave".into()],
+        conversation_id: conv.clone(),
+        ..Default::default()
+    };
+    match alice.request(client_frame::Kind::CreateConversation(create)).await {
+        server_frame::Kind::Conversation(r) => assert!(r.created),
+        other => panic!("{other:?}"),
+    }
+    assert!(send_keys(&mut alice, &conv, &mut keys("m", 0..1), &mut HashMap::new()).await);
+    // Dave comes online on node 3 within the push window: his pending push is dropped.
+    let (_dave, _dave_events) = cluster.nodes[2].client("dave").await;
+    presence_event(&mut watched, "dave", true).await;
+    // Only carol, offline everywhere, is notified.
+    let got = hook.next(std::time::Duration::from_secs(10)).await.expect("a notification");
+    assert_eq!(got.json()["user_id"], "carol", "{}", got.json());
+    let more = hook.next(std::time::Duration::from_millis(2_500)).await;
+    assert!(more.is_none(), "another notification: {:?}", more.map(|r| r.json()));
+}

@@ -638,6 +638,12 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// Whether the user is online on some node, as far as this watch knows.
+    #[must_use]
+    pub fn is_online(&self, user: &str) -> bool {
+        self.online.contains_key(user)
+    }
+
     /// Takes in a change from the user's home (node, shard, in `generation`); returns the
     /// presence to push to the sessions here when the user's online state changed.
     pub fn apply(

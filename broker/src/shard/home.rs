@@ -632,8 +632,12 @@ impl Home {
     /// Pushes a presence change to the user's subscribers and direct peers with sessions
     /// here (called on the user's home shard). In a cluster the peers are found through
     /// every shard's `followers`; on a single node through the user's own peer list.
-    fn push_presence(&self, presence: Presence, out: &mut Outgoing) {
+    fn push_presence(&mut self, presence: Presence, out: &mut Outgoing) {
         let user: Arc<str> = Arc::from(presence.user_id.as_str());
+        if presence.online && self.cluster.is_some() {
+            // Online on some node: what waits for the push window is not needed any more.
+            self.cancel_pushes(&user);
+        }
         let frame: SharedFrame =
             Encoded::of(&ServerFrame::push(server_frame::Kind::Presence(presence)));
         if let Some(subs) = self.subscribers.get(&user) {
@@ -671,7 +675,9 @@ impl Home {
         let now_wall = now_ms();
         let window = self.window;
         for user in &n.users {
-            if self.sessions.contains_key(user) {
+            // Online here, or (in a cluster) on another node: the message reaches them live.
+            let elsewhere = self.cluster.as_ref().is_some_and(|c| c.watch.is_online(user));
+            if elsewhere || self.sessions.contains_key(user) {
                 continue;
             }
             let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
