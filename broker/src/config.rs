@@ -300,8 +300,8 @@ pub struct ClusterConfig {
     pub dead_node_grace_ms: u64,
     /// Replicas per partition (R). Default 3; with fewer nodes every node holds every
     /// partition and the loss of a node is not survivable. Run as many nodes as replicas
-    /// (nodes outside a partition's replica set forward its reads but get no live pushes or
-    /// sync for it yet).
+    /// (nodes outside a partition's replica set forward its reads but get no live pushes for it
+    /// yet).
     pub replication: usize,
     /// The control plane is founded once this many nodes are live in gossip. Default 3.
     pub bootstrap_expect: usize,

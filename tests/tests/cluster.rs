@@ -363,6 +363,80 @@ async fn given_a_fourth_node_joins_should_move_partitions_onto_it_through_joint_
         server_frame::Kind::Receipts(r) => assert_eq!(r.receipts.len(), 2, "{r:?}"),
         other => panic!("{other:?}"),
     }
+    // So do the reads that walk her conversations: node 4 reads the partitions it holds and
+    // asks the leaders for the others. One conversation here, one elsewhere.
+    let held = (0..)
+        .map(|n| format!("room-{n}"))
+        .find(|c| {
+            let a = &moved[usize::from(switchboard_broker::shard::partition(c))];
+            a["replicas"].as_array().is_some_and(|r| r.contains(&4.into()))
+        })
+        .expect("a conversation on node 4");
+    create_group(&mut c, &held).await;
+    let mut held_acks = HashMap::new();
+    send_until_acked(&cluster, &[3], &held, keys("on-4", 0..10), &mut held_acks).await;
+    // Node 4 follows that one: wait until it applied the last message (reads there are local).
+    wait_log(&cluster, 3, &held, &history(&held_acks)).await;
+    let list = switchboard_protocol::ListConversations { limit: 1, ..Default::default() };
+    let mut listed = Vec::new();
+    let mut after = String::new();
+    loop {
+        let list = switchboard_protocol::ListConversations { after: after.clone(), ..list.clone() };
+        match c.request(client_frame::Kind::ListConversations(list)).await {
+            server_frame::Kind::Conversations(l) => {
+                listed.extend(
+                    l.conversations.iter().map(|s| (s.conversation_id.clone(), s.last_seq)),
+                );
+                if !l.has_more {
+                    break;
+                }
+                after = l.next_after;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut want = vec![(conv.clone(), 21), (held.clone(), 11)];
+    want.sort();
+    assert_eq!(listed, want, "pages of one conversation each, in id order");
+    // Sync from nothing, 7 messages a page: both logs, whole, once, in conversation order.
+    let mut synced: Vec<(String, u64)> = Vec::new();
+    let mut continuation = bytes::Bytes::new();
+    for _ in 0..20 {
+        let sync = switchboard_protocol::Sync {
+            position: Some(switchboard_protocol::SyncPosition::default()),
+            limit: 7,
+            continuation: continuation.clone(),
+        };
+        let page = match c.request(client_frame::Kind::Sync(sync)).await {
+            server_frame::Kind::Sync(p) => p,
+            other => panic!("{other:?}"),
+        };
+        assert!(page.messages.len() <= 7);
+        synced.extend(page.messages.iter().map(|m| (m.conversation_id.clone(), m.seq)));
+        if !page.has_more {
+            break;
+        }
+        continuation = page.continuation;
+    }
+    let mut want: Vec<(String, u64)> =
+        (1..=21).map(|s| (conv.clone(), s)).chain((1..=11).map(|s| (held.clone(), s))).collect();
+    want.sort();
+    assert_eq!(synced, want);
+    // A resumed session on node 4 gets them in its first page.
+    let mut resumed = RawConn::connect(cluster.nodes[3].addr).await;
+    let mut hello = switchboard_tests::hello(&cluster.nodes[3].token("alice"));
+    if let client_frame::Kind::Hello(h) = &mut hello {
+        h.resume = Some(switchboard_protocol::SyncPosition::default());
+    }
+    match resumed.request(hello).await {
+        server_frame::Kind::Welcome(w) => {
+            let page = w.resumed.expect("a resume page");
+            let convs: std::collections::BTreeSet<&str> =
+                page.messages.iter().map(|m| m.conversation_id.as_str()).collect();
+            assert!(convs.contains(conv.as_str()) && convs.contains(held.as_str()), "{convs:?}");
+        }
+        other => panic!("{other:?}"),
+    }
     // A non-member reading through node 4 is refused like anywhere else.
     let (mut eve, _) = cluster.nodes[3].raw_as("eve").await;
     let history =

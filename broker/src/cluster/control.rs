@@ -404,6 +404,7 @@ impl ControlPlane {
         let network = Network::new(Some(listen.ip())).map_err(std::io::Error::other)?;
         let (settle_tx, settle_rx) = tokio::sync::mpsc::channel(64);
         let shards = data.as_ref().map(|(d, _)| d.shards.clone()).unwrap_or_default();
+        let serving = data.as_ref().map(|(d, _)| d.partitions.clone());
         let storage = data.as_ref().map(|(d, _)| d.storage.clone());
         let repair_writer = data.as_ref().map(|(d, _)| d.writer.clone());
         let (engine, inbox, replication) = super::replication::open(
@@ -474,6 +475,8 @@ impl ControlPlane {
                     storage,
                     machine: machine.clone(),
                     replication: settings.replication,
+                    me: node,
+                    serving,
                 };
                 let server = tokio::spawn(serve_peers(peers, listener));
                 let engine_stop = Arc::new(Notify::new());
@@ -653,7 +656,7 @@ async fn run(
                             nodes = members.len(),
                             replication = settings.replication,
                             "more nodes than replicas: a node outside a conversation's replica \
-                             set forwards its reads but gets no live pushes or sync for it \
+                             set forwards its reads but gets no live pushes for it \
                              (docs/cluster.md, Limits); set cluster.replication to the node count"
                         );
                     }
@@ -857,6 +860,10 @@ struct Peers {
     machine: watch::Receiver<Arc<Machine>>,
     /// `cluster.replication`.
     replication: usize,
+    /// This node.
+    me: NodeId,
+    /// Which partitions this node serves as leader (data plane).
+    serving: Option<Arc<super::dataplane::Partitions>>,
 }
 
 /// Peer path where a node hands an operator's removal request to the control leader.
@@ -973,6 +980,28 @@ async fn peer_request(peers: &Peers, req: Request<hyper::body::Incoming>) -> Res
             };
         }
         REMOVE_PATH => return remove_node(peers, &body).await,
+        crate::net::handler::userread::PATH => {
+            let Some(storage) = peers.storage.clone() else {
+                return json(StatusCode::NOT_FOUND, Vec::new());
+            };
+            // Readable here: this node serves the partition as leader or holds a complete copy
+            // (the rule of `shard::Locator`).
+            let table = peers.machine.borrow().clone();
+            let me = peers.me;
+            let serving = peers.serving.clone();
+            let holds = |p: u16| {
+                serving.as_ref().is_some_and(|s| s.serving(p).is_some())
+                    || table
+                        .table
+                        .partitions
+                        .get(usize::from(p))
+                        .is_some_and(|a| crate::shard::complete(a, me))
+            };
+            return match crate::net::handler::userread::serve(storage, holds, &body).await {
+                Some(reply) => json(StatusCode::OK, reply),
+                None => json(StatusCode::BAD_REQUEST, Vec::new()),
+            };
+        }
         super::dataplane::DELIVER_PATH => {
             return if super::dataplane::serve_pushes(&peers.shards, &body) {
                 json(StatusCode::NO_CONTENT, Vec::new())

@@ -46,6 +46,71 @@ pub type PartitionId = u16;
 /// Number of partitions placed ([`crate::shard::PARTITIONS`]).
 pub const PARTITION_COUNT: usize = crate::shard::PARTITIONS as usize;
 
+/// A set of partitions (a bitmap of [`PARTITION_COUNT`] bits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionSet(Vec<u64>);
+
+impl Default for PartitionSet {
+    fn default() -> Self {
+        Self(vec![0; PARTITION_COUNT.div_ceil(64)])
+    }
+}
+
+impl PartitionSet {
+    /// Every partition.
+    #[must_use]
+    pub fn all() -> Self {
+        let mut s = Self::default();
+        for p in 0..PARTITION_COUNT {
+            s.insert(u16::try_from(p).unwrap_or(u16::MAX));
+        }
+        s
+    }
+
+    /// Adds `p`.
+    pub fn insert(&mut self, p: PartitionId) {
+        if let Some(w) = self.0.get_mut(usize::from(p) / 64) {
+            *w |= 1 << (p % 64);
+        }
+    }
+
+    /// Whether `p` is in the set.
+    #[must_use]
+    pub fn contains(&self, p: PartitionId) -> bool {
+        self.0.get(usize::from(p) / 64).is_some_and(|w| w & (1 << (p % 64)) != 0)
+    }
+
+    /// Whether no partition is in the set.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|w| *w == 0)
+    }
+
+    /// The partitions in the set, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = PartitionId> + '_ {
+        (0..PARTITION_COUNT)
+            .filter_map(|p| PartitionId::try_from(p).ok())
+            .filter(|p| self.contains(*p))
+    }
+
+    /// Little-endian words, for the wire.
+    #[must_use]
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// The inverse of [`PartitionSet::to_bytes`]; `None` for a wrong length.
+    #[must_use]
+    pub fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != PARTITION_COUNT.div_ceil(64) * 8 {
+            return None;
+        }
+        let words =
+            b.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect();
+        Some(Self(words))
+    }
+}
+
 // Partition ids are u16.
 const _: () = assert!(crate::shard::PARTITIONS <= 1 << 16);
 

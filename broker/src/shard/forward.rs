@@ -41,6 +41,44 @@ async fn next_batch<T>(rx: &mut mpsc::Receiver<T>) -> Option<Vec<T>> {
     Some(batch)
 }
 
+/// Decides where reads of a partition are served. A copy is *complete* on the members of its
+/// replica set, and during a move on the members of the previous set (the new epoch's leader
+/// keeps them current until the move settles), not on a move's newcomers (still being
+/// filled). A node reads its own copy when it serves the partition as leader or holds a
+/// complete copy; other reads go to the leader when its copy is complete and gossip sees it
+/// live, else to another live holder of a complete copy.
+pub(crate) struct Locator<'a> {
+    me: NodeId,
+    live: std::collections::BTreeSet<NodeId>,
+    control: Arc<crate::cluster::control::ControlView>,
+    serving: &'a crate::cluster::dataplane::Partitions,
+}
+
+/// Whether `n` holds a complete copy of the partition assigned as `a`.
+pub(crate) fn complete(a: &crate::cluster::control::Assignment, n: NodeId) -> bool {
+    a.previous.contains(&n) || (a.previous.is_empty() && a.replicas.contains(&n))
+}
+
+impl Locator<'_> {
+    /// Where partition `p` is read.
+    pub(crate) fn locate(&self, p: u16) -> ReadAt {
+        if self.serving.serving(p).is_some() {
+            return ReadAt::Here;
+        }
+        let Some(a) = self.control.machine.table.partitions.get(usize::from(p)) else {
+            return ReadAt::Here; // not placed yet: nothing is anywhere else either
+        };
+        if complete(a, self.me) {
+            return ReadAt::Here;
+        }
+        std::iter::once(a.leader)
+            .chain(a.replicas.iter().copied())
+            .chain(a.previous.iter().copied())
+            .find(|&n| n != self.me && complete(a, n) && self.live.contains(&n))
+            .map_or(ReadAt::Nowhere, ReadAt::Node)
+    }
+}
+
 /// Where a read of one conversation is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ReadAt {
@@ -53,27 +91,48 @@ pub(crate) enum ReadAt {
 }
 
 impl Shard {
-    /// Where reads of partition `p` are served. A node reads its own copy when it serves the
-    /// partition (it leads and applied everything) or belongs to its replica set, except as
-    /// a newcomer of a move in progress (its copy is still being filled); other reads go to
-    /// the leader the committed table names.
+    /// Where reads of partition `p` are served (see [`Locator`]).
     pub(crate) fn read_at(&self, p: u16) -> ReadAt {
-        let Some(cluster) = &self.cluster else { return ReadAt::Here };
-        if cluster.routing.partitions.serving(p).is_some() {
-            return ReadAt::Here;
+        match self.locator() {
+            Some(l) => l.locate(p),
+            None => ReadAt::Here,
         }
-        let me = cluster.gossip.borrow().self_id;
-        let control = cluster.control.borrow();
-        let Some(a) = control.machine.table.partitions.get(usize::from(p)) else {
-            return ReadAt::Here; // not placed yet: nothing is anywhere else either
-        };
-        if a.replicas.contains(&me) && (a.previous.is_empty() || a.previous.contains(&me)) {
-            ReadAt::Here
-        } else if a.leader == me {
-            ReadAt::Nowhere
-        } else {
-            ReadAt::Node(a.leader)
+    }
+
+    /// A snapshot of what [`Shard::read_at`] decides from (`None`: clustering is off).
+    fn locator(&self) -> Option<Locator<'_>> {
+        let cluster = self.cluster.as_ref()?;
+        let view = cluster.gossip.borrow().clone();
+        let live = view.members.iter().filter(|m| m.live).map(|m| m.id).collect();
+        Some(Locator {
+            me: view.self_id,
+            live,
+            control: cluster.control.borrow().clone(),
+            serving: &cluster.routing.partitions,
+        })
+    }
+
+    /// Where a user read ([`crate::net::handler::userread`]) goes: the partitions read here,
+    /// and per other node the partitions read there (their leader). `None` while some
+    /// partition has nowhere to be read.
+    pub(crate) fn user_plan(
+        &self,
+    ) -> Option<(
+        crate::cluster::placement::PartitionSet,
+        Vec<(NodeId, crate::cluster::placement::PartitionSet)>,
+    )> {
+        use crate::cluster::placement::{PARTITION_COUNT, PartitionSet};
+        let Some(locator) = self.locator() else { return Some((PartitionSet::all(), Vec::new())) };
+        let mut here = PartitionSet::default();
+        let mut remote: std::collections::BTreeMap<NodeId, PartitionSet> = Default::default();
+        for p in (0..PARTITION_COUNT).filter_map(|p| u16::try_from(p).ok()) {
+            match locator.locate(p) {
+                ReadAt::Here => here.insert(p),
+                ReadAt::Node(n) => remote.entry(n).or_default().insert(p),
+                ReadAt::Nowhere => return None,
+            }
         }
+        Some((here, remote.into_iter().collect()))
     }
 
     /// Serves a read another node forwarded (it holds no copy of the partition) from this
@@ -189,7 +248,7 @@ impl Shard {
     }
 
     /// The peer-port address of node `id`, per the control plane's membership.
-    fn peer_addr(&self, id: NodeId) -> Option<String> {
+    pub(crate) fn peer_addr(&self, id: NodeId) -> Option<String> {
         let control = self.cluster.as_ref()?.control.borrow().clone();
         control.machine.membership.membership().get_node(&id).map(|n| n.addr.clone())
     }

@@ -26,7 +26,7 @@
 //!   for local deliveries; peer server → owner: `Forwarded`, another node's request.
 
 mod forward;
-pub(crate) use forward::ReadAt;
+pub(crate) use forward::{ReadAt, complete};
 pub mod home;
 pub mod local;
 pub mod mailbox;

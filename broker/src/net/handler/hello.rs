@@ -17,6 +17,7 @@ use switchboard_protocol::{
 };
 use tokio::sync::oneshot;
 
+use super::userread::{UserRead, UserReadReply, gather};
 use super::{Reject, sync};
 use crate::net::session::Session;
 use crate::shard::local::{LocalSession, close_session, subscribe};
@@ -38,9 +39,6 @@ pub const CAPABILITIES: &[&str] = &[
     "presence",
     "rate-limits",
 ];
-
-/// Conversations read from the membership index at a time.
-const MEMBERSHIP_PAGE: usize = 10_000;
 
 /// Runs `read` on a blocking thread against the durable snapshot.
 async fn read<T, F>(session: &Session, read: F) -> Result<T, Reject>
@@ -125,44 +123,34 @@ pub async fn handshake(
                 ),
             ));
         }
-        let u = user.clone();
-        let conversations = read(session, move |r| {
-            let mut all: Vec<String> = Vec::new();
-            loop {
-                let after = all.last().cloned().unwrap_or_default();
-                let page = r.memberships(&u, &after, MEMBERSHIP_PAGE)?;
-                let done = page.len() < MEMBERSHIP_PAGE;
-                all.extend(page);
-                if done {
-                    return Ok(all);
-                }
-            }
-        })
-        .await?;
+        // Every conversation of the user (in a cluster with more nodes than replicas, also
+        // those of partitions this node holds no copy of).
+        let conversations = match gather(shard, user.clone(), UserRead::Memberships).await? {
+            UserReadReply::Memberships(ids) => ids,
+            _ => return Err(Reject::new(ErrorCode::Internal, "internal error")),
+        };
         let conversations = conversations.into_iter().map(|c| Arc::from(c.as_str())).collect();
         subscribe(shard, &user, &[id], conversations)
             .await
             .map_err(|_| Reject::new(ErrorCode::Unavailable, "storage unavailable"))?;
-        let limits = shard.config.limits.clone();
+        let limits = &shard.config.limits;
         let u = user.clone();
-        let clustered = shard.cluster.is_some();
-        let (feed_position, resumed) = read(session, move |r| {
-            let head = r.feed_head(&u)?;
-            let page: Option<SyncPage> = match resume {
-                Some(pos) => Some(sync::page(
-                    r,
-                    &u,
-                    &pos,
-                    sync::clamp(0, limits.max_sync_limit),
-                    &[],
-                    limits.max_frame_bytes.saturating_sub(2 * super::REPLY_OVERHEAD),
-                    clustered,
-                )?),
-                None => None,
-            };
-            Ok((head, page))
-        })
-        .await?;
+        let feed_position = read(session, move |r| Ok(r.feed_head(&u)?)).await?;
+        let resumed = match resume {
+            Some(position) => {
+                let read = UserRead::Sync {
+                    position,
+                    limit: sync::clamp(0, limits.max_sync_limit),
+                    continuation: Vec::new(),
+                    budget: limits.max_frame_bytes.saturating_sub(2 * super::REPLY_OVERHEAD),
+                };
+                match gather(shard, user.clone(), read).await? {
+                    UserReadReply::Sync(page) => Some(page),
+                    _ => return Err(Reject::new(ErrorCode::Internal, "internal error")),
+                }
+            }
+            None => None,
+        };
         Ok(welcome(session, &user, me, feed_position, resumed))
     }
     .await;

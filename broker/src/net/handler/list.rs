@@ -6,7 +6,9 @@ use switchboard_protocol::{
 };
 
 use super::history::{access, decode};
+use super::userread::{UserRead, UserReadReply};
 use super::{Ctx, Reject};
+use crate::cluster::placement::PartitionSet;
 use crate::storage::Reader;
 
 /// Largest page of either list.
@@ -32,34 +34,48 @@ pub fn conversations(ctx: &Ctx<'_>, request_id: u64, req: ListConversations) {
         ctx.reject(request_id, r);
         return;
     }
-    let user = ctx.session.user.clone();
-    let limit = page_size(req.limit);
-    let budget = ctx.shard.config.limits.max_frame_bytes - super::REPLY_OVERHEAD;
-    ctx.read(request_id, move |r| {
-        let mut ids = r.memberships(&user, &req.after, limit + 1)?;
-        let mut has_more = ids.len() > limit;
-        ids.truncate(limit);
-        let mut conversations = Vec::with_capacity(ids.len());
-        let mut size = 0;
-        let mut last = String::new();
-        for id in &ids {
-            if let Some(s) = summary(r, id, &user)? {
-                size += prost::Message::encoded_len(&s) + 4;
-                if size > budget {
-                    has_more = true;
-                    break;
-                }
-                conversations.push(s);
-            }
-            last.clone_from(id);
-        }
-        let next_after = if has_more { last } else { String::new() };
-        Ok(server_frame::Kind::Conversations(ConversationList {
-            conversations,
-            has_more,
-            next_after,
-        }))
+    let read = UserRead::List {
+        after: req.after,
+        limit: page_size(req.limit),
+        budget: ctx.shard.config.limits.max_frame_bytes - super::REPLY_OVERHEAD,
+    };
+    ctx.user_read(request_id, read, |reply| match reply {
+        UserReadReply::List(list) => Some(server_frame::Kind::Conversations(list)),
+        _ => None,
     });
+}
+
+/// One `ListConversations` page of the user's conversations in `only` (all when `None`).
+///
+/// # Errors
+/// A storage failure.
+pub fn page(
+    r: &Reader,
+    user: &str,
+    after: &str,
+    limit: usize,
+    budget: usize,
+    only: Option<&PartitionSet>,
+) -> Result<ConversationList, Reject> {
+    let mut ids = super::userread::memberships(r, user, after, limit + 1, only)?;
+    let mut has_more = ids.len() > limit;
+    ids.truncate(limit);
+    let mut conversations = Vec::with_capacity(ids.len());
+    let mut size = 0;
+    let mut last = String::new();
+    for id in &ids {
+        if let Some(s) = summary(r, id, user)? {
+            size += prost::Message::encoded_len(&s) + 4;
+            if size > budget {
+                has_more = true;
+                break;
+            }
+            conversations.push(s);
+        }
+        last.clone_from(id);
+    }
+    let next_after = if has_more { last } else { String::new() };
+    Ok(ConversationList { conversations, has_more, next_after })
 }
 
 fn summary(r: &Reader, id: &str, user: &str) -> Result<Option<ConversationSummary>, Reject> {

@@ -11,6 +11,7 @@ pub mod receipts;
 pub mod send;
 pub mod sync;
 pub mod typing;
+pub mod userread;
 
 use std::rc::Rc;
 
@@ -128,6 +129,31 @@ impl Ctx<'_> {
                 Reject::new(ErrorCode::Unavailable, "the conversation is moving; retry shortly"),
             ),
         }
+    }
+
+    /// Runs a read over the user's conversations (here, and on other nodes for partitions
+    /// this one holds no copy of: [`userread`]) and replies with `kind` of its answer.
+    pub fn user_read(
+        &self,
+        request_id: u64,
+        read: userread::UserRead,
+        kind: fn(userread::UserReadReply) -> Option<server_frame::Kind>,
+    ) {
+        self.session.request_started();
+        let shard = self.shard.clone();
+        let session = self.session.clone();
+        tokio::task::spawn_local(async move {
+            let user = session.user.clone();
+            let frame = match userread::gather(&shard, user, read).await.map(kind) {
+                Ok(Some(kind)) => ServerFrame::reply(request_id, kind),
+                Ok(None) => {
+                    crate::shard::error_frame(request_id, ErrorCode::Internal, "internal error")
+                }
+                Err(r) => crate::shard::error_frame(request_id, r.code, r.message),
+            };
+            session.out.push(Encoded::of(&frame));
+            session.request_done();
+        });
     }
 
     /// Runs `read` on a blocking thread against the durable snapshot, then sends its result

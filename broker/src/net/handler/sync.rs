@@ -15,7 +15,9 @@ use switchboard_protocol::{
 };
 
 use super::history::{access, decode};
+use super::userread::{UserRead, UserReadReply};
 use super::{Ctx, REPLY_OVERHEAD, Reject};
+use crate::cluster::placement::PartitionSet;
 use crate::storage::Reader;
 
 /// Most feed events per page.
@@ -31,14 +33,34 @@ pub fn handle(ctx: &Ctx<'_>, request_id: u64, req: switchboard_protocol::Sync) {
         return;
     }
     let limits = &ctx.shard.config.limits;
-    let limit = clamp(req.limit, limits.max_sync_limit);
-    let budget = limits.max_frame_bytes - REPLY_OVERHEAD;
-    let user = ctx.session.user.clone();
-    let clustered = ctx.shard.cluster.is_some();
-    ctx.read(request_id, move |r| {
-        page(r, &user, &position, limit, &req.continuation, budget, clustered)
-            .map(server_frame::Kind::Sync)
+    let read = UserRead::Sync {
+        position,
+        limit: clamp(req.limit, limits.max_sync_limit),
+        continuation: req.continuation.to_vec(),
+        budget: limits.max_frame_bytes - REPLY_OVERHEAD,
+    };
+    ctx.user_read(request_id, read, |reply| match reply {
+        UserReadReply::Sync(page) => Some(server_frame::Kind::Sync(page)),
+        _ => None,
     });
+}
+
+/// What one sync page covers.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    /// Only conversations of these partitions (a cluster node reads those it holds and asks
+    /// other nodes for the rest); `None`: all.
+    pub only: Option<&'a PartitionSet>,
+    /// Include the user's feed events (kept by the node the session is on).
+    pub feed: bool,
+    /// In a cluster (see [`page`]).
+    pub clustered: bool,
+}
+
+impl Scope<'_> {
+    fn covers(&self, conversation: &str) -> bool {
+        self.only.is_none_or(|s| s.contains(crate::shard::partition(conversation)))
+    }
 }
 
 /// The effective page size for a requested `limit`.
@@ -59,7 +81,7 @@ pub fn check(position: &SyncPosition) -> Result<(), Reject> {
 }
 
 /// Where a page stopped: (conversation, last seq included).
-fn encode_token(conv: &str, seq: u64) -> Vec<u8> {
+pub(crate) fn encode_token(conv: &str, seq: u64) -> Vec<u8> {
     let mut t = Vec::with_capacity(2 + conv.len() + 8);
     t.put_u8(1);
     #[allow(clippy::cast_possible_truncation)]
@@ -69,7 +91,7 @@ fn encode_token(conv: &str, seq: u64) -> Vec<u8> {
     t
 }
 
-fn decode_token(mut t: &[u8]) -> Result<Option<(String, u64)>, Reject> {
+pub(crate) fn decode_token(mut t: &[u8]) -> Result<Option<(String, u64)>, Reject> {
     if t.is_empty() {
         return Ok(None);
     }
@@ -86,9 +108,9 @@ fn decode_token(mut t: &[u8]) -> Result<Option<(String, u64)>, Reject> {
     Ok(Some((conv, t.get_u64())))
 }
 
-/// Builds one sync page.
+/// Builds one sync page of the conversations in `scope`.
 ///
-/// In a cluster (`clustered`), a cursor beyond this node's head is not reset: the client
+/// In a cluster (`scope.clustered`), a cursor beyond this node's head is not reset: the client
 /// learned those entries from the leader (its own acks, forwarded replies) before this
 /// replica applied them, and nothing acknowledged is ever lost there.
 ///
@@ -101,10 +123,12 @@ pub fn page(
     limit: usize,
     continuation: &[u8],
     budget: usize,
-    clustered: bool,
+    scope: Scope<'_>,
 ) -> Result<SyncPage, Reject> {
+    let clustered = scope.clustered;
     let token = decode_token(continuation)?;
-    let mut feed_events = r.feed(user, position.feed_position, FEED_PAGE)?;
+    let mut feed_events =
+        if scope.feed { r.feed(user, position.feed_position, FEED_PAGE)? } else { Vec::new() };
     let mut feed_full = feed_events.len() == FEED_PAGE;
     // Feed events take at most half the page.
     let mut size = 0;
@@ -138,7 +162,7 @@ pub fn page(
         let mut seen = std::collections::HashSet::new();
         for c in &position.cursors {
             let id = c.conversation_id.as_str();
-            if !seen.insert(id) || size > budget / 2 {
+            if !seen.insert(id) || size > budget / 2 || !scope.covers(id) {
                 continue;
             }
             if r.member(id, user)?.is_none() {
@@ -163,6 +187,9 @@ pub fn page(
         }
         while let Some(conv) = pending.pop() {
             after.clone_from(&conv);
+            if !scope.covers(&conv) {
+                continue;
+            }
             let a = match access(r, &conv, user) {
                 Ok(a) => a,
                 Err(_) => continue, // left since the token was made
