@@ -300,8 +300,8 @@ pub struct ClusterConfig {
     pub dead_node_grace_ms: u64,
     /// Replicas per partition (R). Default 3; with fewer nodes every node holds every
     /// partition and the loss of a node is not survivable. Run as many nodes as replicas
-    /// (nodes outside a partition's replica set forward its reads but get no live pushes for it
-    /// yet).
+    /// (nodes outside a partition's replica set forward its reads and follow it through its
+    /// leader, with the limits docs/cluster.md lists).
     pub replication: usize,
     /// The control plane is founded once this many nodes are live in gossip. Default 3.
     pub bootstrap_expect: usize,
@@ -917,9 +917,10 @@ gossip_interval_ms = {gossip_interval}
 phi_threshold = {phi:?}
 # A node suspected down for this long is forgotten.
 dead_node_grace_ms = {dead_grace}
-# Replicas per partition. With fewer nodes, node loss is not survivable. Clients see every
-# conversation on every node only while each node holds every partition: run as many nodes
-# as replicas (3, or 5 with replication = 5, ...).
+# Replicas per partition. With fewer nodes, node loss is not survivable. With more nodes than
+# replicas, nodes read and follow the partitions they do not hold through other nodes, with
+# the limits docs/cluster.md lists; as many nodes as replicas (3, or 5 with replication = 5)
+# avoids them.
 replication = {replication}
 # The control plane (Raft) is founded once this many nodes are live; use 1 for a one-node
 # cluster. Nodes that come later join it.

@@ -1674,3 +1674,109 @@ async fn given_members_online_on_other_nodes_should_notify_only_the_offline_one(
     let more = hook.next(std::time::Duration::from_millis(2_500)).await;
     assert!(more.is_none(), "another notification: {:?}", more.map(|r| r.json()));
 }
+
+/// The next push on `c` that satisfies `pred`, within [`WAIT`].
+async fn next_push(
+    c: &mut RawConn,
+    what: &str,
+    pred: impl Fn(&server_frame::Kind) -> bool,
+) -> server_frame::Kind {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, c.recv()).await;
+        let frame = frame.unwrap_or_else(|_| panic!("no {what} within {WAIT:?}"));
+        let kind = frame.and_then(|f| f.kind).unwrap_or_else(|| panic!("closed before {what}"));
+        if pred(&kind) {
+            return kind;
+        }
+    }
+}
+
+#[tokio::test]
+async fn given_a_session_on_a_node_without_a_copy_should_get_the_conversation_live_across_a_failover_until_removed()
+ {
+    let mut cluster = Cluster::start(3, &fast_gossip());
+    wait_all_serving(&cluster, &[0, 1, 2]).await;
+    cluster.add_node(&fast_gossip());
+    let target = Placement::uniform([1, 2, 3, 4], 3).expect("placement");
+    wait_table(&cluster, 0, "partitions settled over four nodes", |p| {
+        p.len() == 1024 && p.iter().zip(target.iter()).all(|(a, (_, want))| settled_on(a, want))
+    })
+    .await;
+    wait_all_serving(&cluster, &[0, 1, 2, 3]).await;
+    // A group node 4 holds no copy of, led by node 2 or 3 (bob is on node 1).
+    let conv = (0..)
+        .map(|n| format!("far-{n}"))
+        .find(|c| {
+            let p = switchboard_broker::shard::partition(c);
+            target.iter().any(|(q, want)| q == p && !want.contains(&4) && want[0] != 1)
+        })
+        .expect("a conversation outside node 4");
+    let (bob, _bob_events) = cluster.nodes[0].client("bob").await;
+    bob.create_group_with_id(
+        &conv,
+        "far",
+        ["alice"],
+        switchboard_client::HistoryVisibility::Shared,
+    )
+    .await
+    .expect("create");
+    // Alice connects to node 4: her session follows the group through its leader.
+    let (mut alice, _) = cluster.nodes[3].raw_as("alice").await;
+    let is_message = |seq: u64| {
+        let conv = conv.clone();
+        move |k: &server_frame::Kind| matches!(k, server_frame::Kind::Message(m) if m.conversation_id == conv && m.seq == seq)
+    };
+    for n in 0..5u64 {
+        let ack = bob.send(&conv, switchboard_client::Content::text(format!("m{n}"))).await;
+        assert_eq!(ack.expect("send").seq, n + 2);
+    }
+    for seq in 2..=6 {
+        next_push(&mut alice, &format!("message {seq}"), is_message(seq)).await;
+    }
+    bob.typing(&conv, true).await.expect("typing");
+    next_push(
+        &mut alice,
+        "bob typing",
+        |k| matches!(k, server_frame::Kind::Typing(t) if t.user_id == "bob" && t.active),
+    )
+    .await;
+
+    // The leader dies: the new one learns of node 4's interest at its next refresh and sends
+    // what it missed, then every new message.
+    let leader = table(&cluster, 0).await["partitions"]
+        [usize::from(switchboard_broker::shard::partition(&conv))]["leader"]
+        .as_u64()
+        .expect("leader");
+    cluster.nodes[usize::try_from(leader - 1).expect("index")].kill();
+    for n in 0..5u64 {
+        let key = format!("after-{n}");
+        for attempt in 0.. {
+            assert!(attempt < 100, "{key} not acknowledged");
+            let content = switchboard_client::Content::text(key.clone());
+            if bob.send_with_id(&conv, key.clone(), content).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    for seq in 7..=11 {
+        next_push(&mut alice, &format!("message {seq} after the failover"), is_message(seq)).await;
+    }
+
+    // Removed, alice gets the removal and nothing after it.
+    bob.remove_members(&conv, ["alice"]).await.expect("remove");
+    next_push(&mut alice, "her removal", is_message(12)).await;
+    bob.send(&conv, switchboard_client::Content::text("secret")).await.expect("send");
+    let late = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+        loop {
+            match alice.recv().await.and_then(|f| f.kind) {
+                Some(server_frame::Kind::Message(m)) if m.conversation_id == conv => return m,
+                Some(_) => {}
+                None => std::future::pending::<()>().await,
+            }
+        }
+    })
+    .await;
+    assert!(late.is_err(), "a removed member got {late:?}");
+}

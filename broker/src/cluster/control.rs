@@ -656,8 +656,8 @@ async fn run(
                             nodes = members.len(),
                             replication = settings.replication,
                             "more nodes than replicas: a node outside a conversation's replica \
-                             set forwards its reads but gets no live pushes for it \
-                             (docs/cluster.md, Limits); set cluster.replication to the node count"
+                             set reads and follows it through other nodes, with the limits in \
+                             docs/cluster.md; cluster.replication = node count avoids them"
                         );
                     }
                     cached = Placement::uniform(members.iter().copied(), settings.replication)
@@ -980,6 +980,12 @@ async fn peer_request(peers: &Peers, req: Request<hyper::body::Incoming>) -> Res
             };
         }
         REMOVE_PATH => return remove_node(peers, &body).await,
+        crate::shard::interest::PATH => {
+            return match crate::shard::interest::serve(&peers.shards, &body).await {
+                Some(reply) => json(StatusCode::OK, reply),
+                None => json(StatusCode::BAD_REQUEST, Vec::new()),
+            };
+        }
         crate::net::handler::userread::PATH => {
             let Some(storage) = peers.storage.clone() else {
                 return json(StatusCode::NOT_FOUND, Vec::new());

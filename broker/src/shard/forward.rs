@@ -6,6 +6,7 @@
 //! the other nodes replicating the conversation, for their sessions (best effort: a full queue
 //! or an unreachable node drops them, like a slow session drops typing).
 
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,7 +101,7 @@ impl Shard {
     }
 
     /// A snapshot of what [`Shard::read_at`] decides from (`None`: clustering is off).
-    fn locator(&self) -> Option<Locator<'_>> {
+    pub(crate) fn locator(&self) -> Option<Locator<'_>> {
         let cluster = self.cluster.as_ref()?;
         let view = cluster.gossip.borrow().clone();
         let live = view.members.iter().filter(|m| m.live).map(|m| m.id).collect();
@@ -193,14 +194,27 @@ impl Shard {
         droppable: bool,
     ) {
         let Some(cluster) = &self.cluster else { return };
-        let me = cluster.gossip.borrow().self_id;
         let replicas: Vec<NodeId> = {
             let control = cluster.control.borrow();
             let p = usize::from(super::partition(conversation));
             control.machine.table.partitions.get(p).map(|a| a.replicas.clone()).unwrap_or_default()
         };
+        self.push_to_nodes(replicas, conversation, frame, droppable);
+    }
+
+    /// Sends a push for `conversation`'s sessions to `nodes` (this one skipped), in order per
+    /// node (best effort: a full queue drops it).
+    pub(crate) fn push_to_nodes(
+        self: &Rc<Self>,
+        nodes: Vec<NodeId>,
+        conversation: &Arc<str>,
+        frame: &SharedFrame,
+        droppable: bool,
+    ) {
+        let Some(cluster) = &self.cluster else { return };
+        let me = cluster.gossip.borrow().self_id;
         let mut queues = self.pushes.borrow_mut();
-        for node in replicas.into_iter().filter(|n| *n != me) {
+        for node in nodes.into_iter().filter(|n| *n != me) {
             let tx = queues.entry(node).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(QUEUE);
                 tokio::task::spawn_local(push_loop(self.clone(), node, rx));
@@ -208,6 +222,47 @@ impl Shard {
             });
             let push = Push { conversation: conversation.clone(), frame: frame.clone(), droppable };
             let _ = tx.try_send(push);
+        }
+    }
+
+    /// Renews this owner's followed conversations with the nodes they are read on, and hands
+    /// what each answer catches up back to the owner (`super::interest`).
+    pub(crate) fn refresh_followed(self: &Rc<Self>, items: Vec<(Arc<str>, u64)>) {
+        let Some(cluster) = &self.cluster else { return };
+        let me = cluster.gossip.borrow().self_id;
+        let mut by_node: HashMap<NodeId, Vec<(Arc<str>, u64)>> = HashMap::new();
+        let Some(locator) = self.locator() else { return };
+        for (conversation, after) in items {
+            if let ReadAt::Node(n) = locator.locate(super::partition(&conversation)) {
+                by_node.entry(n).or_default().push((conversation, after));
+            }
+        }
+        drop(locator);
+        for (node, items) in by_node {
+            let shard = self.clone();
+            tokio::task::spawn_local(async move {
+                let request = super::interest::wire::Request {
+                    node: me,
+                    items: items
+                        .iter()
+                        .map(|(c, after)| super::interest::wire::Item {
+                            conversation: c.to_string(),
+                            after_seq: *after,
+                            user: String::new(),
+                        })
+                        .collect(),
+                };
+                let Some(replies) = super::interest::post(&shard, node, request).await else {
+                    return;
+                };
+                for ((conversation, _), reply) in items.into_iter().zip(replies) {
+                    if reply.ok && !reply.entries.is_empty() {
+                        let msg =
+                            super::OwnerMsg::CaughtUp { conversation, entries: reply.entries };
+                        shard.handle_owner(msg);
+                    }
+                }
+            });
         }
     }
 

@@ -372,27 +372,48 @@ pub(crate) async fn subscribe(
             by_owner.entry(owner_shard(partition(&conv), shard.count)).or_default().push(conv);
         }
     }
+    // Conversations this node holds no copy of are followed through their leaders, once the
+    // leader has checked the membership and recorded this node's interest.
+    let all: Vec<Arc<str>> = by_owner.values().flatten().cloned().collect();
+    let followed = register_followed(shard, user, &all).await;
     let mut waits = Vec::with_capacity(by_owner.len());
     for (owner, conversations) in by_owner {
-        let (tx, rx) = oneshot::channel();
-        let token = {
-            let mut local = shard.local.borrow_mut();
-            local.next_token += 1;
-            let token = local.next_token;
-            local.waiters.insert(token, tx);
-            token
-        };
-        shard.send_owner_at(
-            owner,
-            OwnerMsg::Subscribe {
-                shard: shard.id,
-                user: user.clone(),
-                sessions: sessions.to_vec(),
-                conversations: conversations.clone(),
-                token,
-            },
-        );
-        waits.push(async move { (conversations, rx.await) });
+        let (here, remote): (Vec<Arc<str>>, Vec<Arc<str>>) =
+            conversations.into_iter().partition(|c| !followed.contains_key(c));
+        for (conversations, remote) in [(here, false), (remote, true)] {
+            if conversations.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let token = {
+                let mut local = shard.local.borrow_mut();
+                local.next_token += 1;
+                let token = local.next_token;
+                local.waiters.insert(token, tx);
+                token
+            };
+            let msg = if remote {
+                OwnerMsg::SubscribeFollowed {
+                    shard: shard.id,
+                    sessions: sessions.to_vec(),
+                    conversations: conversations
+                        .iter()
+                        .map(|c| (c.clone(), followed.get(c).copied().flatten()))
+                        .collect(),
+                    token,
+                }
+            } else {
+                OwnerMsg::Subscribe {
+                    shard: shard.id,
+                    user: user.clone(),
+                    sessions: sessions.to_vec(),
+                    conversations: conversations.clone(),
+                    token,
+                }
+            };
+            shard.send_owner_at(owner, msg);
+            waits.push(async move { (conversations, rx.await) });
+        }
     }
     let mut accepted = Vec::new();
     let mut failed = false;
@@ -410,6 +431,71 @@ pub(crate) async fn subscribe(
         }
     }
     if failed { Err(Unavailable) } else { Ok(accepted) }
+}
+
+/// Registers this node's interest in those of `convs` whose partition it holds no complete
+/// copy of (cluster, more nodes than replicas) with the node each is read on: per conversation,
+/// its committed head, or `None` when `user` is not a member. A conversation whose leader
+/// does not answer (after a few attempts, planned again each time) is answered `None` too:
+/// its sessions then get it through sync only, and the log says so.
+async fn register_followed(
+    shard: &Rc<Shard>,
+    user: &Arc<str>,
+    convs: &[Arc<str>],
+) -> HashMap<Arc<str>, Option<u64>> {
+    use super::ReadAt;
+    use super::interest::wire;
+    let mut out = HashMap::new();
+    let Some(cluster) = &shard.cluster else { return out };
+    let me = cluster.gossip.borrow().self_id;
+    let mut todo: Vec<Arc<str>> = match shard.locator() {
+        Some(l) => {
+            convs.iter().filter(|c| l.locate(partition(c)) != ReadAt::Here).cloned().collect()
+        }
+        None => Vec::new(),
+    };
+    for attempt in 0..3u64 {
+        if todo.is_empty() {
+            break;
+        }
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+        }
+        let mut by_node: HashMap<crate::cluster::NodeId, Vec<Arc<str>>> = HashMap::new();
+        if let Some(l) = shard.locator() {
+            for c in &todo {
+                if let ReadAt::Node(n) = l.locate(partition(c)) {
+                    by_node.entry(n).or_default().push(c.clone());
+                }
+            }
+        }
+        let asks = by_node.into_iter().map(|(node, convs)| async move {
+            let items = convs
+                .iter()
+                .map(|c| wire::Item {
+                    conversation: c.to_string(),
+                    after_seq: 0,
+                    user: user.to_string(),
+                })
+                .collect();
+            let request = wire::Request { node: me, items };
+            (convs, super::interest::post(shard, node, request).await)
+        });
+        for (convs, replies) in futures::future::join_all(asks).await {
+            let Some(replies) = replies else { continue };
+            for (c, r) in convs.into_iter().zip(replies) {
+                if r.ok {
+                    out.insert(c, r.member.then_some(r.head));
+                }
+            }
+        }
+        todo.retain(|c| !out.contains_key(c));
+    }
+    for c in todo {
+        tracing::warn!(conversation = %c, "no leader answered an interest registration; the conversation reaches this node's sessions through sync only");
+        out.insert(c, None);
+    }
+    out
 }
 
 /// An owner could not answer a subscription (storage failure or shutdown).

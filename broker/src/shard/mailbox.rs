@@ -252,6 +252,41 @@ pub enum OwnerMsg {
         /// The conversation.
         conversation: Arc<str>,
     },
+    /// (On a conversation's leader.) Another node registers or renews its interest
+    /// ([`super::interest`]).
+    Interest {
+        /// The node.
+        node: crate::cluster::NodeId,
+        /// A registration: the user whose sessions subscribe (must be a member).
+        user: Option<Arc<str>>,
+        /// The conversation.
+        conversation: Arc<str>,
+        /// A refresh: entries after this seq are sent back.
+        after_seq: u64,
+        /// The answer.
+        reply: oneshot::Sender<super::interest::wire::ItemReply>,
+    },
+    /// (On a node that holds no copy.) Sessions of `shard` subscribe to conversations whose
+    /// leaders answered their registrations: each with its committed head, or `None` when the
+    /// user is not a member. Answered like `Subscribe`.
+    SubscribeFollowed {
+        /// The asking shard.
+        shard: usize,
+        /// The sessions, on the asking shard.
+        sessions: Vec<u64>,
+        /// Conversations and heads.
+        conversations: Vec<(Arc<str>, Option<u64>)>,
+        /// Echoed in the answer.
+        token: u64,
+    },
+    /// (On a node that holds no copy.) A refresh's catch-up: the encoded messages after the
+    /// last seq delivered here.
+    CaughtUp {
+        /// The conversation.
+        conversation: Arc<str>,
+        /// The encoded `Message`s, ascending.
+        entries: super::interest::Entries,
+    },
 }
 
 /// Messages for a user's home shard.
@@ -461,6 +496,11 @@ pub struct Outgoing {
     pub peers: Vec<(Arc<str>, SharedFrame, bool)>,
     /// Presence reports, snapshots and changes for other nodes (cluster), by node.
     pub presence: Vec<(crate::cluster::NodeId, crate::cluster::presence::Out)>,
+    /// Pushes for nodes that registered interest in the conversation (cluster):
+    /// (nodes, conversation, frame, droppable).
+    pub nodes: Vec<(Vec<crate::cluster::NodeId>, Arc<str>, SharedFrame, bool)>,
+    /// Followed conversations to refresh with their leaders: (conversation, last seq).
+    pub refresh: Vec<(Arc<str>, u64)>,
 }
 
 /// A request to forward to the node that leads its conversation.
@@ -490,6 +530,8 @@ impl Outgoing {
             forward: Vec::new(),
             peers: Vec::new(),
             presence: Vec::new(),
+            nodes: Vec::new(),
+            refresh: Vec::new(),
         }
     }
 

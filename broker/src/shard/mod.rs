@@ -28,6 +28,7 @@
 mod forward;
 pub(crate) use forward::{ReadAt, complete};
 pub mod home;
+pub mod interest;
 pub mod local;
 pub mod mailbox;
 pub mod outbound;
@@ -434,7 +435,7 @@ impl Shard {
         }
     }
 
-    fn handle_owner(self: &Rc<Self>, msg: OwnerMsg) {
+    pub(crate) fn handle_owner(self: &Rc<Self>, msg: OwnerMsg) {
         let mut out = mailbox::Outgoing::new(self.count);
         self.owner.borrow_mut().handle(msg, &mut out);
         self.dispatch(out);
@@ -458,6 +459,8 @@ impl Shard {
             forward,
             peers,
             presence,
+            nodes,
+            refresh,
         } = out;
         if stored > 0 {
             self.stats.messages_stored.set(self.stats.messages_stored.get() + stored);
@@ -489,6 +492,12 @@ impl Shard {
         }
         for (node, item) in presence {
             self.presence_to(node, item);
+        }
+        for (to, conversation, frame, droppable) in nodes {
+            self.push_to_nodes(to, &conversation, &frame, droppable);
+        }
+        if !refresh.is_empty() {
+            self.refresh_followed(refresh);
         }
         if flush {
             self.schedule_flush();

@@ -119,9 +119,18 @@ struct Conv {
     receipt_flushed: HashMap<Arc<str>, Instant>,
     /// Each member's last forwarded typing state.
     typing: HashMap<Arc<str>, (Instant, bool)>,
+    /// Nodes without a copy that follow this conversation through this leader's pushes, and
+    /// when each last renewed its interest (`super::interest`).
+    nodes: HashMap<crate::cluster::NodeId, Instant>,
 }
 
 impl Conv {
+    /// The nodes whose interest has not lapsed; lapsed ones are forgotten.
+    fn following_nodes(&mut self, now: Instant) -> Vec<crate::cluster::NodeId> {
+        self.nodes.retain(|_, at| now.duration_since(*at) < super::interest::LEASE);
+        self.nodes.keys().copied().collect()
+    }
+
     /// Replaces what the store holds (after the partition's serving epoch changed); keeps who
     /// is interested here.
     fn reload(&mut self, l: LoadedConversation) {
@@ -150,6 +159,7 @@ impl Conv {
             waiting: Vec::new(),
             receipt_flushed: HashMap::new(),
             typing: HashMap::new(),
+            nodes: HashMap::new(),
         }
     }
 
@@ -461,6 +471,10 @@ pub struct Owner {
     typing_expires_ms: u32,
     /// Send→ack latency, registered once (not looked up per acknowledged message).
     ack_latency: metrics::Histogram,
+    /// Conversations this node holds no copy of, followed through their leaders' pushes.
+    followed: HashMap<Arc<str>, super::interest::Followed>,
+    /// When the followed conversations were last refreshed.
+    refreshed: Instant,
 }
 
 impl std::fmt::Debug for Owner {
@@ -573,6 +587,8 @@ impl Owner {
             push_group_max: config.push.webhook_url.as_ref().map(|_| config.push.max_group_size),
             typing_expires_ms: u32::try_from(config.presence.typing_expires_ms).unwrap_or(u32::MAX),
             ack_latency: metrics::histogram!(crate::metrics::SEND_ACK_SECONDS),
+            followed: HashMap::new(),
+            refreshed: Instant::now(),
         }
     }
 
@@ -603,6 +619,12 @@ impl Owner {
     /// Periodic work: receipts whose coalescing second has passed are written and pushed;
     /// stale typing states are forgotten.
     pub fn tick(&mut self, now: Instant, out: &mut Outgoing) {
+        if !self.followed.is_empty()
+            && now.duration_since(self.refreshed) >= super::interest::REFRESH
+        {
+            self.refreshed = now;
+            out.refresh.extend(self.followed.iter().map(|(c, f)| (c.clone(), f.last_seq)));
+        }
         let due: Vec<(Arc<str>, Arc<str>)> = self
             .pending_receipts
             .iter()
@@ -730,6 +752,9 @@ impl Owner {
                 );
             }
             OwnerMsg::Deliver { conversation, frame, droppable } => {
+                if self.followed.contains_key(&conversation) {
+                    self.deliver_followed(&conversation, &frame, droppable, out);
+                }
                 // From the conversation's leader on another node (typing, receipts).
                 let Some(c) = self.convs.get(&conversation) else { return };
                 for shard in (0..self.shards).filter(|s| c.interested & (1 << s) != 0) {
@@ -747,6 +772,43 @@ impl Owner {
             OwnerMsg::Unsubscribe { shard, conversation } => {
                 if let Some(c) = self.convs.get_mut(&conversation) {
                     c.interested &= !(1 << shard);
+                }
+                if let Some(f) = self.followed.get_mut(&conversation) {
+                    f.interested &= !(1 << shard);
+                    if f.interested == 0 {
+                        self.followed.remove(&conversation);
+                    }
+                }
+            }
+            OwnerMsg::Interest { node, user, conversation, after_seq, reply } => {
+                let _ = reply.send(self.interest(node, user, &conversation, after_seq, out));
+            }
+            OwnerMsg::SubscribeFollowed { shard, sessions, conversations, token } => {
+                let mut ids = Vec::with_capacity(conversations.len());
+                let mut outcomes = Vec::with_capacity(conversations.len());
+                for (id, head) in conversations {
+                    outcomes.push(match head {
+                        Some(head) => {
+                            let f = self.followed.entry(id.clone()).or_default();
+                            if f.interested == 0 {
+                                f.last_seq = head;
+                            }
+                            f.interested |= 1 << shard;
+                            Membership::Member
+                        }
+                        None => Membership::NotMember,
+                    });
+                    ids.push(id);
+                }
+                out.push_local(
+                    shard,
+                    LocalMsg::Subscribed { token, sessions, conversations: ids, outcomes },
+                );
+            }
+            OwnerMsg::CaughtUp { conversation, entries } => {
+                for raw in entries {
+                    let frame = Encoded::new(encode_message_push(&raw));
+                    self.deliver_followed(&conversation, &frame, false, out);
                 }
             }
         }
@@ -1114,6 +1176,10 @@ impl Owner {
                 })));
             if self.routing.is_some() {
                 out.peers.push((conv.id.clone(), frame.clone(), true));
+                let nodes = conv.following_nodes(now);
+                if !nodes.is_empty() {
+                    out.nodes.push((nodes, conv.id.clone(), frame.clone(), true));
+                }
             }
             for shard in (0..self.shards).filter(|s| conv.interested & (1 << s) != 0) {
                 out.push_local(
@@ -1368,9 +1434,13 @@ impl Owner {
         for effect in effects {
             match effect {
                 Effect::Broadcast { conv, frame, skip } => {
-                    let Some(c) = self.convs.get(&conv) else { continue };
+                    let Some(c) = self.convs.get_mut(&conv) else { continue };
                     if self.routing.is_some() {
                         out.peers.push((conv.clone(), frame.clone(), false));
+                        let nodes = c.following_nodes(Instant::now());
+                        if !nodes.is_empty() {
+                            out.nodes.push((nodes, conv.clone(), frame.clone(), false));
+                        }
                     }
                     for shard in (0..shards).filter(|s| c.interested & (1 << s) != 0) {
                         out.push_local(
@@ -1387,6 +1457,10 @@ impl Owner {
                 Effect::Entry { conv, seq, frame, skip, pending, revoke, notify } => {
                     let Some(c) = self.convs.get_mut(&conv) else { continue };
                     c.durable_seq = c.durable_seq.max(seq);
+                    if !c.nodes.is_empty() {
+                        let nodes = c.following_nodes(Instant::now());
+                        out.nodes.push((nodes, conv.clone(), frame.clone(), false));
+                    }
                     let interested: Vec<usize> =
                         (0..shards).filter(|s| c.interested & (1 << s) != 0).collect();
                     for &shard in &interested {
@@ -1453,6 +1527,95 @@ impl Owner {
                     event.user_seq = seqs.next().unwrap_or(0);
                     feed_event(user, event, out);
                 }
+            }
+        }
+    }
+
+    /// (On the leader.) Records or renews another node's interest in a conversation: a
+    /// registration names the user, who must be a member; a refresh gets the committed
+    /// entries after `after_seq` back (up to [`super::interest::CATCH_UP`]).
+    fn interest(
+        &mut self,
+        node: crate::cluster::NodeId,
+        user: Option<Arc<str>>,
+        conversation: &str,
+        after_seq: u64,
+        out: &mut Outgoing,
+    ) -> super::interest::wire::ItemReply {
+        use super::interest::wire::ItemReply;
+        if self.poisoned || self.routing.is_none() || self.check_serving(conversation, out).is_err()
+        {
+            return ItemReply::default();
+        }
+        let storage = self.storage.clone();
+        let c = match self.current(conversation) {
+            Ok(Some(c)) => c,
+            Ok(None) => return ItemReply { ok: true, ..ItemReply::default() },
+            Err(_) => return ItemReply::default(),
+        };
+        let member = user.as_ref().is_none_or(|u| c.members.contains_key(u));
+        let head = c.durable_seq;
+        if !member {
+            return ItemReply { ok: true, member, head, entries: Vec::new() };
+        }
+        c.nodes.insert(node, Instant::now());
+        let mut entries = Vec::new();
+        if user.is_none() && after_seq < head {
+            let to = head.min(after_seq.saturating_add(super::interest::CATCH_UP as u64));
+            let reader = storage.reader();
+            for item in reader.entries(c.partition, conversation, after_seq + 1, to + 1, false) {
+                match item {
+                    Ok((_, entry)) => entries.push(entry.message),
+                    Err(_) => return ItemReply::default(),
+                }
+            }
+        }
+        ItemReply { ok: true, member, head, entries }
+    }
+
+    /// (On a node that holds no copy.) Delivers a push from the leader of a followed
+    /// conversation to the interested shards here: a message once, in seq order as far as it
+    /// arrives so, revoking the subscriptions of members it removes.
+    fn deliver_followed(
+        &mut self,
+        conversation: &Arc<str>,
+        frame: &SharedFrame,
+        droppable: bool,
+        out: &mut Outgoing,
+    ) {
+        let Some(f) = self.followed.get_mut(conversation) else { return };
+        let decoded = ServerFrame::decode(frame.payload()).ok();
+        let mut revoke: Vec<Arc<str>> = Vec::new();
+        if let Some(server_frame::Kind::Message(m)) = decoded.and_then(|d| d.kind) {
+            if m.seq <= f.last_seq {
+                return; // delivered already
+            }
+            if m.seq == f.last_seq + 1 {
+                f.last_seq = m.seq;
+            }
+            revoke = match m.system.as_ref().and_then(|s| s.kind.as_ref()) {
+                Some(system_event::Kind::MembersRemoved(r)) => {
+                    r.users.iter().map(|u| Arc::from(u.as_str())).collect()
+                }
+                Some(system_event::Kind::MemberLeft(l)) => vec![Arc::from(l.user.as_str())],
+                _ => Vec::new(),
+            };
+        }
+        for shard in (0..self.shards).filter(|s| f.interested & (1 << s) != 0) {
+            out.push_local(
+                shard,
+                LocalMsg::Deliver {
+                    conversation: conversation.clone(),
+                    frame: frame.clone(),
+                    skip: None,
+                    droppable,
+                },
+            );
+            for user in &revoke {
+                out.push_local(
+                    shard,
+                    LocalMsg::Revoke { conversation: conversation.clone(), user: user.clone() },
+                );
             }
         }
     }
