@@ -757,17 +757,7 @@ impl Owner {
                 }
                 // From the conversation's leader on another node (typing, receipts).
                 let Some(c) = self.convs.get(&conversation) else { return };
-                for shard in (0..self.shards).filter(|s| c.interested & (1 << s) != 0) {
-                    out.push_local(
-                        shard,
-                        LocalMsg::Deliver {
-                            conversation: conversation.clone(),
-                            frame: frame.clone(),
-                            skip: None,
-                            droppable,
-                        },
-                    );
-                }
+                deliver(out, self.shards, c.interested, &conversation, &frame, droppable, &[]);
             }
             OwnerMsg::Unsubscribe { shard, conversation } => {
                 if let Some(c) = self.convs.get_mut(&conversation) {
@@ -1593,31 +1583,9 @@ impl Owner {
             if m.seq == f.last_seq + 1 {
                 f.last_seq = m.seq;
             }
-            revoke = match m.system.as_ref().and_then(|s| s.kind.as_ref()) {
-                Some(system_event::Kind::MembersRemoved(r)) => {
-                    r.users.iter().map(|u| Arc::from(u.as_str())).collect()
-                }
-                Some(system_event::Kind::MemberLeft(l)) => vec![Arc::from(l.user.as_str())],
-                _ => Vec::new(),
-            };
+            revoke = removed_by(&m);
         }
-        for shard in (0..self.shards).filter(|s| f.interested & (1 << s) != 0) {
-            out.push_local(
-                shard,
-                LocalMsg::Deliver {
-                    conversation: conversation.clone(),
-                    frame: frame.clone(),
-                    skip: None,
-                    droppable,
-                },
-            );
-            for user in &revoke {
-                out.push_local(
-                    shard,
-                    LocalMsg::Revoke { conversation: conversation.clone(), user: user.clone() },
-                );
-            }
-        }
+        deliver(out, self.shards, f.interested, conversation, frame, droppable, &revoke);
     }
 
     /// Committed entries applied here that another leader proposed (cluster: this node follows
@@ -1629,31 +1597,9 @@ impl Owner {
             let Ok(msg) = pb::Message::decode(entry.message.clone()) else { continue };
             let Some(c) = self.convs.get_mut(msg.conversation_id.as_str()) else { continue };
             c.durable_seq = c.durable_seq.max(msg.seq);
-            let revoke: Vec<Arc<str>> = match msg.system.as_ref().and_then(|s| s.kind.as_ref()) {
-                Some(system_event::Kind::MembersRemoved(m)) => {
-                    m.users.iter().map(|u| Arc::from(u.as_str())).collect()
-                }
-                Some(system_event::Kind::MemberLeft(m)) => vec![Arc::from(m.user.as_str())],
-                _ => Vec::new(),
-            };
+            let revoke = removed_by(&msg);
             let frame = Encoded::new(encode_message_push(&entry.message));
-            for shard in (0..self.shards).filter(|s| c.interested & (1 << s) != 0) {
-                out.push_local(
-                    shard,
-                    LocalMsg::Deliver {
-                        conversation: c.id.clone(),
-                        frame: frame.clone(),
-                        skip: None,
-                        droppable: false,
-                    },
-                );
-                for user in &revoke {
-                    out.push_local(
-                        shard,
-                        LocalMsg::Revoke { conversation: c.id.clone(), user: user.clone() },
-                    );
-                }
-            }
+            deliver(out, self.shards, c.interested, &c.id, &frame, false, &revoke);
         }
         for (user, event) in r.feeds {
             feed_event(user, event, out);
@@ -1701,6 +1647,47 @@ fn fail_waiting(conv: &mut Conv, out: &mut Outgoing) {
     for (_, to, frame) in conv.waiting.drain(..) {
         let rid = ServerFrame::decode(frame.payload()).map_or(0, |f| f.request_id);
         out.to_session(to, err(rid), true);
+    }
+}
+
+/// The members a system entry removes (their subscriptions are revoked with it).
+fn removed_by(msg: &pb::Message) -> Vec<Arc<str>> {
+    match msg.system.as_ref().and_then(|s| s.kind.as_ref()) {
+        Some(system_event::Kind::MembersRemoved(m)) => {
+            m.users.iter().map(|u| Arc::from(u.as_str())).collect()
+        }
+        Some(system_event::Kind::MemberLeft(m)) => vec![Arc::from(m.user.as_str())],
+        _ => Vec::new(),
+    }
+}
+
+/// Delivers `frame` to every shard whose bit is set in `interested`, then revokes `revoke`'s
+/// subscriptions there.
+fn deliver(
+    out: &mut Outgoing,
+    shards: usize,
+    interested: u64,
+    conversation: &Arc<str>,
+    frame: &SharedFrame,
+    droppable: bool,
+    revoke: &[Arc<str>],
+) {
+    for shard in (0..shards).filter(|s| interested & (1 << s) != 0) {
+        out.push_local(
+            shard,
+            LocalMsg::Deliver {
+                conversation: conversation.clone(),
+                frame: frame.clone(),
+                skip: None,
+                droppable,
+            },
+        );
+        for user in revoke {
+            out.push_local(
+                shard,
+                LocalMsg::Revoke { conversation: conversation.clone(), user: user.clone() },
+            );
+        }
     }
 }
 
