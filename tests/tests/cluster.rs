@@ -1742,6 +1742,47 @@ async fn given_a_session_on_a_node_without_a_copy_should_get_the_conversation_li
     )
     .await;
 
+    // Added to another such group while connected, her session follows it at once.
+    let other = (0..)
+        .map(|n| format!("far-{n}"))
+        .filter(|c| *c != conv)
+        .find(|c| {
+            let p = switchboard_broker::shard::partition(c);
+            target.iter().any(|(q, want)| q == p && !want.contains(&4))
+        })
+        .expect("another conversation outside node 4");
+    bob.create_group_with_id(
+        &other,
+        "far too",
+        ["alice"],
+        switchboard_client::HistoryVisibility::Shared,
+    )
+    .await
+    .expect("create");
+    // (Her node learns of it in the background: messages sent meanwhile reach her by sync.)
+    let mut sent = 0;
+    let first = loop {
+        sent += 1;
+        assert!(sent < 50, "the new group never reached node 4 live");
+        bob.send(&other, switchboard_client::Content::text("hi")).await.expect("send");
+        let got = tokio::time::timeout(std::time::Duration::from_millis(200), async {
+            loop {
+                match alice.recv().await.and_then(|f| f.kind) {
+                    Some(server_frame::Kind::Message(m)) if m.conversation_id == other => {
+                        return m.seq;
+                    }
+                    Some(_) => {}
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        })
+        .await;
+        if let Ok(seq) = got {
+            break seq;
+        }
+    };
+    assert!(first >= 2, "a message of the new group, seq {first}");
+
     // The leader dies: the new one learns of node 4's interest at its next refresh and sends
     // what it missed, then every new message.
     let leader = table(&cluster, 0).await["partitions"]

@@ -980,6 +980,13 @@ async fn peer_request(peers: &Peers, req: Request<hyper::body::Incoming>) -> Res
             };
         }
         REMOVE_PATH => return remove_node(peers, &body).await,
+        crate::shard::interest::FOLLOW_PATH => {
+            return if crate::shard::interest::serve_follow(&peers.shards, &body) {
+                json(StatusCode::NO_CONTENT, Vec::new())
+            } else {
+                json(StatusCode::BAD_REQUEST, Vec::new())
+            };
+        }
         crate::shard::interest::PATH => {
             return match crate::shard::interest::serve(&peers.shards, &body).await {
                 Some(reply) => json(StatusCode::OK, reply),

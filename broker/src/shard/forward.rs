@@ -266,6 +266,37 @@ impl Shard {
         }
     }
 
+    /// Tells the live nodes without a complete copy of each conversation that a user was added
+    /// to it, so that their sessions of that user follow it (best effort, one request per
+    /// node; `super::interest`).
+    pub(crate) fn follow_elsewhere(self: &Rc<Self>, items: Vec<(Arc<str>, Arc<str>)>) {
+        let Some(locator) = self.locator() else { return };
+        let mut by_node: HashMap<NodeId, Vec<super::interest::wire::Follow>> = HashMap::new();
+        for (user, conversation) in items {
+            let p = usize::from(super::partition(&conversation));
+            let Some(a) = locator.control.machine.table.partitions.get(p) else { continue };
+            for &n in locator.live.iter().filter(|n| **n != locator.me && !complete(a, **n)) {
+                by_node.entry(n).or_default().push(super::interest::wire::Follow {
+                    user: user.to_string(),
+                    conversation: conversation.to_string(),
+                });
+            }
+        }
+        drop(locator);
+        for (node, items) in by_node {
+            let shard = self.clone();
+            tokio::task::spawn_local(async move {
+                let (Some(client), Some(addr)) = (shard.peer_client(), shard.peer_addr(node))
+                else {
+                    return;
+                };
+                let body = super::interest::wire::Follows { items }.encode_to_vec();
+                let path = super::interest::FOLLOW_PATH;
+                post_protobuf(&client, &addr, path, body, Duration::from_secs(2)).await;
+            });
+        }
+    }
+
     /// Queues a presence report, snapshot or change for node `to` (`cluster::presence`); a
     /// full queue drops it (the next snapshot repairs reports).
     pub(crate) fn presence_to(self: &Rc<Self>, to: NodeId, item: presence::Out) {

@@ -85,6 +85,25 @@ pub mod wire {
         #[prost(message, repeated, tag = "1")]
         pub items: Vec<ItemReply>,
     }
+
+    /// A user added to a conversation.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Follow {
+        /// The user.
+        #[prost(string, tag = "1")]
+        pub user: String,
+        /// The conversation.
+        #[prost(string, tag = "2")]
+        pub conversation: String,
+    }
+
+    /// Several.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Follows {
+        /// The additions.
+        #[prost(message, repeated, tag = "1")]
+        pub items: Vec<Follow>,
+    }
 }
 
 /// A conversation this node follows through its leader's pushes (it holds no copy).
@@ -145,6 +164,37 @@ pub async fn post(
     let reply = wire::Reply::decode(reply).ok()?;
     let n = request.items.len();
     (reply.items.len() == n).then_some(reply.items)
+}
+
+/// Peer path: users added to conversations, for a node without a copy of them
+/// ([`wire::Follows`]): its sessions of those users subscribe (they follow the conversations
+/// through their leaders from then on).
+pub const FOLLOW_PATH: &str = "/interest/follow";
+
+/// Hands added users to their home shards here, which subscribe their sessions, if any
+/// (without a feed event: this node's feed has none); `false` when the batch does not decode.
+pub fn serve_follow(shards: &[tokio::sync::mpsc::Sender<super::ShardMsg>], body: &[u8]) -> bool {
+    use prost::Message as _;
+    let Ok(batch) = wire::Follows::decode(body) else { return false };
+    for f in batch.items {
+        if switchboard_protocol::validate::user_id(&f.user).is_err()
+            || switchboard_protocol::validate::conversation_id(&f.conversation).is_err()
+        {
+            return false;
+        }
+        let event = super::mailbox::UserEvent {
+            frame: switchboard_protocol::Encoded::of(&switchboard_protocol::ServerFrame::default()),
+            conversation: Arc::from(f.conversation.as_str()),
+            added: true,
+            silent: true,
+        };
+        let user: Arc<str> = Arc::from(f.user.as_str());
+        let msg = super::HomeMsg::UserEvent { user: user.clone(), event: Arc::new(event) };
+        if let Some(tx) = shards.get(super::home_shard(&user, shards.len())) {
+            let _ = tx.try_send(super::ShardMsg::Home(msg));
+        }
+    }
+    true
 }
 
 /// Encoded messages of a refresh answer.

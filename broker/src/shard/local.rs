@@ -326,6 +326,9 @@ pub fn apply(shard: &Rc<Shard>, msg: LocalMsg) {
                     {
                         tracing::error!(conversation = %event.conversation, "could not subscribe a new member's sessions");
                     }
+                    if event.silent {
+                        return;
+                    }
                     let local = shard.local.borrow();
                     for id in &sessions {
                         if let Some(s) = local.get(*id) {

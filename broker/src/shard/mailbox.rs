@@ -400,6 +400,10 @@ pub struct UserEvent {
     pub conversation: Arc<str>,
     /// Added (subscribe the sessions) or removed (unsubscribe them).
     pub added: bool,
+    /// Only subscribe, without pushing `frame`: the user was added to a conversation whose
+    /// partition this node holds no copy of, so its feed here has no such event
+    /// (`super::interest`).
+    pub silent: bool,
 }
 
 /// Messages for the shard hosting sessions. Delivered in order within a bundle.
@@ -501,6 +505,8 @@ pub struct Outgoing {
     pub nodes: Vec<(Vec<crate::cluster::NodeId>, Arc<str>, SharedFrame, bool)>,
     /// Followed conversations to refresh with their leaders: (conversation, last seq).
     pub refresh: Vec<(Arc<str>, u64)>,
+    /// Users added to a conversation, for the nodes without a copy of it (user, conversation).
+    pub follow: Vec<(Arc<str>, Arc<str>)>,
 }
 
 /// A request to forward to the node that leads its conversation.
@@ -532,6 +538,7 @@ impl Outgoing {
             presence: Vec::new(),
             nodes: Vec::new(),
             refresh: Vec::new(),
+            follow: Vec::new(),
         }
     }
 

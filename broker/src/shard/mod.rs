@@ -461,6 +461,7 @@ impl Shard {
             presence,
             nodes,
             refresh,
+            follow,
         } = out;
         if stored > 0 {
             self.stats.messages_stored.set(self.stats.messages_stored.get() + stored);
@@ -498,6 +499,9 @@ impl Shard {
         }
         if !refresh.is_empty() {
             self.refresh_followed(refresh);
+        }
+        if !follow.is_empty() {
+            self.follow_elsewhere(follow);
         }
         if flush {
             self.schedule_flush();

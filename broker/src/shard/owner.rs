@@ -1515,6 +1515,10 @@ impl Owner {
                 }
                 Effect::Feed { user, mut event } => {
                     event.user_seq = seqs.next().unwrap_or(0);
+                    if self.routing.is_some() && event.kind == FeedEventKind::Added as i32 {
+                        let conversation = Arc::from(event.conversation_id.as_str());
+                        out.follow.push((user.clone(), conversation));
+                    }
                     feed_event(user, event, out);
                 }
             }
@@ -1624,10 +1628,8 @@ fn feed_event(user: Arc<str>, event: pb::FeedEvent, out: &mut Outgoing) {
     let conversation: Arc<str> = Arc::from(event.conversation_id.as_str());
     let added = event.kind == FeedEventKind::Added as i32;
     let frame = Encoded::of(&ServerFrame::push(server_frame::Kind::FeedEvent(event)));
-    out.home.push((
-        user.clone(),
-        HomeMsg::UserEvent { user, event: Arc::new(UserEvent { frame, conversation, added }) },
-    ));
+    let event = UserEvent { frame, conversation, added, silent: false };
+    out.home.push((user.clone(), HomeMsg::UserEvent { user, event: Arc::new(event) }));
 }
 
 /// Answers every send and reply waiting on `conv` with `UNAVAILABLE` (retry).
