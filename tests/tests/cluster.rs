@@ -1695,9 +1695,11 @@ async fn next_push(
 #[tokio::test]
 async fn given_a_session_on_a_node_without_a_copy_should_get_the_conversation_live_across_a_failover_until_removed()
  {
-    let mut cluster = Cluster::start(3, &fast_gossip());
+    let mut opts = fast_gossip();
+    opts.args.extend(["--set".into(), format!("http.admin_token={ADMIN_TOKEN}")]);
+    let mut cluster = Cluster::start(3, &opts);
     wait_all_serving(&cluster, &[0, 1, 2]).await;
-    cluster.add_node(&fast_gossip());
+    cluster.add_node(&opts);
     let target = Placement::uniform([1, 2, 3, 4], 3).expect("placement");
     wait_table(&cluster, 0, "partitions settled over four nodes", |p| {
         p.len() == 1024 && p.iter().zip(target.iter()).all(|(a, (_, want))| settled_on(a, want))
@@ -1805,9 +1807,34 @@ async fn given_a_session_on_a_node_without_a_copy_should_get_the_conversation_li
         next_push(&mut alice, &format!("message {seq} after the failover"), is_message(seq)).await;
     }
 
+    // The dead node is removed: node 4 gains a copy of every partition (three nodes, three
+    // replicas), and her session goes on receiving.
+    let dead = usize::try_from(leader - 1).expect("index");
+    eventually("the removal accepted", || async {
+        match admin_remove(&cluster, 0, leader, Some(ADMIN_TOKEN)).await {
+            (202, _) => Ok(()),
+            (status, v) => Err(format!("{status} {v}")),
+        }
+    })
+    .await;
+    let left: Vec<u64> = (1..=4).filter(|n| *n != leader).collect();
+    wait_table(&cluster, 0, "every copy on the three nodes left", |p| {
+        p.len() == 1024 && p.iter().all(|a| settled_on(a, &left))
+    })
+    .await;
+    let live: Vec<usize> = (0..4).filter(|i| *i != dead).collect();
+    wait_all_serving(&cluster, &live).await;
+    for seq in 12..=14 {
+        bob.send(&conv, switchboard_client::Content::text(format!("held-{seq}")))
+            .await
+            .expect("send");
+        next_push(&mut alice, &format!("message {seq} from node 4's own copy"), is_message(seq))
+            .await;
+    }
+
     // Removed, alice gets the removal and nothing after it.
     bob.remove_members(&conv, ["alice"]).await.expect("remove");
-    next_push(&mut alice, "her removal", is_message(12)).await;
+    next_push(&mut alice, "her removal", is_message(15)).await;
     bob.send(&conv, switchboard_client::Content::text("secret")).await.expect("send");
     let late = tokio::time::timeout(std::time::Duration::from_secs(3), async {
         loop {

@@ -477,6 +477,7 @@ impl ControlPlane {
                     replication: settings.replication,
                     me: node,
                     serving,
+                    removing: Arc::default(),
                 };
                 let server = tokio::spawn(serve_peers(peers, listener));
                 let engine_stop = Arc::new(Notify::new());
@@ -864,6 +865,9 @@ struct Peers {
     me: NodeId,
     /// Which partitions this node serves as leader (data plane).
     serving: Option<Arc<super::dataplane::Partitions>>,
+    /// Removal requests are validated and proposed one at a time (two at once could both
+    /// pass the check that enough nodes remain).
+    removing: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Peer path where a node hands an operator's removal request to the control leader.
@@ -886,6 +890,7 @@ async fn remove_node(peers: &Peers, body: &[u8]) -> Response<Body> {
     let Ok(RemoveRequest { node }) = serde_json::from_slice(body) else {
         return reply(StatusCode::BAD_REQUEST, serde_json::json!({"error": "bad request"}));
     };
+    let _one_at_a_time = peers.removing.lock().await;
     let m = peers.raft.metrics().borrow().clone();
     if m.current_leader != Some(m.id) {
         return reply(

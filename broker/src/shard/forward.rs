@@ -61,6 +61,14 @@ pub(crate) fn complete(a: &crate::cluster::control::Assignment, n: NodeId) -> bo
 }
 
 impl Locator<'_> {
+    /// Where interest in a conversation of partition `p` is registered: its leader, when
+    /// gossip sees it live (it pushes what it commits, and answers once it serves; a move's
+    /// new leader serves before its copy counts as complete for reads).
+    pub(crate) fn interest_at(&self, p: u16) -> Option<NodeId> {
+        let a = self.control.machine.table.partitions.get(usize::from(p))?;
+        (a.leader != self.me && self.live.contains(&a.leader)).then_some(a.leader)
+    }
+
     /// Where partition `p` is read.
     pub(crate) fn locate(&self, p: u16) -> ReadAt {
         if self.serving.serving(p).is_some() {
@@ -130,7 +138,10 @@ impl Shard {
             match locator.locate(p) {
                 ReadAt::Here => here.insert(p),
                 ReadAt::Node(n) => remote.entry(n).or_default().insert(p),
-                ReadAt::Nowhere => return None,
+                ReadAt::Nowhere => {
+                    tracing::debug!(partition = p, "no live node holds a complete copy");
+                    return None;
+                }
             }
         }
         Some((here, remote.into_iter().collect()))
@@ -233,12 +244,16 @@ impl Shard {
         let mut by_node: HashMap<NodeId, Vec<(Arc<str>, u64)>> = HashMap::new();
         let Some(locator) = self.locator() else { return };
         for (conversation, after) in items {
-            if let ReadAt::Node(n) = locator.locate(super::partition(&conversation)) {
+            if let Some(n) = locator.interest_at(super::partition(&conversation)) {
                 by_node.entry(n).or_default().push((conversation, after));
             }
         }
         drop(locator);
         for (node, items) in by_node {
+            // One refresh in flight per node: a slow leader is not asked again meanwhile.
+            if !self.refreshing.borrow_mut().insert(node) {
+                continue;
+            }
             let shard = self.clone();
             tokio::task::spawn_local(async move {
                 let request = super::interest::wire::Request {
@@ -252,9 +267,9 @@ impl Shard {
                         })
                         .collect(),
                 };
-                let Some(replies) = super::interest::post(&shard, node, request).await else {
-                    return;
-                };
+                let replies = super::interest::post(&shard, node, request).await;
+                shard.refreshing.borrow_mut().remove(&node);
+                let Some(replies) = replies else { return };
                 for ((conversation, _), reply) in items.into_iter().zip(replies) {
                     if reply.ok && !reply.entries.is_empty() {
                         let msg =

@@ -30,8 +30,13 @@ pub const REFRESH: Duration = Duration::from_secs(2);
 /// How long a leader keeps pushing to a node that stopped renewing.
 pub const LEASE: Duration = Duration::from_secs(10);
 
-/// Most entries one refresh answer catches up per conversation.
-pub const CATCH_UP: usize = 256;
+/// Most entries one refresh answer catches up per conversation (read on the leader's shard
+/// thread: kept small; the next refresh continues).
+pub const CATCH_UP: usize = 64;
+
+/// Removals remembered per followed conversation (a subscription answered after a removal
+/// was delivered is refused); beyond this the memory is cleared.
+pub const MAX_REMEMBERED_REMOVALS: usize = 1024;
 
 pub mod wire {
     //! Interest registrations between nodes (protobuf over HTTP on the peer port).
@@ -113,6 +118,8 @@ pub struct Followed {
     pub interested: u64,
     /// The last seq delivered here in order (pushes and catch-ups).
     pub last_seq: u64,
+    /// Members removed by entries delivered here, and at which seq.
+    pub removed: std::collections::HashMap<Arc<str>, u64>,
 }
 
 /// Serves registrations and refreshes from another node: each item goes to its
@@ -140,9 +147,10 @@ pub async fn serve(
         }
         waiting.push(rx);
     }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
     let mut items = Vec::with_capacity(waiting.len());
     for rx in waiting {
-        let reply = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        let reply = tokio::time::timeout_at(deadline, rx).await;
         items.push(reply.ok().and_then(Result::ok).unwrap_or_default());
     }
     Some(wire::Reply { items }.encode_to_vec())

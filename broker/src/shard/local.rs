@@ -378,7 +378,7 @@ pub(crate) async fn subscribe(
     // Conversations this node holds no copy of are followed through their leaders, once the
     // leader has checked the membership and recorded this node's interest.
     let all: Vec<Arc<str>> = by_owner.values().flatten().cloned().collect();
-    let followed = register_followed(shard, user, &all).await;
+    let followed = register_followed(shard, user, &all).await?;
     let mut waits = Vec::with_capacity(by_owner.len());
     for (owner, conversations) in by_owner {
         let (here, remote): (Vec<Arc<str>>, Vec<Arc<str>>) =
@@ -398,6 +398,7 @@ pub(crate) async fn subscribe(
             let msg = if remote {
                 OwnerMsg::SubscribeFollowed {
                     shard: shard.id,
+                    user: user.clone(),
                     sessions: sessions.to_vec(),
                     conversations: conversations
                         .iter()
@@ -437,19 +438,21 @@ pub(crate) async fn subscribe(
 }
 
 /// Registers this node's interest in those of `convs` whose partition it holds no complete
-/// copy of (cluster, more nodes than replicas) with the node each is read on: per conversation,
-/// its committed head, or `None` when `user` is not a member. A conversation whose leader
-/// does not answer (after a few attempts, planned again each time) is answered `None` too:
-/// its sessions then get it through sync only, and the log says so.
+/// copy of (cluster, more nodes than replicas) with its leader: per conversation, its
+/// committed head, or `None` when `user` is not a member.
+///
+/// # Errors
+/// When some leader does not answer after a few attempts (planned again each time): the
+/// subscription fails like one an owner could not answer.
 async fn register_followed(
     shard: &Rc<Shard>,
     user: &Arc<str>,
     convs: &[Arc<str>],
-) -> HashMap<Arc<str>, Option<u64>> {
+) -> Result<HashMap<Arc<str>, Option<u64>>, Unavailable> {
     use super::ReadAt;
     use super::interest::wire;
     let mut out = HashMap::new();
-    let Some(cluster) = &shard.cluster else { return out };
+    let Some(cluster) = &shard.cluster else { return Ok(out) };
     let me = cluster.gossip.borrow().self_id;
     let mut todo: Vec<Arc<str>> = match shard.locator() {
         Some(l) => {
@@ -467,7 +470,7 @@ async fn register_followed(
         let mut by_node: HashMap<crate::cluster::NodeId, Vec<Arc<str>>> = HashMap::new();
         if let Some(l) = shard.locator() {
             for c in &todo {
-                if let ReadAt::Node(n) = l.locate(partition(c)) {
+                if let Some(n) = l.interest_at(partition(c)) {
                     by_node.entry(n).or_default().push(c.clone());
                 }
             }
@@ -494,11 +497,11 @@ async fn register_followed(
         }
         todo.retain(|c| !out.contains_key(c));
     }
-    for c in todo {
-        tracing::warn!(conversation = %c, "no leader answered an interest registration; the conversation reaches this node's sessions through sync only");
-        out.insert(c, None);
+    if let Some(c) = todo.first() {
+        tracing::warn!(conversation = %c, left = todo.len(), "no leader answered an interest registration");
+        return Err(Unavailable);
     }
-    out
+    Ok(out)
 }
 
 /// An owner could not answer a subscription (storage failure or shutdown).

@@ -272,6 +272,8 @@ pub enum OwnerMsg {
     SubscribeFollowed {
         /// The asking shard.
         shard: usize,
+        /// Whose sessions.
+        user: Arc<str>,
         /// The sessions, on the asking shard.
         sessions: Vec<u64>,
         /// Conversations and heads.

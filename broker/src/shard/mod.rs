@@ -233,6 +233,8 @@ pub struct Shard {
     forwards: RefCell<HashMap<crate::cluster::NodeId, mpsc::Sender<mailbox::Forward>>>,
     /// Queues of pushes for other nodes' sessions, by node (cluster).
     pushes: RefCell<HashMap<crate::cluster::NodeId, mpsc::Sender<forward::Push>>>,
+    /// Nodes a refresh of followed conversations is in flight to (`interest`).
+    refreshing: RefCell<std::collections::HashSet<crate::cluster::NodeId>>,
     /// Queues of presence reports and changes for other nodes, by node (cluster).
     presence: RefCell<HashMap<crate::cluster::NodeId, mpsc::Sender<crate::cluster::presence::Out>>>,
     /// The HTTP client for peers, built on first use (cluster).
@@ -267,6 +269,7 @@ impl Shard {
         let routing = setup.cluster.as_ref().map(|c| owner::Routed {
             partitions: c.routing.partitions.clone(),
             gossip: c.gossip.clone(),
+            control: Some(c.control.clone()),
         });
         let owner =
             owner::Owner::new(setup.id, count, setup.storage.clone(), &setup.config, routing);
@@ -298,6 +301,7 @@ impl Shard {
             next_session: Cell::new(1),
             forwards: RefCell::new(HashMap::new()),
             pushes: RefCell::new(HashMap::new()),
+            refreshing: RefCell::new(std::collections::HashSet::new()),
             presence: RefCell::new(HashMap::new()),
             peer_client: std::cell::OnceCell::new(),
             shutdown: RefCell::new(None),

@@ -291,9 +291,23 @@ pub struct Routed {
     pub partitions: Arc<crate::cluster::dataplane::Partitions>,
     /// Gossip's view, for the leaders' client addresses.
     pub gossip: tokio::sync::watch::Receiver<Arc<crate::cluster::membership::View>>,
+    /// The partition table (which partitions this node holds a complete copy of).
+    pub control: Option<tokio::sync::watch::Receiver<Arc<crate::cluster::control::ControlView>>>,
 }
 
 impl Routed {
+    /// Whether this node reads partition `p` from its own store: it serves it, or holds a
+    /// complete copy (`shard::Locator`); true when the table is not known.
+    fn holds(&self, p: u16) -> bool {
+        if self.partitions.serving(p).is_some() {
+            return true;
+        }
+        let Some(control) = &self.control else { return true };
+        let me = self.gossip.borrow().self_id;
+        let control = control.borrow();
+        control.machine.table.partitions.get(usize::from(p)).is_none_or(|a| super::complete(a, me))
+    }
+
     /// Why this node does not accept writes for `p`.
     fn refuse(&self, p: u16) -> OpError {
         let view = self.gossip.borrow();
@@ -619,10 +633,10 @@ impl Owner {
     /// Periodic work: receipts whose coalescing second has passed are written and pushed;
     /// stale typing states are forgotten.
     pub fn tick(&mut self, now: Instant, out: &mut Outgoing) {
-        if !self.followed.is_empty()
-            && now.duration_since(self.refreshed) >= super::interest::REFRESH
+        if self.routing.is_some() && now.duration_since(self.refreshed) >= super::interest::REFRESH
         {
             self.refreshed = now;
+            self.rehome_interest();
             out.refresh.extend(self.followed.iter().map(|(c, f)| (c.clone(), f.last_seq)));
         }
         let due: Vec<(Arc<str>, Arc<str>)> = self
@@ -773,12 +787,19 @@ impl Owner {
             OwnerMsg::Interest { node, user, conversation, after_seq, reply } => {
                 let _ = reply.send(self.interest(node, user, &conversation, after_seq, out));
             }
-            OwnerMsg::SubscribeFollowed { shard, sessions, conversations, token } => {
+            OwnerMsg::SubscribeFollowed { shard, user, sessions, conversations, token } => {
                 let mut ids = Vec::with_capacity(conversations.len());
                 let mut outcomes = Vec::with_capacity(conversations.len());
                 for (id, head) in conversations {
                     outcomes.push(match head {
-                        Some(head) => {
+                        // A removal delivered here after the leader's answer is newer than it.
+                        Some(head)
+                            if self
+                                .followed
+                                .get(&id)
+                                .and_then(|f| f.removed.get(&user))
+                                .is_none_or(|&at| at <= head) =>
+                        {
                             let f = self.followed.entry(id.clone()).or_default();
                             if f.interested == 0 {
                                 f.last_seq = head;
@@ -786,7 +807,7 @@ impl Owner {
                             f.interested |= 1 << shard;
                             Membership::Member
                         }
-                        None => Membership::NotMember,
+                        _ => Membership::NotMember,
                     });
                     ids.push(id);
                 }
@@ -1525,6 +1546,36 @@ impl Owner {
         }
     }
 
+    /// Moves local interest to where the conversation is now delivered from after this node
+    /// gained or lost a complete copy of its partition (a move, a removal): sessions of a
+    /// conversation it no longer holds follow it through its leader (from the last seq
+    /// delivered here); those of a followed conversation it now holds get its replays.
+    fn rehome_interest(&mut self) {
+        let Some(routing) = &self.routing else { return };
+        let lost: Vec<Arc<str>> = self
+            .convs
+            .values()
+            .filter(|c| c.interested != 0 && !routing.holds(c.partition))
+            .map(|c| c.id.clone())
+            .collect();
+        let gained: Vec<Arc<str>> =
+            self.followed.keys().filter(|c| routing.holds(super::partition(c))).cloned().collect();
+        for id in lost {
+            let Some(c) = self.convs.get_mut(&id) else { continue };
+            let f = self.followed.entry(id).or_default();
+            if f.interested == 0 {
+                f.last_seq = c.durable_seq;
+            }
+            f.interested |= std::mem::take(&mut c.interested);
+        }
+        for id in gained {
+            let Some(f) = self.followed.remove(&id) else { continue };
+            if let Ok(Some(c)) = self.current(&id) {
+                c.interested |= f.interested;
+            }
+        }
+    }
+
     /// (On the leader.) Records or renews another node's interest in a conversation: a
     /// registration names the user, who must be a member; a refresh gets the committed
     /// entries after `after_seq` back (up to [`super::interest::CATCH_UP`]).
@@ -1581,13 +1632,19 @@ impl Owner {
         let decoded = ServerFrame::decode(frame.payload()).ok();
         let mut revoke: Vec<Arc<str>> = Vec::new();
         if let Some(server_frame::Kind::Message(m)) = decoded.and_then(|d| d.kind) {
-            if m.seq <= f.last_seq {
-                return; // delivered already
+            // In order only: one that skips a seq waits for the next refresh's catch-up (a
+            // message delivered past a missing removal would reach the removed member).
+            if m.seq != f.last_seq + 1 {
+                return;
             }
-            if m.seq == f.last_seq + 1 {
-                f.last_seq = m.seq;
-            }
+            f.last_seq = m.seq;
             revoke = removed_by(&m);
+            if f.removed.len() >= super::interest::MAX_REMEMBERED_REMOVALS {
+                f.removed.clear();
+            }
+            for user in &revoke {
+                f.removed.insert(user.clone(), m.seq);
+            }
         }
         deliver(out, self.shards, f.interested, conversation, frame, droppable, &revoke);
     }
@@ -1726,7 +1783,8 @@ mod tests {
             removed: std::collections::BTreeSet::new(),
         };
         let gossip = tokio::sync::watch::channel(Arc::new(view)).1;
-        let owner = Owner::new(0, 1, storage, &config, Some(Routed { partitions, gossip }));
+        let routed = Routed { partitions, gossip, control: None };
+        let owner = Owner::new(0, 1, storage, &config, Some(routed));
         Fixture { owner, writer, _dir: dir }
     }
 

@@ -304,8 +304,9 @@ pub async fn serve(
         let error = format!("partition {p} is not held here");
         return Some(wire::Reply { error, ..Default::default() }.encode_to_vec());
     }
-    let limit = usize::try_from(request.limit).unwrap_or(usize::MAX);
-    let budget = usize::try_from(request.budget).unwrap_or(usize::MAX);
+    // Bounded whatever the peer asks (a page never exceeds a peer frame).
+    let limit = usize::try_from(request.limit).unwrap_or(usize::MAX).min(100_000);
+    let budget = usize::try_from(request.budget).unwrap_or(usize::MAX).min(16 << 20);
     let read = match request.kind {
         1 => UserRead::Memberships,
         2 => UserRead::List { after: request.after, limit, budget },
