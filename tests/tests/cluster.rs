@@ -1407,32 +1407,49 @@ async fn given_a_node_that_joins_should_take_over_the_presence_of_users_homed_on
     ned.close().await;
 }
 
-#[tokio::test]
-async fn given_a_replica_that_lost_committed_messages_should_restore_them_from_the_leader_by_anti_entropy()
- {
+/// A conversation named `{prefix}-{n}` whose partition node `node` (an id) leads, per node
+/// 1's table.
+async fn led_by(cluster: &Cluster, node: u64, prefix: &str) -> String {
+    let partitions = table(cluster, 0).await["partitions"].clone();
+    (0..)
+        .map(|n| format!("{prefix}-{n}"))
+        .find(|c| {
+            partitions[usize::from(switchboard_broker::shard::partition(c))]["leader"] == node
+        })
+        .expect("a conversation that node leads")
+}
+
+/// Node 3 runs with `failpoint`, which makes it lose committed messages (as a follower, or as
+/// the leader of the conversation when `faulty_leads`); anti-entropy brings them back from
+/// a peer: every node then holds the whole log, node 3 says what it repaired, and the
+/// healthy nodes compared and repaired nothing.
+async fn anti_entropy_restores(failpoint: &str, faulty_leads: bool) {
     let mut opts = fast_gossip();
     opts.args.extend(["--set".into(), "cluster.anti_entropy_interval_ms=200".into()]);
     let mut cluster = Cluster::start(2, &opts);
-    // Node 3 applies every entry it follows but loses its messages (a failpoint), as a store
-    // that lost data would.
     let mut faulty = opts.clone();
-    faulty.env.push(("FAILPOINTS".into(), "replica-drop-messages=return".into()));
+    faulty.env.push(("FAILPOINTS".into(), format!("{failpoint}=return")));
     cluster.add_node(&faulty);
     wait_all_serving(&cluster, &[0, 1, 2]).await;
-    let (conv, _, leader) = conversation(&cluster, Some(2), 0).await;
-    let (mut c, _) = cluster.nodes[leader].raw_as("alice").await;
+    let (conv, via) = if faulty_leads {
+        let conv = led_by(&cluster, 3, "room").await;
+        let (mut c, _) = cluster.nodes[2].raw_as("alice").await;
+        create_group(&mut c, &conv).await;
+        (conv, 2)
+    } else {
+        let (conv, _, leader) = conversation(&cluster, Some(2), 0).await;
+        (conv, leader)
+    };
+    let (mut c, _) = cluster.nodes[via].raw_as("alice").await;
     let mut acks = HashMap::new();
     assert!(send_keys(&mut c, &conv, &mut keys("ae", 0..40), &mut acks).await, "sends");
     let expected = history(&acks);
-    // Node 3 pulls what it lacks from the leader: it then holds the whole log, the same as
-    // the other nodes, and says what it repaired.
     for i in 0..3 {
         wait_log(&cluster, i, &conv, &expected).await;
     }
     let repaired =
         metric(cluster.nodes[2].http, "switchboard_antientropy_repaired_messages_total").await;
     assert!(repaired >= expected.len() as f64, "{repaired} messages repaired");
-    // The healthy nodes compared and found nothing to repair.
     for i in 0..2 {
         let http = cluster.nodes[i].http;
         eventually(&format!("node {} to compare a partition", i + 1), || async move {
@@ -1448,39 +1465,19 @@ async fn given_a_replica_that_lost_committed_messages_should_restore_them_from_t
 }
 
 #[tokio::test]
+async fn given_a_replica_that_lost_committed_messages_should_restore_them_from_the_leader_by_anti_entropy()
+ {
+    // Node 3 applies every entry it follows but loses its messages, as a store that lost data
+    // would.
+    anti_entropy_restores("replica-drop-messages", false).await;
+}
+
+#[tokio::test]
 async fn given_a_leader_that_lost_committed_messages_should_restore_them_from_a_follower_by_anti_entropy()
  {
-    let mut opts = fast_gossip();
-    opts.args.extend(["--set".into(), "cluster.anti_entropy_interval_ms=200".into()]);
-    let mut cluster = Cluster::start(2, &opts);
-    // Node 3 loses the messages of the entries it proposes as a leader (a failpoint), while
-    // acknowledging and delivering them.
-    let mut faulty = opts.clone();
-    faulty.env.push(("FAILPOINTS".into(), "leader-drop-messages=return".into()));
-    cluster.add_node(&faulty);
-    wait_all_serving(&cluster, &[0, 1, 2]).await;
-    let partitions = table(&cluster, 0).await["partitions"].clone();
-    let conv = (0..)
-        .map(|n| format!("room-{n}"))
-        .find(|c| partitions[usize::from(switchboard_broker::shard::partition(c))]["leader"] == 3)
-        .expect("a conversation node 3 leads");
-    let (mut c, _) = cluster.nodes[2].raw_as("alice").await;
-    create_group(&mut c, &conv).await;
-    let mut acks = HashMap::new();
-    assert!(send_keys(&mut c, &conv, &mut keys("ae", 0..40), &mut acks).await, "sends");
-    let expected = history(&acks);
-    // The leader pulls them back from a follower: every node holds the whole log.
-    for i in 0..3 {
-        wait_log(&cluster, i, &conv, &expected).await;
-    }
-    let repaired =
-        metric(cluster.nodes[2].http, "switchboard_antientropy_repaired_messages_total").await;
-    assert!(repaired >= expected.len() as f64, "{repaired} messages repaired");
-    for i in 0..2 {
-        let repaired =
-            metric(cluster.nodes[i].http, "switchboard_antientropy_repaired_messages_total").await;
-        assert_eq!(repaired, 0.0, "node {} had nothing to repair", i + 1);
-    }
+    // Node 3 loses the messages of the entries it proposes as a leader, while acknowledging
+    // and delivering them.
+    anti_entropy_restores("leader-drop-messages", true).await;
 }
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
@@ -1641,11 +1638,7 @@ async fn given_members_online_on_other_nodes_should_notify_only_the_offline_one(
     let cluster = Cluster::start(3, &opts);
     wait_all_serving(&cluster, &[0, 1, 2]).await;
     // A group node 1 leads: node 1 decides who is offline.
-    let partitions = table(&cluster, 0).await["partitions"].clone();
-    let conv = (0..)
-        .map(|n| format!("push-{n}"))
-        .find(|c| partitions[usize::from(switchboard_broker::shard::partition(c))]["leader"] == 1)
-        .expect("a conversation node 1 leads");
+    let conv = led_by(&cluster, 1, "push").await;
     // Bob is online on node 2 only, and node 1 knows it (its presence watch pushes it to a
     // subscriber there).
     let (watcher, mut watched) = cluster.nodes[0].client("watcher").await;

@@ -50,7 +50,7 @@ async fn next_batch<T>(rx: &mut mpsc::Receiver<T>) -> Option<Vec<T>> {
 /// live, else to another live holder of a complete copy.
 pub(crate) struct Locator<'a> {
     me: NodeId,
-    live: std::collections::BTreeSet<NodeId>,
+    view: Arc<crate::cluster::membership::View>,
     control: Arc<crate::cluster::control::ControlView>,
     serving: &'a crate::cluster::dataplane::Partitions,
 }
@@ -61,12 +61,18 @@ pub(crate) fn complete(a: &crate::cluster::control::Assignment, n: NodeId) -> bo
 }
 
 impl Locator<'_> {
+    /// Whether gossip sees node `n` live (a scan of a handful of members: no set is built
+    /// for reads that stay local).
+    fn is_live(&self, n: NodeId) -> bool {
+        self.view.members.iter().any(|m| m.id == n && m.live)
+    }
+
     /// Where interest in a conversation of partition `p` is registered: its leader, when
     /// gossip sees it live (it pushes what it commits, and answers once it serves; a move's
     /// new leader serves before its copy counts as complete for reads).
     pub(crate) fn interest_at(&self, p: u16) -> Option<NodeId> {
         let a = self.control.machine.table.partitions.get(usize::from(p))?;
-        (a.leader != self.me && self.live.contains(&a.leader)).then_some(a.leader)
+        (a.leader != self.me && self.is_live(a.leader)).then_some(a.leader)
     }
 
     /// Where partition `p` is read.
@@ -83,7 +89,7 @@ impl Locator<'_> {
         std::iter::once(a.leader)
             .chain(a.replicas.iter().copied())
             .chain(a.previous.iter().copied())
-            .find(|&n| n != self.me && complete(a, n) && self.live.contains(&n))
+            .find(|&n| n != self.me && complete(a, n) && self.is_live(n))
             .map_or(ReadAt::Nowhere, ReadAt::Node)
     }
 }
@@ -112,10 +118,9 @@ impl Shard {
     pub(crate) fn locator(&self) -> Option<Locator<'_>> {
         let cluster = self.cluster.as_ref()?;
         let view = cluster.gossip.borrow().clone();
-        let live = view.members.iter().filter(|m| m.live).map(|m| m.id).collect();
         Some(Locator {
             me: view.self_id,
-            live,
+            view,
             control: cluster.control.borrow().clone(),
             serving: &cluster.routing.partitions,
         })
@@ -290,7 +295,8 @@ impl Shard {
         for (user, conversation) in items {
             let p = usize::from(super::partition(&conversation));
             let Some(a) = locator.control.machine.table.partitions.get(p) else { continue };
-            for &n in locator.live.iter().filter(|n| **n != locator.me && !complete(a, **n)) {
+            let others = locator.view.members.iter().filter(|m| m.live && m.id != locator.me);
+            for n in others.map(|m| m.id).filter(|n| !complete(a, *n)) {
                 by_node.entry(n).or_default().push(super::interest::wire::Follow {
                     user: user.to_string(),
                     conversation: conversation.to_string(),

@@ -125,10 +125,18 @@ struct Conv {
 }
 
 impl Conv {
-    /// The nodes whose interest has not lapsed; lapsed ones are forgotten.
-    fn following_nodes(&mut self, now: Instant) -> Vec<crate::cluster::NodeId> {
+    /// Sends `frame` to the nodes that follow this conversation and whose interest has not
+    /// lapsed (lapsed ones are forgotten); nothing to do, and no clock read, when none does.
+    fn push_to_following(&mut self, frame: &SharedFrame, droppable: bool, out: &mut Outgoing) {
+        if self.nodes.is_empty() {
+            return;
+        }
+        let now = Instant::now();
         self.nodes.retain(|_, at| now.duration_since(*at) < super::interest::LEASE);
-        self.nodes.keys().copied().collect()
+        let nodes: Vec<crate::cluster::NodeId> = self.nodes.keys().copied().collect();
+        if !nodes.is_empty() {
+            out.nodes.push((nodes, self.id.clone(), frame.clone(), droppable));
+        }
     }
 
     /// Replaces what the store holds (after the partition's serving epoch changed); keeps who
@@ -1187,10 +1195,7 @@ impl Owner {
                 })));
             if self.routing.is_some() {
                 out.peers.push((conv.id.clone(), frame.clone(), true));
-                let nodes = conv.following_nodes(now);
-                if !nodes.is_empty() {
-                    out.nodes.push((nodes, conv.id.clone(), frame.clone(), true));
-                }
+                conv.push_to_following(&frame, true, out);
             }
             for shard in (0..self.shards).filter(|s| conv.interested & (1 << s) != 0) {
                 out.push_local(
@@ -1448,10 +1453,7 @@ impl Owner {
                     let Some(c) = self.convs.get_mut(&conv) else { continue };
                     if self.routing.is_some() {
                         out.peers.push((conv.clone(), frame.clone(), false));
-                        let nodes = c.following_nodes(Instant::now());
-                        if !nodes.is_empty() {
-                            out.nodes.push((nodes, conv.clone(), frame.clone(), false));
-                        }
+                        c.push_to_following(&frame, false, out);
                     }
                     for shard in (0..shards).filter(|s| c.interested & (1 << s) != 0) {
                         out.push_local(
@@ -1468,10 +1470,7 @@ impl Owner {
                 Effect::Entry { conv, seq, frame, skip, pending, revoke, notify } => {
                     let Some(c) = self.convs.get_mut(&conv) else { continue };
                     c.durable_seq = c.durable_seq.max(seq);
-                    if !c.nodes.is_empty() {
-                        let nodes = c.following_nodes(Instant::now());
-                        out.nodes.push((nodes, conv.clone(), frame.clone(), false));
-                    }
+                    c.push_to_following(&frame, false, out);
                     let interested: Vec<usize> =
                         (0..shards).filter(|s| c.interested & (1 << s) != 0).collect();
                     for &shard in &interested {
