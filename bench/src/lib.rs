@@ -230,8 +230,13 @@ impl FjallBaseline {
 }
 
 fn storage_in(dir: &tempfile::TempDir, durability: Durability) -> Arc<Storage> {
-    Storage::open(&StorageConfig { data_dir: dir.path().to_owned(), durability, cache_mb: 64 })
-        .expect("open storage")
+    Storage::open(&StorageConfig {
+        data_dir: dir.path().to_owned(),
+        durability,
+        cache_mb: 64,
+        ..StorageConfig::default()
+    })
+    .expect("open storage")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -291,7 +296,13 @@ impl FanOut {
                 let id = shard.next_session_id();
                 let out = Rc::new(Outbound::new(queue_bytes, CancellationToken::new()));
                 let user: Arc<str> = Arc::from(format!("user{i:05}@example").as_str());
-                let s = Rc::new(LocalSession::new(id, user, out, CancellationToken::new()));
+                let meta = switchboard_broker::shard::local::SessionMeta {
+                    transport: switchboard_broker::metrics::Transport::Tcp,
+                    peer: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                    client: String::new(),
+                    connected_at_ms: 0,
+                };
+                let s = Rc::new(LocalSession::new(id, user, meta, out, CancellationToken::new()));
                 local.insert(s.clone());
                 local.add_pending(id, &conversation);
                 sessions.push(s);

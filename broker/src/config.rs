@@ -110,7 +110,8 @@ pub struct HttpConfig {
     /// safe: every listener on a loopback address and the generated local secret in use.
     /// Default true; it is never served otherwise.
     pub dev_tokens: bool,
-    /// Bearer token of the admin API under `/admin/` (operations on the cluster). Unset (the
+    /// Bearer token of the admin API under `/admin/` (sessions, conversations, stats, cluster
+    /// operations). Unset (the
     /// default): the admin API is off and answers 404. At least 16 bytes.
     pub admin_token: Option<String>,
 }
@@ -137,11 +138,21 @@ pub struct StorageConfig {
     pub durability: Durability,
     /// Block cache size in MiB. Default 64.
     pub cache_mb: u64,
+    /// Free space (MiB) the data directory's file system must keep: below it, sends and
+    /// conversation changes are refused with `STORAGE_FULL` (checked every second), well
+    /// before a write could fail for want of space (which stops the store). 0 turns the check
+    /// off. Default 256.
+    pub min_free_mb: u64,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        Self { data_dir: PathBuf::from("./data"), durability: Durability::Sync, cache_mb: 64 }
+        Self {
+            data_dir: PathBuf::from("./data"),
+            durability: Durability::Sync,
+            cache_mb: 64,
+            min_free_mb: 256,
+        }
     }
 }
 
@@ -185,6 +196,12 @@ pub struct LimitsConfig {
     pub connect_burst_per_ip: u32,
     /// Concurrent sessions per user. Default 20.
     pub max_connections_per_user: usize,
+    /// Open client connections (TCP and WebSocket, before or after Hello) in all; 0 = no cap.
+    /// Default 100000. Keep it below the process's open-file limit.
+    pub max_connections: usize,
+    /// Open client connections from one IP address; 0 = no cap (the default: clients behind
+    /// one NAT or proxy share an address). Set it on a broker facing the internet directly.
+    pub max_connections_per_ip: usize,
     /// Conversations a user may belong to when creating another one. Default 10000.
     pub max_conversations_per_user: usize,
     /// Most users in one presence query or subscribe request. Default 500.
@@ -213,6 +230,8 @@ impl Default for LimitsConfig {
             connect_rate_per_ip: 50,
             connect_burst_per_ip: 200,
             max_connections_per_user: 20,
+            max_connections: 100_000,
+            max_connections_per_ip: 0,
             max_conversations_per_user: 10_000,
             max_presence_users: 500,
             max_presence_subscriptions: 1_000,
@@ -830,7 +849,8 @@ allowed_origins = []
 # Serve POST /dev/token for the demo page, but only while every listener is on loopback and
 # the generated local secret is in use.
 dev_tokens = {dev_tokens}
-# Bearer token of the admin API under /admin/ (cluster operations); unset: the API is off.
+# Bearer token of the admin API under /admin/ (sessions, conversations, stats, cluster
+# operations; docs/operations.md); unset: the API is off.
 # admin_token = "at least 16 bytes"
 
 [storage]
@@ -841,6 +861,9 @@ data_dir = "{data_dir}"
 durability = "{durability}"
 # Block cache in MiB.
 cache_mb = {cache}
+# Free space (MiB) to keep on the data directory's file system: below it, sends and
+# conversation changes are refused with STORAGE_FULL until space returns. 0: no check.
+min_free_mb = {min_free}
 
 [limits]
 max_frame_bytes = {frame}
@@ -865,6 +888,10 @@ connect_rate_per_ip = {conn_rate}
 connect_burst_per_ip = {conn_burst}
 # Concurrent sessions (devices) per user.
 max_connections_per_user = {max_conns}
+# Open client connections (TCP and WebSocket) in all, and from one IP address (0: no cap;
+# clients behind one NAT share an address, so set it only facing the internet directly).
+max_connections = {max_total}
+max_connections_per_ip = {max_per_ip}
 # A user in this many conversations cannot create another.
 max_conversations_per_user = {max_convs}
 # Users per PresenceQuery / PresenceSubscribe, and presence subscriptions per session.
@@ -945,6 +972,7 @@ anti_entropy_interval_ms = {anti_entropy}
             data_dir = d.storage.data_dir.display(),
             durability = d.storage.durability,
             cache = d.storage.cache_mb,
+            min_free = d.storage.min_free_mb,
             frame = l.max_frame_bytes,
             body = l.max_body_bytes,
             inflight = l.max_inflight,
@@ -962,6 +990,8 @@ anti_entropy_interval_ms = {anti_entropy}
             conn_rate = l.connect_rate_per_ip,
             conn_burst = l.connect_burst_per_ip,
             max_conns = l.max_connections_per_user,
+            max_total = l.max_connections,
+            max_per_ip = l.max_connections_per_ip,
             max_convs = l.max_conversations_per_user,
             presence_users = l.max_presence_users,
             presence_subs = l.max_presence_subscriptions,

@@ -8,8 +8,22 @@
 //! | metric | type | labels | meaning |
 //! |---|---|---|---|
 //! | `switchboard_connections` | gauge | `transport` | open client connections (tcp, ws) |
-//! | `switchboard_frames_in_total` | counter | `transport` | client frames decoded |
-//! | `switchboard_frames_out_total` | counter | `transport` | server frames written |
+//! | `switchboard_frames_in_total` | counter | `transport`, `type` | client frames decoded |
+//! | `switchboard_frames_out_total` | counter | `transport`, `type` | server frames written |
+//! | `switchboard_bytes_in_total` | counter | `transport`, `type` | bytes of client frames decoded |
+//! | `switchboard_bytes_out_total` | counter | `transport`, `type` | bytes of server frames written |
+//! | `switchboard_sessions` | gauge | | authenticated sessions |
+//! | `switchboard_online_users` | gauge | | users with a session on this node |
+//! | `switchboard_slow_consumer_disconnects_total` | counter | `reason` | connections cut off for not keeping up |
+//! | `switchboard_rate_limited_total` | counter | `limit` | requests refused by a rate limit |
+//! | `switchboard_connections_refused_total` | counter | `limit` | connections refused by a cap |
+//! | `switchboard_mailbox_depth` | gauge | `shard` | messages waiting in a shard's mailbox |
+//! | `switchboard_push_webhook_total` | counter | `outcome` | push webhook attempts |
+//! | `switchboard_storage_bytes` | gauge | | the store's size on disk |
+//! | `switchboard_storage_free_bytes` | gauge | | free space on the data directory's file system |
+//! | `switchboard_storage_fsync_seconds` | histogram | | one journal fsync |
+//! | `switchboard_storage_batch_ops` | histogram | | write operations per group commit |
+//! | `switchboard_storage_batch_batches` | histogram | | shard batches per group commit |
 //! | `switchboard_messages_stored_total` | counter | | user messages made durable |
 //! | `switchboard_deliveries_total` | counter | | message pushes queued to sessions |
 //! | `switchboard_send_ack_seconds` | histogram | | from a send reaching its owner to its ack |
@@ -22,10 +36,13 @@
 //! | `switchboard_replication_sync_seconds` | histogram | | one replication round's write and fsync |
 //! | `switchboard_replication_step_downs_total` | counter | | leaderships of this node ended by a newer epoch |
 //! | `switchboard_replication_dropped_total` | counter | `direction` | replication frames dropped on a full queue (`in`, `out`); leaders retransmit |
+//!
+//! Every metric, with the cluster's and what to alert on: `docs/operations.md`.
 
 use std::cell::Cell;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use switchboard_protocol::kinds::KINDS;
 
 /// Open client connections.
 pub const CONNECTIONS: &str = "switchboard_connections";
@@ -33,6 +50,10 @@ pub const CONNECTIONS: &str = "switchboard_connections";
 pub const FRAMES_IN: &str = "switchboard_frames_in_total";
 /// Server frames written.
 pub const FRAMES_OUT: &str = "switchboard_frames_out_total";
+/// Bytes of client frames decoded (length prefix or WebSocket message included).
+pub const BYTES_IN: &str = "switchboard_bytes_in_total";
+/// Bytes of server frames written.
+pub const BYTES_OUT: &str = "switchboard_bytes_out_total";
 /// User messages made durable.
 pub const MESSAGES_STORED: &str = "switchboard_messages_stored_total";
 /// Message pushes queued to sessions.
@@ -85,6 +106,31 @@ pub const PRESENCE_DROPPED: &str = "switchboard_presence_dropped_total";
 /// Admin API requests refused for a missing or wrong token.
 pub const ADMIN_UNAUTHORIZED: &str = "switchboard_admin_unauthorized_total";
 
+/// Authenticated sessions on this node.
+pub const SESSIONS: &str = "switchboard_sessions";
+/// Users with at least one session on this node.
+pub const ONLINE_USERS: &str = "switchboard_online_users";
+/// Connections cut off because they did not keep up, by reason.
+pub const SLOW_CONSUMERS: &str = "switchboard_slow_consumer_disconnects_total";
+/// Requests and connections refused by a rate limit, by limit.
+pub const RATE_LIMITED: &str = "switchboard_rate_limited_total";
+/// Connections refused by a connection cap, by limit.
+pub const CONNECTIONS_REFUSED: &str = "switchboard_connections_refused_total";
+/// Messages waiting in a shard's mailbox, by shard.
+pub const MAILBOX_DEPTH: &str = "switchboard_mailbox_depth";
+/// Push webhook deliveries, by outcome.
+pub const PUSH_WEBHOOK: &str = "switchboard_push_webhook_total";
+/// Bytes the store takes on disk (journal and tables).
+pub const STORAGE_BYTES: &str = "switchboard_storage_bytes";
+/// Bytes free for unprivileged users on the data directory's file system.
+pub const STORAGE_FREE_BYTES: &str = "switchboard_storage_free_bytes";
+/// One fsync of the store's journal.
+pub const FSYNC_SECONDS: &str = "switchboard_storage_fsync_seconds";
+/// Write operations per storage-writer round (a group commit).
+pub const BATCH_OPS: &str = "switchboard_storage_batch_ops";
+/// Write batches (one per shard flush) per storage-writer round.
+pub const BATCH_BATCHES: &str = "switchboard_storage_batch_batches";
+
 /// How often the recorder's histogram samples are folded into their buckets.
 pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -93,10 +139,16 @@ pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 #[must_use]
 pub fn install() -> Option<PrometheusHandle> {
     // Every histogram is a latency in seconds: one set of buckets, 100 µs to 1 s.
+    // Group-commit sizes are counts: powers of two up to the writer's round cap.
+    let sizes = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0];
     let recorder = PrometheusBuilder::new()
         .set_buckets(&[
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
         ])
+        .ok()?
+        .set_buckets_for_metric(Matcher::Full(BATCH_OPS.to_owned()), &sizes)
+        .ok()?
+        .set_buckets_for_metric(Matcher::Full(BATCH_BATCHES.to_owned()), &sizes)
         .ok()?
         .build_recorder();
     let handle = recorder.handle();
@@ -106,8 +158,49 @@ pub fn install() -> Option<PrometheusHandle> {
         ADMIN_UNAUTHORIZED,
         "Admin API requests refused for a missing or wrong token."
     );
-    metrics::describe_counter!(FRAMES_IN, "Client frames decoded, by transport.");
-    metrics::describe_counter!(FRAMES_OUT, "Server frames written, by transport.");
+    metrics::describe_counter!(FRAMES_IN, "Client frames decoded, by transport and type.");
+    metrics::describe_counter!(FRAMES_OUT, "Server frames written, by transport and type.");
+    metrics::describe_counter!(
+        BYTES_IN,
+        "Bytes of client frames decoded (TCP: with the length prefix; WebSocket: the message), by transport and type."
+    );
+    metrics::describe_counter!(
+        BYTES_OUT,
+        "Bytes of server frames written (TCP: with the length prefix; WebSocket: the message), by transport and type."
+    );
+    metrics::describe_gauge!(SESSIONS, "Authenticated sessions on this node.");
+    metrics::describe_gauge!(ONLINE_USERS, "Users with at least one session on this node.");
+    metrics::describe_counter!(
+        SLOW_CONSUMERS,
+        "Connections cut off for not keeping up, by reason (queue_full: outbound_queue_bytes exceeded; write_timeout: a write made no progress for 10 s)."
+    );
+    metrics::describe_counter!(
+        RATE_LIMITED,
+        "Requests refused with RATE_LIMITED, by limit (send, typing, receipt, connection)."
+    );
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections refused by a cap, by limit (max_connections, max_connections_per_ip)."
+    );
+    metrics::describe_gauge!(MAILBOX_DEPTH, "Messages waiting in a shard's mailbox, by shard.");
+    metrics::describe_counter!(
+        PUSH_WEBHOOK,
+        "Push webhook attempts, by outcome (delivered; failed: retried later; gave_up: the last attempt failed)."
+    );
+    metrics::describe_gauge!(STORAGE_BYTES, "Bytes the store takes on disk (journal and tables).");
+    metrics::describe_gauge!(
+        STORAGE_FREE_BYTES,
+        "Bytes available to the broker on the data directory's file system."
+    );
+    metrics::describe_histogram!(FSYNC_SECONDS, "Seconds per fsync of the store's journal.");
+    metrics::describe_histogram!(
+        BATCH_OPS,
+        "Write operations per storage-writer round (one group commit, one fsync in sync mode)."
+    );
+    metrics::describe_histogram!(
+        BATCH_BATCHES,
+        "Shard write batches per storage-writer round (one group commit)."
+    );
     metrics::describe_counter!(MESSAGES_STORED, "User messages made durable.");
     metrics::describe_counter!(DELIVERIES, "Message pushes queued to sessions.");
     metrics::describe_histogram!(
@@ -218,8 +311,12 @@ impl Transport {
 /// Counters of one shard, added to the registry on each tick.
 #[derive(Debug, Default)]
 pub struct ShardStats {
-    frames_in: [Cell<u64>; 2],
-    frames_out: [Cell<u64>; 2],
+    /// Client frames and their bytes, by transport and kind number.
+    frames_in: [[Cell<u64>; KINDS]; 2],
+    bytes_in: [[Cell<u64>; KINDS]; 2],
+    /// Server frames and their bytes, by transport and kind number.
+    frames_out: [[Cell<u64>; KINDS]; 2],
+    bytes_out: [[Cell<u64>; KINDS]; 2],
     /// User messages made durable.
     pub messages_stored: Cell<u64>,
     /// Message pushes queued to sessions.
@@ -230,31 +327,71 @@ fn bump(c: &Cell<u64>, n: u64) {
     c.set(c.get() + n);
 }
 
+fn cell(cells: &[[Cell<u64>; KINDS]; 2], t: Transport, kind: usize) -> Option<&Cell<u64>> {
+    cells.get(t as usize).and_then(|k| k.get(kind))
+}
+
 impl ShardStats {
-    /// Counts decoded client frames.
-    pub fn frame_in(&self, t: Transport) {
-        bump(&self.frames_in[t as usize], 1);
+    /// Counts a decoded client frame of `kind` ([`switchboard_protocol::kinds`]) that took
+    /// `bytes` on the wire.
+    pub fn frame_in(&self, t: Transport, kind: usize, bytes: usize) {
+        if let (Some(f), Some(b)) = (cell(&self.frames_in, t, kind), cell(&self.bytes_in, t, kind))
+        {
+            bump(f, 1);
+            bump(b, bytes as u64);
+        }
     }
 
-    /// Counts written server frames.
-    pub fn frames_out(&self, t: Transport, n: u64) {
-        bump(&self.frames_out[t as usize], n);
+    /// Counts a written server frame of `kind` that took `bytes` on the wire.
+    pub fn frame_out(&self, t: Transport, kind: usize, bytes: usize) {
+        if let (Some(f), Some(b)) =
+            (cell(&self.frames_out, t, kind), cell(&self.bytes_out, t, kind))
+        {
+            bump(f, 1);
+            bump(b, bytes as u64);
+        }
     }
 
     /// Adds everything counted since the last call to the registry.
     pub fn export(&self) {
         for t in [Transport::Tcp, Transport::Ws] {
             let i = t as usize;
-            if let Some(c) = self.frames_in.get(i) {
-                metrics::counter!(FRAMES_IN, "transport" => t.label()).increment(c.take());
-            }
-            if let Some(c) = self.frames_out.get(i) {
-                metrics::counter!(FRAMES_OUT, "transport" => t.label()).increment(c.take());
+            let (Some(fi), Some(bi), Some(fo), Some(bo)) = (
+                self.frames_in.get(i),
+                self.bytes_in.get(i),
+                self.frames_out.get(i),
+                self.bytes_out.get(i),
+            ) else {
+                continue;
+            };
+            for kind in 0..KINDS {
+                let name = switchboard_protocol::kinds::client_kind_name(kind);
+                export_pair(fi.get(kind), bi.get(kind), FRAMES_IN, BYTES_IN, t, name);
+                let name = switchboard_protocol::kinds::server_kind_name(kind);
+                export_pair(fo.get(kind), bo.get(kind), FRAMES_OUT, BYTES_OUT, t, name);
             }
         }
         metrics::counter!(MESSAGES_STORED).increment(self.messages_stored.take());
         metrics::counter!(DELIVERIES).increment(self.deliveries.take());
     }
+}
+
+/// Adds a frame count and its bytes, when nonzero (a kind never seen makes no series).
+fn export_pair(
+    frames: Option<&Cell<u64>>,
+    bytes: Option<&Cell<u64>>,
+    frames_name: &'static str,
+    bytes_name: &'static str,
+    t: Transport,
+    kind: &'static str,
+) {
+    let (Some(frames), Some(bytes)) = (frames, bytes) else { return };
+    let n = frames.take();
+    if n == 0 {
+        return;
+    }
+    metrics::counter!(frames_name, "transport" => t.label(), "type" => kind).increment(n);
+    metrics::counter!(bytes_name, "transport" => t.label(), "type" => kind).increment(bytes.take());
 }
 
 /// Counts an open connection until dropped.

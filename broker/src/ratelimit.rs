@@ -7,6 +7,10 @@
 //! | typing   | user    | `limits.typing_rate_per_sec`, `limits.typing_burst` |
 //! | receipts | user    | `limits.receipt_rate_per_sec`, `limits.receipt_burst` |
 //! | connect  | peer IP | `limits.connect_rate_per_ip`, `limits.connect_burst_per_ip` |
+//!
+//! Open connections are capped too ([`Slots`]): in all (`limits.max_connections`) and per
+//! peer address (`limits.max_connections_per_ip`), checked when a connection is accepted,
+//! before anything is allocated for it.
 
 use std::hash::Hash;
 use std::net::IpAddr;
@@ -67,6 +71,103 @@ pub struct Limiters {
     pub receipts: Keyed<Arc<str>>,
     /// New connections per IP address.
     pub connect: Keyed<IpAddr>,
+    /// Open connections, in all and per IP address.
+    pub slots: Arc<Slots>,
+}
+
+/// Which connection cap refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotRefusal {
+    /// `limits.max_connections`.
+    Total,
+    /// `limits.max_connections_per_ip`.
+    PerIp,
+}
+
+impl SlotRefusal {
+    /// The limit's name, as a metrics label and in messages.
+    #[must_use]
+    pub fn limit(self) -> &'static str {
+        match self {
+            Self::Total => "max_connections",
+            Self::PerIp => "max_connections_per_ip",
+        }
+    }
+}
+
+/// Open-connection counters shared by every shard and transport.
+#[derive(Debug)]
+pub struct Slots {
+    max_total: usize,
+    max_per_ip: usize,
+    total: std::sync::atomic::AtomicUsize,
+    per_ip: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+impl Slots {
+    /// Caps of `max_total` connections and `max_per_ip` per address; 0 means no cap.
+    #[must_use]
+    pub fn new(max_total: usize, max_per_ip: usize) -> Self {
+        Self {
+            max_total,
+            max_per_ip,
+            total: std::sync::atomic::AtomicUsize::new(0),
+            per_ip: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Takes a slot for a connection from `ip`, held until the returned guard drops.
+    ///
+    /// # Errors
+    /// Which cap is reached.
+    pub fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, SlotRefusal> {
+        use std::sync::atomic::Ordering;
+        let total = self.total.fetch_add(1, Ordering::AcqRel);
+        if self.max_total > 0 && total >= self.max_total {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(SlotRefusal::Total);
+        }
+        if self.max_per_ip > 0 {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let n = per_ip.entry(ip).or_insert(0);
+            if *n >= self.max_per_ip {
+                drop(per_ip);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return Err(SlotRefusal::PerIp);
+            }
+            *n += 1;
+        }
+        Ok(Slot { slots: self.clone(), ip })
+    }
+
+    /// Open connections.
+    #[must_use]
+    pub fn open(&self) -> usize {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// A held connection slot; released on drop.
+#[derive(Debug)]
+pub struct Slot {
+    slots: Arc<Slots>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.total.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if self.slots.max_per_ip > 0 {
+            let mut per_ip =
+                self.slots.per_ip.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = per_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
+        }
+    }
 }
 
 impl Limiters {
@@ -78,6 +179,7 @@ impl Limiters {
             typing: Keyed::new(l.typing_rate_per_sec, l.typing_burst),
             receipts: Keyed::new(l.receipt_rate_per_sec, l.receipt_burst),
             connect: Keyed::new(l.connect_rate_per_ip, l.connect_burst_per_ip),
+            slots: Arc::new(Slots::new(l.max_connections, l.max_connections_per_ip)),
         }
     }
 
@@ -97,6 +199,7 @@ pub fn retry_after_ms(wait: Duration) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -111,5 +214,25 @@ mod tests {
         assert!(wait > Duration::ZERO && wait <= Duration::from_secs(1), "{wait:?}");
         assert!(retry_after_ms(wait) >= 1);
         assert!(l.check(&Arc::from("b")).is_ok(), "another user has their own budget");
+    }
+
+    #[test]
+    fn given_connection_caps_should_refuse_beyond_them_and_free_slots_on_drop() {
+        let slots = Arc::new(Slots::new(3, 2));
+        let a = IpAddr::from([10, 0, 0, 1]);
+        let b = IpAddr::from([10, 0, 0, 2]);
+        let a1 = slots.acquire(a).unwrap();
+        let _a2 = slots.acquire(a).unwrap();
+        assert_eq!(slots.acquire(a).unwrap_err(), SlotRefusal::PerIp);
+        let _b1 = slots.acquire(b).unwrap();
+        assert_eq!(slots.acquire(b).unwrap_err(), SlotRefusal::Total);
+        assert_eq!(slots.open(), 3, "refusals hold no slot");
+        drop(a1);
+        assert!(slots.acquire(b).is_ok(), "a freed slot is usable by anyone");
+        let unlimited = Arc::new(Slots::new(0, 0));
+        let held: Vec<Slot> = (0..100).map(|_| unlimited.acquire(a).unwrap()).collect();
+        assert_eq!(unlimited.open(), 100);
+        drop(held);
+        assert_eq!(unlimited.open(), 0);
     }
 }

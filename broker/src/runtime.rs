@@ -268,6 +268,7 @@ pub fn run_with(
     }
 
     tracing::info!(tcp = %bound_tcp, http = %bound_http, shards, nofile, durability = %config.storage.durability, "broker ready");
+    crate::net::admin::mark_started();
     on_ready(&Bound { tcp: bound_tcp, http: bound_http, shards, cluster: cluster_bound });
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -277,6 +278,9 @@ pub fn run_with(
         // Histogram samples pile up in the recorder until drained: without this a broker that
         // nobody scrapes grows by 8 bytes per acknowledged message.
         let mut upkeep = tokio::time::interval(crate::metrics::UPKEEP_EVERY);
+        // Free space against storage.min_free_mb, often enough that a burst of writes cannot
+        // run the disk from the floor to empty between two looks.
+        let mut space = tokio::time::interval(Duration::from_secs(1));
         let exit = loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break Exit::Clean,
@@ -287,6 +291,16 @@ pub fn run_with(
                 _ = upkeep.tick() => {
                     if let Some(m) = &metrics {
                         m.run_upkeep();
+                    }
+                    if let Some(used) = storage.disk_space() {
+                        #[allow(clippy::cast_precision_loss)]
+                        metrics::gauge!(crate::metrics::STORAGE_BYTES).set(used as f64);
+                    }
+                }
+                _ = space.tick() => {
+                    if let Some(free) = storage.check_space() {
+                        #[allow(clippy::cast_precision_loss)]
+                        metrics::gauge!(crate::metrics::STORAGE_FREE_BYTES).set(free as f64);
                     }
                 }
             }

@@ -91,6 +91,12 @@ impl Encoded {
         Ok(self.json.get_or_init(|| Bytes::from(encode(&frame))).clone())
     }
 
+    /// The frame's kind number ([`crate::kinds`]), read from its first bytes.
+    #[must_use]
+    pub fn kind(&self) -> usize {
+        crate::kinds::server_kind_of(self.prefixed.get(HEADER_LEN..).unwrap_or_default())
+    }
+
     /// Size used for queue accounting.
     #[must_use]
     pub fn len(&self) -> usize {

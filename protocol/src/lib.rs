@@ -22,11 +22,13 @@
 //! - [`codec`]: the `tokio_util` `Decoder`/`Encoder` and encode-once helpers.
 //! - [`json`]: the canonical protobuf JSON mapping (WebSocket JSON subprotocol) and the
 //!   shared encode-once frame.
+//! - [`kinds`]: frame kinds as numbers and names (metrics), read from encoded frames.
 //! - [`validate`]: id, name and content rules with typed errors.
 //! - [`pb`]: the generated types, re-exported at the crate root.
 
 pub mod codec;
 pub mod json;
+pub mod kinds;
 pub mod validate;
 
 /// Types generated from `switchboard.proto` by prost.

@@ -84,6 +84,8 @@ pub struct Options {
     pub gossip: bool,
     /// Extra environment variables (e.g. `FAILPOINTS`).
     pub env: Vec<(String, String)>,
+    /// The data directory, when not the broker's own temporary one (e.g. on a test mount).
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -96,6 +98,7 @@ impl Default for Options {
             ip: std::net::Ipv4Addr::LOCALHOST,
             gossip: false,
             env: Vec::new(),
+            data_dir: None,
         }
     }
 }
@@ -159,7 +162,7 @@ impl Broker {
     /// The data directory (kept across restarts).
     #[must_use]
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.opts.data_dir.clone().unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     fn log_path(&self, n: usize) -> PathBuf {

@@ -179,7 +179,9 @@ async fn given_http_listener_should_answer_health_readiness_and_metrics() {
     for needle in [
         "switchboard_connections{transport=\"ws\"} 1",
         "switchboard_messages_stored_total 1",
-        "switchboard_frames_in_total{transport=\"ws\"} 3",
+        "switchboard_frames_in_total{transport=\"ws\",type=\"hello\"} 1",
+        "switchboard_frames_in_total{transport=\"ws\",type=\"create_conversation\"} 1",
+        "switchboard_frames_in_total{transport=\"ws\",type=\"send\"} 1",
         "switchboard_send_ack_seconds_count 1",
         "switchboard_storage_round_seconds_bucket{le=\"+Inf\"}",
     ] {

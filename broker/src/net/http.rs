@@ -228,7 +228,24 @@ fn upgrade(shard: &Rc<Shard>, peer: SocketAddr, mut req: Request<Incoming>) -> R
             "Sec-WebSocket-Protocol must offer switchboard.v1.proto or switchboard.v1.json\n",
         );
     };
+    let slot = match shard.limiters.slots.acquire(peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "limit" => refusal.limit())
+                .increment(1);
+            let body = match refusal {
+                crate::ratelimit::SlotRefusal::Total => "too many connections (max_connections)\n",
+                crate::ratelimit::SlotRefusal::PerIp => {
+                    "too many connections from this address (max_connections_per_ip)\n"
+                }
+            };
+            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, body);
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+    };
     if let Err(wait) = shard.limiters.connect.check(&peer.ip()) {
+        metrics::counter!(crate::metrics::RATE_LIMITED, "limit" => "connection").increment(1);
         let mut r = text(StatusCode::TOO_MANY_REQUESTS, "too many new connections\n");
         let secs = wait.as_secs().max(1).to_string();
         if let Ok(v) = HeaderValue::from_str(&secs) {
@@ -239,6 +256,7 @@ fn upgrade(shard: &Rc<Shard>, peer: SocketAddr, mut req: Request<Incoming>) -> R
     let upgrading = hyper::upgrade::on(&mut req);
     let shard = shard.clone();
     tokio::task::spawn_local(async move {
+        let _slot = slot;
         match upgrading.await {
             Ok(upgraded) => ws::serve(shard, TokioIo::new(upgraded), peer, proto).await,
             Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),

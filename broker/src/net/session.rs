@@ -37,6 +37,8 @@ pub struct Session {
     pub cancel: CancellationToken,
     /// The peer, for logs.
     pub peer: SocketAddr,
+    /// The transport it arrived over.
+    pub transport: Transport,
     active: RefCell<Option<Rc<LocalSession>>>,
     span: tracing::Span,
     _gauge: ConnectionGauge,
@@ -62,7 +64,16 @@ impl Session {
             user = tracing::field::Empty
         );
         let gauge = ConnectionGauge::open(transport);
-        Self { shard, out, cancel, peer, active: RefCell::new(None), span, _gauge: gauge }
+        Self {
+            shard,
+            out,
+            cancel,
+            peer,
+            transport,
+            active: RefCell::new(None),
+            span,
+            _gauge: gauge,
+        }
     }
 
     /// The tracing span of this connection.

@@ -35,6 +35,14 @@ const READ_CHUNK: usize = 8 * 1024;
 
 /// Serves one accepted TCP connection until it closes.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
+    // The connection caps come first: a refused connection costs no session state.
+    let _slot = match shard.limiters.slots.acquire(peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            refuse_over_cap(stream, refusal).await;
+            return;
+        }
+    };
     let session = Session::new(shard, peer, Transport::Tcp);
     let span = session.span().clone();
     async move {
@@ -61,6 +69,26 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
     .await;
 }
 
+/// Tells a connection over a connection cap why it is refused (`LIMIT_EXCEEDED`, then
+/// `Disconnect{connection_limit}` with a retry hint) and closes it.
+async fn refuse_over_cap(mut stream: TcpStream, refusal: crate::ratelimit::SlotRefusal) {
+    use switchboard_protocol::{DisconnectReason, ErrorCode, ServerFrame, encode_frame};
+    metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "limit" => refusal.limit()).increment(1);
+    let message = format!("too many connections ({})", refusal.limit());
+    let mut bytes =
+        encode_frame(&ServerFrame::error(0, ErrorCode::LimitExceeded, &message)).to_vec();
+    bytes.extend_from_slice(&encode_frame(&ServerFrame::disconnect(
+        DisconnectReason::ConnectionLimit,
+        &message,
+        crate::shard::UNAVAILABLE_RETRY_MS,
+    )));
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&bytes).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
 async fn read_loop(session: &Session, rd: OwnedReadHalf) {
     let mut codec = ServerCodec::new(session.shard.config.limits.max_frame_bytes);
     let mut buf = BytesMut::new();
@@ -70,9 +98,11 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
     loop {
         // Everything buffered first.
         loop {
+            let buffered = buf.len();
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
-                    session.shard.stats.frame_in(Transport::Tcp);
+                    let kind = switchboard_protocol::kinds::client_kind(frame.kind.as_ref());
+                    session.shard.stats.frame_in(Transport::Tcp, kind, buffered - buf.len());
                     if session.cancel.is_cancelled() {
                         session.on_cancel();
                         return;
@@ -128,8 +158,14 @@ async fn write_loop(mut wr: OwnedWriteHalf, out: Rc<Outbound>, shard: Rc<Shard>)
             break; // closing and fully flushed
         }
         match tokio::time::timeout(WRITE_TIMEOUT, write_all(&mut wr, &batch)).await {
-            Ok(Ok(())) => shard.stats.frames_out(Transport::Tcp, batch.len() as u64),
+            Ok(Ok(())) => {
+                for frame in &batch {
+                    shard.stats.frame_out(Transport::Tcp, frame.kind(), frame.len());
+                }
+            }
             Ok(Err(_)) | Err(_) => {
+                metrics::counter!(crate::metrics::SLOW_CONSUMERS, "reason" => "write_timeout")
+                    .increment(1);
                 // The peer stopped reading (or the socket broke): nothing more can reach it,
                 // so the Disconnect queued here is for the record; closing the queue stops the
                 // reader too.

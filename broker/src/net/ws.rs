@@ -155,10 +155,13 @@ async fn read_loop<S>(
             }
             Some(Err(_)) => return,
             Some(Ok(Message::Binary(bytes))) => {
-                ClientFrame::decode(bytes).map_err(|e| e.to_string())
+                let len = bytes.len();
+                ClientFrame::decode(bytes).map(|f| (f, len)).map_err(|e| e.to_string())
             }
             Some(Ok(Message::Text(text))) => {
-                switchboard_protocol::json::decode_client(text.as_str()).map_err(|e| e.to_string())
+                switchboard_protocol::json::decode_client(text.as_str())
+                    .map(|f| (f, text.len()))
+                    .map_err(|e| e.to_string())
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
                 // Keepalive counts as activity; tungstenite answers pings itself.
@@ -169,8 +172,9 @@ async fn read_loop<S>(
             Some(Ok(Message::Frame(_))) => continue,
         };
         match frame {
-            Ok(frame) => {
-                session.shard.stats.frame_in(Transport::Ws);
+            Ok((frame, len)) => {
+                let kind = switchboard_protocol::kinds::client_kind(frame.kind.as_ref());
+                session.shard.stats.frame_in(Transport::Ws, kind, len);
                 if session.cancel.is_cancelled() {
                     session.on_cancel();
                     return;
@@ -214,18 +218,28 @@ async fn write_loop<S>(
         if batch.is_empty() {
             break;
         }
-        let n = batch.len() as u64;
+        let mut sizes = Vec::with_capacity(batch.len());
         let write = async {
             for frame in &batch {
                 if let Some(msg) = to_message(frame, proto) {
+                    sizes.push((frame.kind(), msg.len()));
                     sink.feed(msg).await?;
                 }
             }
             sink.flush().await
         };
-        match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-            Ok(Ok(())) => shard.stats.frames_out(Transport::Ws, n),
+        let written = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+        match written {
+            Ok(Ok(())) => {
+                for (kind, len) in sizes {
+                    shard.stats.frame_out(Transport::Ws, kind, len);
+                }
+            }
             Ok(Err(_)) | Err(_) => {
+                if written.is_err() {
+                    metrics::counter!(crate::metrics::SLOW_CONSUMERS, "reason" => "write_timeout")
+                        .increment(1);
+                }
                 // The peer stopped reading or the socket broke; closing the queue stops the
                 // reader too.
                 out.close();

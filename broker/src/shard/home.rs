@@ -375,6 +375,9 @@ impl Home {
             let _ = ack.send(false);
             return;
         }
+        if count == 0 {
+            metrics::gauge!(crate::metrics::ONLINE_USERS).increment(1.0);
+        }
         self.sessions.entry(user.clone()).or_default().push(session);
         let _ = ack.send(true);
         self.cancel_pushes(&user);
@@ -423,6 +426,7 @@ impl Home {
             return;
         }
         self.sessions.remove(user);
+        metrics::gauge!(crate::metrics::ONLINE_USERS).decrement(1.0);
         let epoch = self.next_epoch;
         self.next_epoch += 1;
         self.in_grace.insert(user.clone(), (epoch, now_ms()));
@@ -899,12 +903,20 @@ impl Home {
         if delivered || online || job.attempts >= self.max_attempts {
             if !delivered && !online {
                 tracing::error!(user = %job.user, conversation = %job.conversation, attempts = job.attempts, "giving up on a push notification");
+                metrics::counter!(crate::metrics::PUSH_WEBHOOK, "outcome" => "gave_up")
+                    .increment(1);
             }
             self.push_deleted.push((job.user, job.conversation, job.notification.first_seq));
             return;
         }
         let at = Instant::now() + crate::push::backoff(job.attempts);
         self.ready.push_back((at, job));
+    }
+
+    /// Users homed here with at least one session on this node.
+    #[must_use]
+    pub fn online_users(&self) -> usize {
+        self.sessions.len()
     }
 
     /// Number of sessions of `user` (all shards).
@@ -956,6 +968,7 @@ mod tests {
             data_dir: dir.path().to_owned(),
             durability: Durability::Buffered,
             cache_mb: 8,
+            ..StorageConfig::default()
         })
         .unwrap();
         let mut config = Config::default();

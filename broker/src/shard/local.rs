@@ -24,6 +24,19 @@ use super::mailbox::{HomeMsg, LocalMsg, Membership, OwnerMsg};
 use super::outbound::Outbound;
 use super::{SessionRef, Shard, owner_shard, partition};
 
+/// Where a session comes from, for operators (the admin API).
+#[derive(Debug, Clone)]
+pub struct SessionMeta {
+    /// The transport it connected over.
+    pub transport: crate::metrics::Transport,
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// What the client said it is in `Hello.client`.
+    pub client: String,
+    /// When the handshake completed (ms since the epoch).
+    pub connected_at_ms: u64,
+}
+
 /// A connection's session as the shard sees it.
 #[derive(Debug)]
 pub struct LocalSession {
@@ -31,6 +44,8 @@ pub struct LocalSession {
     pub id: u64,
     /// The authenticated user.
     pub user: Arc<str>,
+    /// Where it comes from.
+    pub meta: SessionMeta,
     /// Outbound frames (shared with the connection's writer).
     pub out: Rc<Outbound>,
     convs: RefCell<HashSet<Arc<str>>>,
@@ -44,10 +59,17 @@ pub struct LocalSession {
 impl LocalSession {
     /// A session writing to `out`; `cancel` closes its connection.
     #[must_use]
-    pub fn new(id: u64, user: Arc<str>, out: Rc<Outbound>, cancel: CancellationToken) -> Self {
+    pub fn new(
+        id: u64,
+        user: Arc<str>,
+        meta: SessionMeta,
+        out: Rc<Outbound>,
+        cancel: CancellationToken,
+    ) -> Self {
         Self {
             id,
             user,
+            meta,
             out,
             convs: RefCell::default(),
             presence_subs: RefCell::default(),
@@ -78,6 +100,12 @@ impl LocalSession {
         while self.inflight.get() >= max {
             self.inflight_changed.notified().await;
         }
+    }
+
+    /// Conversations it receives.
+    #[must_use]
+    pub fn conversation_count(&self) -> usize {
+        self.convs.borrow().len()
     }
 
     /// Cancelled when the broker wants this connection closed.
@@ -127,7 +155,9 @@ impl Local {
 
     /// Registers a session.
     pub fn insert(&mut self, session: Rc<LocalSession>) {
-        self.sessions.insert(session.id, session);
+        if self.sessions.insert(session.id, session).is_none() {
+            metrics::gauge!(crate::metrics::SESSIONS).increment(1.0);
+        }
     }
 
     /// A session by id.
@@ -199,6 +229,7 @@ impl Local {
     /// Unregisters a session; returns its user and the conversations nobody here receives now.
     fn remove_session(&mut self, id: u64) -> Option<(Arc<str>, Vec<Arc<str>>)> {
         let s = self.sessions.remove(&id)?;
+        metrics::gauge!(crate::metrics::SESSIONS).decrement(1.0);
         let convs: Vec<Arc<str>> = s.convs.borrow_mut().drain().collect();
         let mut empty = Vec::new();
         for conv in convs {
@@ -210,6 +241,20 @@ impl Local {
             }
         }
         Some((s.user.clone(), empty))
+    }
+
+    /// The sessions hosted here, of `user` only when given.
+    pub fn sessions_of<'a>(
+        &'a self,
+        user: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Rc<LocalSession>> + 'a {
+        self.sessions.values().filter(move |s| user.is_none_or(|u| *s.user == *u))
+    }
+
+    /// Number of sessions hosted here.
+    #[must_use]
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
     }
 
     /// Users with a session here (for the batched presence lease renewal).

@@ -41,6 +41,8 @@ pub enum ShardMsg {
         /// Where its reply goes.
         reply: oneshot::Sender<SharedFrame>,
     },
+    /// A question or an order from the admin API.
+    Admin(crate::net::admin::AdminMsg),
     /// Begin a graceful shutdown; answer when drained.
     Shutdown(oneshot::Sender<()>),
     /// Second phase of a shutdown, once every shard drained: write what home messages
@@ -130,6 +132,9 @@ pub enum OwnerOp {
     AddMembers(switchboard_protocol::AddMembers),
     /// Remove members (admins only).
     RemoveMembers(switchboard_protocol::RemoveMembers),
+    /// Remove members of a group on an operator's behalf (the admin API): no membership
+    /// check. Never forwarded between nodes: the admin API relays it to the leader's node.
+    ForceRemove(switchboard_protocol::RemoveMembers),
     /// Leave a group.
     Leave(switchboard_protocol::Leave),
     /// Advance the read (and delivered) watermark.
@@ -153,7 +158,9 @@ impl OwnerOp {
             Self::Send(r) => Kind::Send(r),
             Self::Create { request, .. } => Kind::CreateConversation(request),
             Self::AddMembers(r) => Kind::AddMembers(r),
-            Self::RemoveMembers(r) => Kind::RemoveMembers(r),
+            // A forwarded force-removal would be checked as the (empty) operator's own removal
+            // and refused; the admin API never forwards one.
+            Self::RemoveMembers(r) | Self::ForceRemove(r) => Kind::RemoveMembers(r),
             Self::Leave(r) => Kind::Leave(r),
             Self::MarkRead(r) => Kind::MarkRead(r),
             Self::MarkDelivered(r) => Kind::MarkDelivered(r),
@@ -193,7 +200,7 @@ impl OwnerOp {
             Self::Send(r) => &r.conversation_id,
             Self::Create { conversation_id, .. } => conversation_id,
             Self::AddMembers(r) => &r.conversation_id,
-            Self::RemoveMembers(r) => &r.conversation_id,
+            Self::RemoveMembers(r) | Self::ForceRemove(r) => &r.conversation_id,
             Self::Leave(r) => &r.conversation_id,
             Self::MarkRead(r) => &r.conversation_id,
             Self::MarkDelivered(r) => &r.conversation_id,
@@ -584,6 +591,11 @@ impl ShardMsg {
 impl Peer {
     pub(crate) fn new(tx: mpsc::Sender<ShardMsg>) -> Self {
         Self { tx, overflow: Rc::default(), forwarding: Rc::default() }
+    }
+
+    /// Messages waiting in the target's mailbox, plus this sender's overflow queue.
+    pub(crate) fn depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity() + self.overflow.borrow().len()
     }
 
     pub(crate) fn send(&self, msg: ShardMsg) {

@@ -99,6 +99,8 @@ pub fn group_by_home(
 
 /// How long a client should wait before retrying after `UNAVAILABLE`.
 pub const UNAVAILABLE_RETRY_MS: u64 = 1_000;
+/// How long a client should wait before retrying after `STORAGE_FULL`.
+pub const STORAGE_FULL_RETRY_MS: u64 = 5_000;
 
 /// An error reply, with the retry hint the broker gives for its code.
 #[must_use]
@@ -109,10 +111,15 @@ pub fn error_frame(
 ) -> switchboard_protocol::ServerFrame {
     use switchboard_protocol::{ErrorCode, server_frame::Kind};
     let mut frame = switchboard_protocol::ServerFrame::error(request_id, code, message);
-    if code == ErrorCode::Unavailable
+    let retry = match code {
+        ErrorCode::Unavailable => UNAVAILABLE_RETRY_MS,
+        ErrorCode::StorageFull => STORAGE_FULL_RETRY_MS,
+        _ => 0,
+    };
+    if retry > 0
         && let Some(Kind::Error(e)) = frame.kind.as_mut()
     {
-        e.retry_after_ms = UNAVAILABLE_RETRY_MS;
+        e.retry_after_ms = retry;
     }
     frame
 }
@@ -121,10 +128,11 @@ pub fn error_frame(
 #[must_use]
 pub fn rate_limited_frame(
     request_id: u64,
-    what: &str,
+    what: &'static str,
     wait: std::time::Duration,
 ) -> switchboard_protocol::ServerFrame {
     use switchboard_protocol::{ErrorCode, server_frame::Kind};
+    metrics::counter!(crate::metrics::RATE_LIMITED, "limit" => what).increment(1);
     let retry = crate::ratelimit::retry_after_ms(wait);
     let mut frame = switchboard_protocol::ServerFrame::error(
         request_id,
@@ -373,6 +381,7 @@ impl Shard {
                 self.owner.borrow_mut().on_replicated(token, outcome, &mut out);
                 self.dispatch(out);
             }
+            ShardMsg::Admin(msg) => crate::net::admin::on_shard(self, msg),
             ShardMsg::Shutdown(done) => self.begin_shutdown(done),
             ShardMsg::FinalFlush(done) => {
                 let ops = self.home.borrow_mut().flush_writes();
@@ -437,6 +446,17 @@ impl Shard {
         if let Some(peer) = self.peers.get(target) {
             peer.send(msg);
         }
+    }
+
+    /// Sends a message to shard `target`'s mailbox (this shard's own too: it is handled by
+    /// the mailbox loop, not in place).
+    pub(crate) fn send_to(&self, target: usize, msg: ShardMsg) {
+        self.send(target, msg);
+    }
+
+    /// Messages waiting in this shard's mailbox.
+    pub(crate) fn mailbox_depth(&self) -> usize {
+        self.peers.get(self.id).map_or(0, mailbox::Peer::depth)
     }
 
     pub(crate) fn handle_owner(self: &Rc<Self>, msg: OwnerMsg) {
@@ -650,6 +670,9 @@ impl Shard {
             self.deliver_pushes(now.into_std());
             if flush {
                 self.stats.export();
+                #[allow(clippy::cast_precision_loss)]
+                metrics::gauge!(crate::metrics::MAILBOX_DEPTH, "shard" => self.id.to_string())
+                    .set(self.mailbox_depth() as f64);
             }
         }
     }
@@ -663,6 +686,8 @@ impl Shard {
             tokio::task::spawn_local(async move {
                 job.notification.sent_at_ms = owner::now_ms();
                 let result = webhook.deliver(&job.notification).await;
+                let outcome = if result.is_ok() { "delivered" } else { "failed" };
+                metrics::counter!(crate::metrics::PUSH_WEBHOOK, "outcome" => outcome).increment(1);
                 if let Err(e) = &result {
                     tracing::warn!(user = %job.user, error = %e, attempt = job.attempts + 1, "push delivery failed");
                 }

@@ -52,6 +52,12 @@ impl Outbound {
         }
     }
 
+    /// Bytes queued, not yet taken by the writer.
+    #[must_use]
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.get()
+    }
+
     /// Queues a frame. Returns `false` when the queue is closing or just overflowed (the
     /// connection is then being cut off as a slow consumer).
     pub fn push(&self, frame: SharedFrame) -> bool {
@@ -61,6 +67,8 @@ impl Outbound {
         let bytes = self.bytes.get() + frame.len();
         if bytes > self.limit {
             tracing::info!(queued = self.bytes.get(), limit = self.limit, "slow consumer");
+            metrics::counter!(crate::metrics::SLOW_CONSUMERS, "reason" => "queue_full")
+                .increment(1);
             self.close_with(ServerFrame::disconnect(
                 DisconnectReason::SlowConsumer,
                 "outbound queue full; reconnect and sync",

@@ -580,6 +580,17 @@ fn names(users: &[Arc<str>]) -> Vec<String> {
     users.iter().map(ToString::to_string).collect()
 }
 
+/// Who removes members, which decides the check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// A member leaves a group.
+    Leave,
+    /// A group admin removes members.
+    ByAdmin,
+    /// An operator, through the admin API: no membership check (groups only).
+    ByOperator,
+}
+
 impl Owner {
     /// The owner role of shard `shard` of `shards`.
     #[must_use]
@@ -677,6 +688,12 @@ impl Owner {
         }
     }
 
+    /// Conversations held in memory.
+    #[must_use]
+    pub fn loaded(&self) -> usize {
+        self.convs.len()
+    }
+
     /// No batch open or in flight.
     #[must_use]
     pub fn is_idle(&self) -> bool {
@@ -715,7 +732,20 @@ impl Owner {
                                 request_id,
                                 &req.conversation_id,
                                 users,
-                                false,
+                                Removal::ByAdmin,
+                                out,
+                            )
+                        }
+                        OwnerOp::ForceRemove(req) => {
+                            let users: Vec<Arc<str>> =
+                                req.users.iter().map(|u| Arc::from(u.as_str())).collect();
+                            self.remove(
+                                from,
+                                &user,
+                                request_id,
+                                &req.conversation_id,
+                                users,
+                                Removal::ByOperator,
                                 out,
                             )
                         }
@@ -725,7 +755,7 @@ impl Owner {
                             request_id,
                             &req.conversation_id,
                             vec![user.clone()],
-                            true,
+                            Removal::Leave,
                             out,
                         ),
                         OwnerOp::MarkRead(req) => self.mark(
@@ -1031,6 +1061,7 @@ impl Owner {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// Removes `users` from a group (or, leaving, the caller), as one system entry.
     fn remove(
         &mut self,
         from: SessionRef,
@@ -1038,22 +1069,32 @@ impl Owner {
         request_id: u64,
         conv_id: &str,
         users: Vec<Arc<str>>,
-        leaving: bool,
+        how: Removal,
         out: &mut Outgoing,
     ) -> Result<(), OpError> {
         let Some(conv) = load(&mut self.convs, &self.storage, conv_id)? else {
             return Err(OpError::not_found());
         };
-        if leaving {
-            conv.require_member(user)?;
-            if conv.kind() != ConversationKind::Group {
-                return Err(OpError::new(
-                    ErrorCode::BadRequest,
-                    "direct conversations cannot be left",
-                ));
+        let leaving = how == Removal::Leave;
+        match how {
+            Removal::Leave => {
+                conv.require_member(user)?;
+                if conv.kind() != ConversationKind::Group {
+                    return Err(OpError::new(
+                        ErrorCode::BadRequest,
+                        "direct conversations cannot be left",
+                    ));
+                }
             }
-        } else {
-            conv.require_group_admin(user)?;
+            Removal::ByAdmin => conv.require_group_admin(user)?,
+            Removal::ByOperator => {
+                if conv.kind() != ConversationKind::Group {
+                    return Err(OpError::new(
+                        ErrorCode::BadRequest,
+                        "direct conversations have fixed members",
+                    ));
+                }
+            }
         }
         let mut removed: Vec<Arc<str>> =
             users.into_iter().filter(|u| conv.members.contains_key(u)).collect();

@@ -210,6 +210,12 @@ pub struct Storage {
     durable_commit: AtomicU64,
     poisoned: AtomicBool,
     fatal: tokio::sync::Notify,
+    /// The data directory (free space is measured on its file system).
+    data_dir: std::path::PathBuf,
+    /// The free-space floor in bytes; 0: unchecked.
+    min_free: u64,
+    /// Free space fell below the floor at the last check.
+    full: AtomicBool,
 }
 
 impl std::fmt::Debug for Storage {
@@ -273,7 +279,60 @@ impl Storage {
             durable_commit: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
             fatal: tokio::sync::Notify::new(),
+            data_dir: cfg.data_dir.clone(),
+            min_free: cfg.min_free_mb << 20,
+            full: AtomicBool::new(false),
         }))
+    }
+
+    /// Bytes available to the broker on the data directory's file system (`statvfs`).
+    ///
+    /// # Errors
+    /// When `statvfs` fails.
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        let st = rustix::fs::statvfs(&self.data_dir)?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// Bytes the store takes on disk (journal and tables), when fjall can tell.
+    #[must_use]
+    pub fn disk_space(&self) -> Option<u64> {
+        self.db.disk_space().ok()
+    }
+
+    /// Measures free space against `storage.min_free_mb` and remembers whether it is below;
+    /// returns the free bytes. A failed measurement keeps the previous verdict.
+    pub fn check_space(&self) -> Option<u64> {
+        let free = match self.free_bytes() {
+            Ok(free) => free,
+            Err(e) => {
+                tracing::warn!(error = %e, dir = %self.data_dir.display(), "statvfs failed");
+                return None;
+            }
+        };
+        let full = self.min_free > 0 && free < self.min_free;
+        if self.full.swap(full, Ordering::AcqRel) != full {
+            if full {
+                tracing::error!(
+                    free,
+                    floor = self.min_free,
+                    "disk nearly full: refusing writes (storage.min_free_mb)"
+                );
+            } else {
+                tracing::warn!(
+                    free,
+                    floor = self.min_free,
+                    "disk space back above the floor: accepting writes"
+                );
+            }
+        }
+        Some(free)
+    }
+
+    /// Whether free space was below the floor at the last check: client writes are refused.
+    #[must_use]
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Acquire)
     }
 
     /// The configured durability mode.
@@ -821,6 +880,7 @@ mod tests {
             data_dir: dir.path().to_owned(),
             durability: crate::config::Durability::Buffered,
             cache_mb: 8,
+            ..StorageConfig::default()
         };
         let _storage = Storage::open(&cfg).unwrap();
         // Other tests open stores concurrently: some thread may be between its spawn and its

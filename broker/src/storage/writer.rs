@@ -146,6 +146,9 @@ struct Writer {
     last_sync: Instant,
     unsynced: bool,
     round_seconds: metrics::Histogram,
+    fsync_seconds: metrics::Histogram,
+    batch_ops: metrics::Histogram,
+    batch_batches: metrics::Histogram,
 }
 
 impl Writer {
@@ -157,6 +160,9 @@ impl Writer {
             last_sync: Instant::now(),
             unsynced: false,
             round_seconds: metrics::histogram!(crate::metrics::STORAGE_ROUND_SECONDS),
+            fsync_seconds: metrics::histogram!(crate::metrics::FSYNC_SECONDS),
+            batch_ops: metrics::histogram!(crate::metrics::BATCH_OPS),
+            batch_batches: metrics::histogram!(crate::metrics::BATCH_BATCHES),
         }
     }
 
@@ -226,7 +232,7 @@ impl Writer {
         if self.storage.is_poisoned() {
             return;
         }
-        match self.storage.db.persist(mode) {
+        match self.persist(mode) {
             Ok(()) => {
                 self.last_sync = Instant::now();
                 self.unsynced = false;
@@ -238,8 +244,24 @@ impl Writer {
         }
     }
 
+    /// Persists the journal in `mode`, timing the fsyncs.
+    fn persist(&self, mode: PersistMode) -> fjall::Result<()> {
+        if mode == PersistMode::Buffer {
+            return self.storage.db.persist(mode);
+        }
+        let started = Instant::now();
+        let result = self.storage.db.persist(mode);
+        self.fsync_seconds.record(started.elapsed().as_secs_f64());
+        result
+    }
+
     fn commit_round(&mut self, mut round: Vec<WriteBatch>) {
         let started = Instant::now();
+        #[allow(clippy::cast_precision_loss)]
+        {
+            self.batch_batches.record(round.len() as f64);
+            self.batch_ops.record(round.iter().map(|b| b.ops.len()).sum::<usize>() as f64);
+        }
         let outcome = if self.storage.is_poisoned() {
             Err(StorageError::Poisoned)
         } else {
@@ -248,11 +270,11 @@ impl Writer {
         let fsync = round.iter().any(|b| b.fsync);
         let outcome = outcome.and_then(|seqs| {
             let persisted = match self.storage.durability {
-                Durability::Sync if fsync => self.storage.db.persist(PersistMode::SyncData),
-                Durability::Sync => self.storage.db.persist(PersistMode::Buffer),
+                Durability::Sync if fsync => self.persist(PersistMode::SyncData),
+                Durability::Sync => self.persist(PersistMode::Buffer),
                 Durability::Interval(_) => {
                     self.unsynced = true;
-                    self.storage.db.persist(PersistMode::Buffer)
+                    self.persist(PersistMode::Buffer)
                 }
                 Durability::Buffered => Ok(()),
             };
@@ -352,7 +374,13 @@ mod tests {
     use std::sync::Mutex;
 
     fn open(dir: &std::path::Path, durability: Durability) -> Arc<Storage> {
-        Storage::open(&StorageConfig { data_dir: dir.to_owned(), durability, cache_mb: 8 }).unwrap()
+        Storage::open(&StorageConfig {
+            data_dir: dir.to_owned(),
+            durability,
+            cache_mb: 8,
+            ..StorageConfig::default()
+        })
+        .unwrap()
     }
 
     fn collect() -> (CommitSink, Arc<Mutex<Vec<Committed>>>) {

@@ -53,6 +53,7 @@ pub fn create(ctx: &Ctx<'_>, request_id: u64, mut req: CreateConversation) {
 
 /// Validates a create request and decides the conversation id.
 fn resolve(ctx: &Ctx<'_>, req: &mut CreateConversation) -> Result<Arc<str>, Reject> {
+    ctx.writable()?;
     let me = &*ctx.session.user;
     check_users(ctx, &req.members)?;
     let others: Vec<&String> = req.members.iter().filter(|m| m.as_str() != me).collect();
@@ -123,7 +124,7 @@ fn check_change(ctx: &Ctx<'_>, conversation: &str, users: &[String]) -> Result<(
 
 /// Handles `AddMembers`.
 pub fn add_members(ctx: &Ctx<'_>, request_id: u64, req: AddMembers) {
-    match check_change(ctx, &req.conversation_id, &req.users) {
+    match ctx.writable().and_then(|()| check_change(ctx, &req.conversation_id, &req.users)) {
         Ok(()) => ctx.to_owner(&req.conversation_id.clone(), request_id, OwnerOp::AddMembers(req)),
         Err(r) => ctx.reject(request_id, r),
     }

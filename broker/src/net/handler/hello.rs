@@ -105,8 +105,19 @@ pub async fn handshake(
     session.out.hold();
     let id = shard.next_session_id();
     let me = SessionRef { shard: shard.id, id };
-    let local =
-        Rc::new(LocalSession::new(id, user.clone(), session.out.clone(), session.cancel.clone()));
+    let meta = crate::shard::local::SessionMeta {
+        transport: session.transport,
+        peer: session.peer,
+        client: hello.client.chars().take(64).collect(),
+        connected_at_ms: crate::shard::owner::now_ms(),
+    };
+    let local = Rc::new(LocalSession::new(
+        id,
+        user.clone(),
+        meta,
+        session.out.clone(),
+        session.cancel.clone(),
+    ));
     shard.local.borrow_mut().insert(local.clone());
     let (ack, registered) = oneshot::channel();
     shard.to_home(&user, HomeMsg::SessionUp { user: user.clone(), session: me, ack });

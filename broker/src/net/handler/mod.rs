@@ -53,6 +53,15 @@ impl Reject {
         Self { code, message: message.into() }
     }
 
+    /// The disk is below its free-space floor: writes wait until space returns.
+    #[must_use]
+    pub fn storage_full() -> Self {
+        Self::new(
+            ErrorCode::StorageFull,
+            "the broker's disk is nearly full; writes are refused until space is freed",
+        )
+    }
+
     /// Not found or not a member (indistinguishable on purpose).
     #[must_use]
     pub fn not_found() -> Self {
@@ -80,6 +89,14 @@ impl From<StorageError> for Reject {
 }
 
 impl Ctx<'_> {
+    /// Refuses a write while the disk is below its free-space floor.
+    ///
+    /// # Errors
+    /// `STORAGE_FULL`.
+    pub fn writable(&self) -> Result<(), Reject> {
+        if self.shard.storage.is_full() { Err(Reject::storage_full()) } else { Ok(()) }
+    }
+
     /// Queues a reply frame.
     pub fn reply(&self, request_id: u64, kind: server_frame::Kind) {
         self.session.send(&ServerFrame::reply(request_id, kind));

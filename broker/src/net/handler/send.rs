@@ -20,6 +20,7 @@ pub fn handle(ctx: &Ctx<'_>, request_id: u64, req: switchboard_protocol::Send) {
 }
 
 fn check(ctx: &Ctx<'_>, req: &switchboard_protocol::Send) -> Result<(), Reject> {
+    ctx.writable()?;
     validate::conversation_id(&req.conversation_id)?;
     validate::client_msg_id(&req.client_msg_id)?;
     let Some(content) = &req.content else {
