@@ -53,6 +53,10 @@ pub enum Exit {
     StorageFailure,
 }
 
+/// How long a broker whose storage failed keeps answering `/readyz` (503, with the reason)
+/// before it shuts down.
+const FAIL_STOP_LINGER: Duration = Duration::from_secs(2);
+
 /// What a started broker is listening on.
 #[derive(Debug, Clone)]
 pub struct Bound {
@@ -305,6 +309,16 @@ pub fn run_with(
                 }
             }
         };
+        if exit == Exit::StorageFailure {
+            let why = storage.failure().unwrap_or_default();
+            tracing::error!(
+                reason = %why,
+                "storage failed: stopping (fail-stop). Acknowledged messages are safe; the failed batch was not acknowledged. Restart to recover from the journal once the disk is healthy."
+            );
+            // /readyz reports the failure (and refuses traffic) for a moment before the
+            // listeners close, so probes and operators see why the node went away.
+            tokio::time::sleep(FAIL_STOP_LINGER).await;
+        }
         tracing::info!("shutting down");
         let control = match membership {
             Some((m, _, control, _)) => {

@@ -90,6 +90,10 @@ pub async fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> 
         (&Method::POST, ["admin", "conversations", id, "members", user, "remove"]) => {
             force_remove(shard, id, user, &relay).await
         }
+        #[cfg(feature = "failpoints")]
+        (&Method::PUT | &Method::DELETE, ["admin", "failpoints", name]) => {
+            failpoint(req, name).await
+        }
         (_, ["admin", "stats" | "users" | "conversations", ..]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "wrong method for this route")
         }
@@ -685,5 +689,30 @@ async fn force_remove(
             error(status, &e.message)
         }
         _ => error(StatusCode::INTERNAL_SERVER_ERROR, "unexpected answer from the owner"),
+    }
+}
+
+/// `PUT /admin/failpoints/{name}` (body: the actions, e.g. `pause` or `return`) and `DELETE`
+/// (lifts it): test builds only (the `failpoints` feature), behind the admin token.
+#[cfg(feature = "failpoints")]
+async fn failpoint(req: Request<Incoming>, name: &str) -> Response<Body> {
+    use http_body_util::BodyExt as _;
+    let name = name.to_owned();
+    if req.method() == Method::DELETE {
+        fail::remove(&name);
+        tracing::warn!(failpoint = %name, "failpoint lifted");
+        return reply(StatusCode::OK, &serde_json::json!({ "failpoint": name, "actions": null }));
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(StatusCode::BAD_REQUEST, "unreadable body"),
+    };
+    let actions = String::from_utf8_lossy(&body).trim().to_owned();
+    match fail::cfg(&name, &actions) {
+        Ok(()) => {
+            tracing::warn!(failpoint = %name, %actions, "failpoint set");
+            reply(StatusCode::OK, &serde_json::json!({ "failpoint": name, "actions": actions }))
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, &e),
     }
 }

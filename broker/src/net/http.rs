@@ -94,7 +94,13 @@ async fn route(shard: &Rc<Shard>, peer: SocketAddr, req: Request<Incoming>) -> R
         (&Method::GET, "/ws") => upgrade(shard, peer, req),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if shard.is_shutting_down() {
+            if let Some(why) = shard.storage.failure() {
+                respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    format!("storage failed: {why}; stopping (fail-stop)\n"),
+                )
+            } else if shard.is_shutting_down() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
             } else if let Some(why) = shard.cluster.as_ref().and_then(not_ready) {
                 text(StatusCode::SERVICE_UNAVAILABLE, why)

@@ -216,6 +216,8 @@ pub struct Storage {
     min_free: u64,
     /// Free space fell below the floor at the last check.
     full: AtomicBool,
+    /// Why writes stopped (fail-stop), once they did.
+    failure: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -282,6 +284,7 @@ impl Storage {
             data_dir: cfg.data_dir.clone(),
             min_free: cfg.min_free_mb << 20,
             full: AtomicBool::new(false),
+            failure: std::sync::Mutex::new(None),
         }))
     }
 
@@ -361,9 +364,25 @@ impl Storage {
         self.fatal.notified().await;
     }
 
-    fn poison(&self) {
+    /// Stops every further write for good (fail-stop): a failed write or fsync leaves the
+    /// journal's state unknown, so nothing after it may be acknowledged, and retrying the fsync
+    /// could report success for data the kernel already dropped. The first reason is kept.
+    fn poison(&self, why: &str) {
+        {
+            let mut failure =
+                self.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if failure.is_none() {
+                *failure = Some(why.to_owned());
+            }
+        }
         self.poisoned.store(true, Ordering::Release);
         self.fatal.notify_waiters();
+    }
+
+    /// Why writes stopped, once they did.
+    #[must_use]
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// A reader over the latest durable snapshot.

@@ -238,14 +238,23 @@ impl Writer {
                 self.unsynced = false;
             }
             Err(e) => {
-                tracing::error!(error = %e, "fsync failed; stopping writes");
-                self.storage.poison();
+                tracing::error!(error = %e, "fsync failed; stopping writes (fail-stop)");
+                self.storage.poison(&format!("fsync failed: {e}"));
             }
         }
     }
 
     /// Persists the journal in `mode`, timing the fsyncs.
+    ///
+    /// Failpoints (test builds): `storage-persist` (e.g. `pause`: every persist, so every ack,
+    /// waits until it is lifted) and `storage-fsync-error` (`return`: an fsync fails).
     fn persist(&self, mode: PersistMode) -> fjall::Result<()> {
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("storage-persist");
+        #[cfg(feature = "failpoints")]
+        fail::fail_point!("storage-fsync-error", mode != PersistMode::Buffer, |_| {
+            Err(fjall::Error::from(std::io::Error::other("injected fsync failure")))
+        });
         if mode == PersistMode::Buffer {
             return self.storage.db.persist(mode);
         }
@@ -300,11 +309,11 @@ impl Writer {
             }
             Err(e) => {
                 if !matches!(e, StorageError::Poisoned) {
-                    tracing::error!(error = %e, "write failed; stopping writes");
+                    tracing::error!(error = %e, "write or fsync failed; the batch is not acknowledged and writes stop (fail-stop)");
                 }
                 // Feed heads may have advanced for writes that did not land.
                 self.feed_heads.clear();
-                self.storage.poison();
+                self.storage.poison(&format!("write or fsync failed: {e}"));
                 for batch in round {
                     (batch.sink)(Committed {
                         token: batch.token,
