@@ -143,6 +143,10 @@ pub struct StorageConfig {
     /// before a write could fail for want of space (which stops the store). 0 turns the check
     /// off. Default 256.
     pub min_free_mb: u64,
+    /// Journal size (MiB) after which the store flushes its memtables so old journal files
+    /// can go: it bounds the replay after a crash (recovery time) and the journal's disk use.
+    /// At least 64. Default 512.
+    pub max_journal_mb: u64,
 }
 
 impl Default for StorageConfig {
@@ -152,6 +156,7 @@ impl Default for StorageConfig {
             durability: Durability::Sync,
             cache_mb: 64,
             min_free_mb: 256,
+            max_journal_mb: 512,
         }
     }
 }
@@ -666,6 +671,9 @@ impl Config {
         }
         let l = &self.limits;
         let s = &self.server;
+        if self.storage.max_journal_mb < 64 {
+            return Err(invalid("storage.max_journal_mb", "must be at least 64"));
+        }
         if self.server.shards > crate::shard::MAX_SHARDS {
             return Err(invalid(
                 "server.shards",
@@ -864,6 +872,9 @@ cache_mb = {cache}
 # Free space (MiB) to keep on the data directory's file system: below it, sends and
 # conversation changes are refused with STORAGE_FULL until space returns. 0: no check.
 min_free_mb = {min_free}
+# Journal size (MiB, at least 64) that makes the store flush memtables and drop old journal
+# files: bounds crash-recovery replay time and the journal's disk use.
+max_journal_mb = {max_journal}
 
 [limits]
 max_frame_bytes = {frame}
@@ -973,6 +984,7 @@ anti_entropy_interval_ms = {anti_entropy}
             durability = d.storage.durability,
             cache = d.storage.cache_mb,
             min_free = d.storage.min_free_mb,
+            max_journal = d.storage.max_journal_mb,
             frame = l.max_frame_bytes,
             body = l.max_body_bytes,
             inflight = l.max_inflight,

@@ -169,7 +169,8 @@ impl Broker {
         self.dir.path().join(format!("broker-{n}.log"))
     }
 
-    fn spawn(&mut self) {
+    /// The broker's command line (a new log file per start).
+    fn command(&mut self) -> Command {
         self.starts += 1;
         let log = std::fs::File::create(self.log_path(self.starts)).expect("log file");
         let mut cmd = Command::new(broker_bin());
@@ -209,7 +210,21 @@ impl Broker {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
-        let mut child = cmd.spawn().expect("spawn broker");
+        cmd
+    }
+
+    /// Starts the broker again and SIGKILLs it `after` that, whether or not it finished
+    /// starting (recovering its store, binding its listeners): a crash during recovery.
+    pub async fn start_and_kill_after(&mut self, after: Duration) {
+        self.kill();
+        let mut child = self.command().stdout(Stdio::null()).spawn().expect("spawn broker");
+        tokio::time::sleep(after).await;
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    fn spawn(&mut self) {
+        let mut child = self.command().spawn().expect("spawn broker");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

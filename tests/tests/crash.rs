@@ -1,7 +1,7 @@
 //! Crash safety: SIGKILL during acknowledged sends loses nothing that was acknowledged.
 //!
-//! The broker runs with `--durability sync` and is killed at random moments while four
-//! writers pipeline sends. After every restart each conversation's log must hold every
+//! The broker runs with `--durability sync` and is killed at random moments (every 0.5-3 s
+//! for a minute, at least 20 times, some while it recovers) while four writers pipeline sends. After every restart each conversation's log must hold every
 //! acknowledged message exactly once at its acknowledged seq, with gapless seqs. The test
 //! broker is a debug build, so every ack also asserts that the fsynced watermark covers it; a
 //! violation aborts the broker, which this test notices.
@@ -14,7 +14,8 @@ use switchboard_protocol::{ClientFrame, client_frame, server_frame};
 use switchboard_tests::{Broker, Options, RawConn};
 
 const WRITERS: usize = 4;
-const KILLS: usize = 8;
+/// Kills the loop makes at least, however long it takes.
+const KILLS: usize = 20;
 const WINDOW: usize = 8;
 
 type Acks = Arc<Mutex<HashMap<String, (String, u64)>>>;
@@ -74,19 +75,67 @@ async fn verify(broker: &Broker, convs: &[String], acks: &Acks) -> usize {
     entries
 }
 
+/// A small xorshift generator: the loop's timings vary per run, and the seed is printed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn millis(&mut self, from: u64, to: u64) -> Duration {
+        Duration::from_millis(from + self.next() % (to - from))
+    }
+}
+
+/// Everything a reader sees of the conversations: each log, in order.
+async fn state(broker: &Broker, convs: &[String]) -> Vec<Vec<(u64, String)>> {
+    let (mut c, _) = broker.raw_as("reader").await;
+    let mut all = Vec::new();
+    for conv in convs {
+        all.push(c.log(conv).await);
+    }
+    all
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn given_sync_durability_when_killed_repeatedly_during_sends_should_keep_every_acked_message()
 {
-    let mut broker =
-        Broker::start_with(Options { durability: "sync".into(), ..Options::default() });
+    // SIGKILL every 0.5-3 s for a minute while writers pipeline acknowledged sends; one kill
+    // in four lands while the broker is still starting (recovering its store). The journal is
+    // kept small (64 MiB before memtables flush) so recovery replays little.
+    const LOOP: Duration = Duration::from_secs(60);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+        | 1;
+    eprintln!("kill loop seed {seed}");
+    let mut rng = Rng(seed);
+    let mut broker = Broker::start_with(Options {
+        durability: "sync".into(),
+        ..Options::with_args(&["--set", "storage.max_journal_mb=64"])
+    });
     let mut convs = Vec::new();
     for w in 0..WRITERS {
         let (mut c, _) = broker.raw_as(&format!("writer{w}")).await;
         convs.push(c.create_direct("reader").await);
     }
     let acks: Acks = Arc::default();
-    let mut rng_state = 0x2545_f491_4f6c_dd1d_u64;
-    for cycle in 0..KILLS {
+    let started = tokio::time::Instant::now();
+    let (mut kills, mut during_recovery, mut cycle) = (0usize, 0usize, 0u64);
+    while started.elapsed() < LOOP || kills < KILLS {
+        cycle += 1;
+        if rng.next().is_multiple_of(4) {
+            // A crash while starting: anywhere from before the store is open to just after
+            // the listeners bind.
+            broker.start_and_kill_after(rng.millis(0, 150)).await;
+            during_recovery += 1;
+            kills += 1;
+        }
+        broker.restart();
         let mut writers = Vec::new();
         for (w, conv) in convs.iter().enumerate() {
             let (c, _) = broker.raw_as(&format!("writer{w}")).await;
@@ -97,27 +146,48 @@ async fn given_sync_durability_when_killed_repeatedly_during_sends_should_keep_e
                 acks.clone(),
             )));
         }
-        rng_state ^= rng_state << 13;
-        rng_state ^= rng_state >> 7;
-        rng_state ^= rng_state << 17;
-        tokio::time::sleep(Duration::from_millis(200 + rng_state % 600)).await;
+        tokio::time::sleep(rng.millis(500, 3_000)).await;
         assert!(
             broker.is_running(),
             "broker died by itself (ack before fsync?):\n{}",
             broker.log()
         );
         broker.kill();
+        kills += 1;
         for w in writers {
             w.await.expect("writer");
         }
-        broker.restart();
-        let entries = verify(&broker, &convs, &acks).await;
-        assert!(entries > WRITERS * (cycle + 1), "writers made progress (cycle {cycle})");
+        if cycle.is_multiple_of(8) {
+            broker.restart();
+            verify(&broker, &convs, &acks).await;
+        }
     }
-    // A retry of every acknowledged key after all the crashes is still a duplicate.
+    eprintln!("{kills} kills ({during_recovery} while starting) in {:?}", started.elapsed());
+    assert!(during_recovery > 0, "some kills hit a starting broker (seed {seed})");
+
+    // The checker: every acknowledged message exactly once at its seq, gapless logs.
+    broker.restart();
+    let entries = verify(&broker, &convs, &acks).await;
+    let acked = acks.lock().expect("lock").len();
+    eprintln!("{acked} acknowledged messages, {entries} entries after the last recovery");
+    assert!(acked > 500, "enough acknowledged sends to mean something: {acked}");
+    assert!(entries > acked, "{entries} entries for {acked} acks");
+    // Recovering twice gives the same state.
+    let first = state(&broker, &convs).await;
+    broker.kill();
+    broker.restart();
+    assert_eq!(state(&broker, &convs).await, first, "a second recovery changed the state");
+    // A retry of acknowledged keys after all the crashes is still a duplicate.
     let (mut c, _) = broker.raw_as("writer0").await;
-    let acked = acks.lock().expect("lock").clone();
-    for (key, (conv, seq)) in acked.iter().filter(|(k, _)| k.ends_with("w0-0")) {
+    let retries: Vec<(String, (String, u64))> = acks
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|(k, _)| k.starts_with('c') && k.ends_with("w0-0"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert!(!retries.is_empty());
+    for (key, (conv, seq)) in retries {
         match c
             .request(client_frame::Kind::Send(switchboard_protocol::Send {
                 conversation_id: conv.clone(),
@@ -126,11 +196,10 @@ async fn given_sync_durability_when_killed_repeatedly_during_sends_should_keep_e
             }))
             .await
         {
-            server_frame::Kind::SendAck(a) => assert!(a.duplicate && a.seq == *seq, "{key}: {a:?}"),
+            server_frame::Kind::SendAck(a) => assert!(a.duplicate && a.seq == seq, "{key}: {a:?}"),
             other => panic!("{other:?}"),
         }
     }
-    assert!(acks.lock().expect("lock").len() > 100, "enough acknowledged sends to mean something");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,7 +86,7 @@ impl Store {
     /// # Errors
     /// When the database cannot be opened.
     pub fn open(data_dir: &Path) -> Result<Self, fjall::Error> {
-        let db = crate::storage::database(&data_dir.join("control"), 4 << 20)?;
+        let db = crate::storage::database(&data_dir.join("control"), 4 << 20, None)?;
         let log = db.keyspace("log", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         Ok(Self { db, log, meta })

@@ -346,7 +346,7 @@ fn decode_entry(v: &[u8]) -> Option<Entry<Bytes>> {
 
 impl Store {
     fn open(data_dir: &std::path::Path) -> Result<Self, fjall::Error> {
-        let db = crate::storage::database(&data_dir.join("replication"), 8 << 20)?;
+        let db = crate::storage::database(&data_dir.join("replication"), 8 << 20, None)?;
         let log = db.keyspace("log", KeyspaceCreateOptions::default)?;
         let promised = db.keyspace("promised", KeyspaceCreateOptions::default)?;
         Ok(Self { db, log, promised })

@@ -245,7 +245,8 @@ impl Storage {
     pub fn open(cfg: &StorageConfig) -> Result<Arc<Self>> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| StorageError::from(fjall::Error::from(e)))?;
-        let db = database(&cfg.data_dir.join("db"), cfg.cache_mb << 20)?;
+        let db =
+            database(&cfg.data_dir.join("db"), cfg.cache_mb << 20, Some(cfg.max_journal_mb << 20))?;
         let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         let ks = Keyspaces {
             messages: open("messages")?,
@@ -843,8 +844,14 @@ pub const BACKGROUND_NICE: i32 = 10;
 pub fn database(
     path: &std::path::Path,
     cache_bytes: u64,
+    max_journal_bytes: Option<u64>,
 ) -> std::result::Result<Database, fjall::Error> {
-    Database::builder(path).manual_journal_persist(true).cache_size(cache_bytes).open()
+    let mut builder = Database::builder(path).manual_journal_persist(true).cache_size(cache_bytes);
+    if let Some(bytes) = max_journal_bytes {
+        // fjall asserts at least 64 MiB; the configuration is validated to that.
+        builder = builder.max_journaling_size(bytes.max(64 << 20));
+    }
+    builder.open()
 }
 
 fn lower_background_priority() {
