@@ -149,3 +149,127 @@ async fn given_user_at_the_conversation_limit_should_still_reopen_one_they_are_i
     let first = alice.create_direct("bob").await;
     assert_eq!(alice.create_direct("bob").await, first);
 }
+
+fn send_body(conv: &str, key: &str, body: usize) -> client_frame::Kind {
+    client_frame::Kind::Send(switchboard_protocol::Send {
+        conversation_id: conv.into(),
+        client_msg_id: key.into(),
+        content: Some(switchboard_protocol::Content::text("b".repeat(body))),
+    })
+}
+
+/// A connection over any transport, for requests.
+enum Conn {
+    Tcp(RawConn),
+    Ws(switchboard_tests::WsConn),
+}
+
+impl Conn {
+    async fn request(&mut self, kind: client_frame::Kind) -> server_frame::Kind {
+        match self {
+            Self::Tcp(c) => c.request(kind).await,
+            Self::Ws(c) => c.request(kind).await,
+        }
+    }
+}
+
+#[tokio::test]
+async fn given_bodies_and_frames_over_the_limits_should_be_refused_alike_on_tcp_and_websocket() {
+    use switchboard_tests::{WsConn, WsProto};
+    let broker = Broker::start_with(Options::with_args(&[
+        "--max-frame-bytes",
+        "65536",
+        "--max-body-bytes",
+        "32768",
+    ]));
+    let (mut setup, _) = broker.raw_as("alice").await;
+    let conv = setup.create_direct("bob").await;
+    let mut conns = vec![("tcp", Conn::Tcp(broker.raw_as("alice").await.0))];
+    for proto in [WsProto::Binary, WsProto::Json] {
+        let mut ws = WsConn::connect(broker.http, proto, None).await.expect("ws");
+        ws.request(hello(&broker.token("alice"))).await;
+        conns.push((proto.name(), Conn::Ws(ws)));
+    }
+    for (name, c) in &mut conns {
+        // One byte over the body limit: a typed error, and the connection stays.
+        let e = error(c.request(send_body(&conv, &format!("{name}-big"), 32_769)).await);
+        assert_eq!(e.code, ErrorCode::TooLarge as i32, "{name}: {e:?}");
+        let ok = c.request(send_body(&conv, &format!("{name}-max"), 32_768)).await;
+        assert!(matches!(ok, server_frame::Kind::SendAck(_)), "{name}: {ok:?}");
+    }
+    // A frame over the frame limit closes the connection, on TCP and on binary WebSocket.
+    let mut tcp = broker.raw().await;
+    tcp.send_bytes(&70_000u32.to_be_bytes()).await.expect("write");
+    let frames = tcp.until_closed().await;
+    assert!(frames.iter().any(|f| matches!(&f.kind,
+        Some(server_frame::Kind::Disconnect(d)) if d.reason == DisconnectReason::FrameTooLarge as i32)));
+    let mut ws = WsConn::connect(broker.http, WsProto::Binary, None).await.expect("ws");
+    ws.send_raw(tokio_tungstenite::tungstenite::Message::Binary(vec![0u8; 70_000].into())).await;
+    let frames = ws.until_closed().await;
+    assert!(
+        frames.iter().any(|f| matches!(&f.kind,
+            Some(server_frame::Kind::Error(e)) if e.code == ErrorCode::TooLarge as i32)),
+        "{frames:?}"
+    );
+    assert!(frames.iter().any(|f| matches!(&f.kind,
+        Some(server_frame::Kind::Disconnect(d)) if d.reason == DisconnectReason::FrameTooLarge as i32)));
+    // Nothing over the limit was stored.
+    let log = setup.log(&conv).await;
+    assert!(log.iter().all(|(_, k)| !k.ends_with("-big")), "{log:?}");
+    assert_eq!(log.iter().filter(|(_, k)| k.ends_with("-max")).count(), 3);
+}
+
+#[tokio::test]
+async fn given_group_and_presence_limits_should_refuse_requests_beyond_them() {
+    let broker = Broker::start_with(Options::with_args(&[
+        "--set",
+        "limits.max_group_members=3",
+        "--set",
+        "limits.max_members_per_request=2",
+        "--set",
+        "limits.max_presence_users=2",
+        "--set",
+        "limits.max_presence_subscriptions=3",
+    ]));
+    let (mut c, _) = broker.raw_as("alice").await;
+    let create = |members: &[&str]| {
+        client_frame::Kind::CreateConversation(switchboard_protocol::CreateConversation {
+            kind: switchboard_protocol::ConversationKind::Group as i32,
+            name: "capped".into(),
+            members: members.iter().map(ToString::to_string).collect(),
+            ..Default::default()
+        })
+    };
+    let e = error(c.request(create(&["b", "c", "d"])).await);
+    assert_eq!(e.code, ErrorCode::LimitExceeded as i32, "members per request: {e:?}");
+    let group = match c.request(create(&["b", "c"])).await {
+        server_frame::Kind::Conversation(g) => g.conversation_id,
+        other => panic!("{other:?}"),
+    };
+    let e = error(
+        c.request(client_frame::Kind::AddMembers(switchboard_protocol::AddMembers {
+            conversation_id: group,
+            users: vec!["d".into()],
+        }))
+        .await,
+    );
+    assert_eq!(e.code, ErrorCode::LimitExceeded as i32, "group size: {e:?}");
+
+    let users = |names: &[&str]| names.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let e = error(
+        c.request(client_frame::Kind::PresenceQuery(switchboard_protocol::PresenceQuery {
+            users: users(&["b", "c", "d"]),
+        }))
+        .await,
+    );
+    assert_eq!(e.code, ErrorCode::LimitExceeded as i32, "presence users per request: {e:?}");
+    let subscribe = |names: &[&str]| {
+        client_frame::Kind::PresenceSubscribe(switchboard_protocol::PresenceSubscribe {
+            users: users(names),
+        })
+    };
+    assert!(!matches!(c.request(subscribe(&["b", "c"])).await, server_frame::Kind::Error(_)));
+    assert!(!matches!(c.request(subscribe(&["d"])).await, server_frame::Kind::Error(_)));
+    let e = error(c.request(subscribe(&["e"])).await);
+    assert_eq!(e.code, ErrorCode::LimitExceeded as i32, "subscriptions per session: {e:?}");
+}
