@@ -224,6 +224,22 @@ impl Broker {
     }
 
     fn spawn(&mut self) {
+        if let Err(why) = self.try_spawn() {
+            panic!("{why}");
+        }
+    }
+
+    /// Restarts the broker; `Err` (with its exit status) when it stops instead of becoming
+    /// ready, e.g. refusing a damaged store.
+    ///
+    /// # Errors
+    /// Why it did not start.
+    pub fn try_restart(&mut self) -> Result<(), String> {
+        self.kill();
+        self.try_spawn()
+    }
+
+    fn try_spawn(&mut self) -> Result<(), String> {
         let mut child = self.command().spawn().expect("spawn broker");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
@@ -240,7 +256,11 @@ impl Broker {
             Ok(v) => v,
             Err(_) => {
                 let _ = child.kill();
-                panic!("broker did not print a ready line: {line:?}\n{}", self.log_tail());
+                let status = child.wait().ok();
+                return Err(format!(
+                    "broker did not print a ready line ({status:?}): {line:?}\n{}",
+                    self.log_tail()
+                ));
             }
         };
         assert_eq!(ready["event"], "ready");
@@ -251,6 +271,7 @@ impl Broker {
             assert!(self.gossip.is_some(), "clustered broker printed no gossip address: {line}");
         }
         self.child = Some(child);
+        Ok(())
     }
 
     /// The broker's process id.

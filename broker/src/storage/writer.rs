@@ -246,11 +246,16 @@ impl Writer {
 
     /// Persists the journal in `mode`, timing the fsyncs.
     ///
-    /// Failpoints (test builds): `storage-persist` (e.g. `pause`: every persist, so every ack,
-    /// waits until it is lifted) and `storage-fsync-error` (`return`: an fsync fails).
+    /// Failpoints (test builds): `storage-persist` (e.g. `pause`: every fsync, so every ack,
+    /// waits until it is lifted, with the bytes already written to the file) and `storage-fsync-error` (`return`: an fsync fails).
     fn persist(&self, mode: PersistMode) -> fjall::Result<()> {
         #[cfg(feature = "failpoints")]
-        fail::fail_point!("storage-persist");
+        if mode != PersistMode::Buffer {
+            // The batch's bytes reach the OS first, as they do while a slow fsync runs: a
+            // crash now leaves them written but not durable (a torn tail).
+            let _ = self.storage.db.persist(PersistMode::Buffer);
+            fail::fail_point!("storage-persist");
+        }
         #[cfg(feature = "failpoints")]
         fail::fail_point!("storage-fsync-error", mode != PersistMode::Buffer, |_| {
             Err(fjall::Error::from(std::io::Error::other("injected fsync failure")))
