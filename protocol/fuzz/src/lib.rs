@@ -59,8 +59,35 @@ fn not_control(c: char) -> bool {
     !c.is_control()
 }
 
-/// Runs every string rule on `s` and compares with the specification.
+/// `s`'s characters, repeated, up to at most `n` bytes: random inputs rarely have a rule's
+/// exact length limit, so every string is also tried stretched to each limit and one past it.
+fn stretched(s: &str, n: usize) -> String {
+    let mut out = String::with_capacity(n);
+    for ch in s.chars().cycle() {
+        if out.len() + ch.len_utf8() > n {
+            break;
+        }
+        out.push(ch);
+    }
+    out
+}
+
+/// Runs every string rule on `s`, and on `s` stretched to each rule's length limit and one
+/// byte past it, comparing each answer with the specification.
 pub fn check_string_rules(s: &str) {
+    check_rules_once(s);
+    for max in [
+        validate::MAX_USER_ID_BYTES,
+        validate::MAX_CONVERSATION_ID_BYTES,
+        validate::MAX_CLIENT_MSG_ID_BYTES,
+        validate::MAX_NAME_BYTES,
+    ] {
+        check_rules_once(&stretched(s, max));
+        check_rules_once(&stretched(s, max + 1));
+    }
+}
+
+fn check_rules_once(s: &str) {
     let user = validate::user_id(s);
     assert_eq!(
         user,
@@ -137,6 +164,11 @@ pub fn check_content(c: &Content) {
         )
     }
     let len = c.body_len();
+    // The content type is also tried stretched to its limit and one byte past it.
+    for n in [validate::MAX_CONTENT_TYPE_BYTES, validate::MAX_CONTENT_TYPE_BYTES + 1] {
+        let c = Content { content_type: stretched(&c.content_type, n), body: c.body.clone() };
+        assert_eq!(validate::content(&c, len), spec(&c, len), "content({c:?}, {len})");
+    }
     let mut limits = vec![switchboard_protocol::DEFAULT_MAX_BODY_BYTES, len];
     if let Some(below) = len.checked_sub(1) {
         limits.push(below);
