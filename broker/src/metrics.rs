@@ -22,6 +22,7 @@
 //! | `switchboard_replication_sync_seconds` | histogram | | one replication round's write and fsync |
 //! | `switchboard_replication_step_downs_total` | counter | | leaderships of this node ended by a newer epoch |
 //! | `switchboard_replication_dropped_total` | counter | `direction` | replication frames dropped on a full queue (`in`, `out`); leaders retransmit |
+//! | `switchboard_auth_failures_total` | counter | `reason` | tokens rejected in Hello or RefreshToken, by reason (`expired`, `bad_signature`, ...: docs/protocol.md) |
 
 use std::cell::Cell;
 
@@ -84,6 +85,8 @@ pub const PRESENCE_DROPPED: &str = "switchboard_presence_dropped_total";
 
 /// Admin API requests refused for a missing or wrong token.
 pub const ADMIN_UNAUTHORIZED: &str = "switchboard_admin_unauthorized_total";
+/// Tokens rejected (Hello and RefreshToken), by `reason` (`Error.reason` on the wire).
+pub const AUTH_FAILURES: &str = "switchboard_auth_failures_total";
 
 /// How often the recorder's histogram samples are folded into their buckets.
 pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
