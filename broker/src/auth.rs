@@ -1,19 +1,29 @@
-//! JWT verification (jsonwebtoken) and development token minting.
+//! JWT verification and development token minting.
 //!
-//! Only the configured algorithm is accepted, so `alg: none` and algorithm confusion (an HS256
-//! token signed with an RSA public key) fail signature checks. `exp` and `sub` are required,
-//! `aud`/`iss` are checked when configured, and `exp`/`nbf` tolerate `leeway_secs` of skew.
-//! `sub` must be a valid user id.
+//! The header is read first: its `kid` picks the key (a named `[[auth.keys]]` entry; no `kid`:
+//! the unnamed key), and its `alg` must be exactly that key's algorithm, so `alg: none` in any
+//! letter case and algorithm confusion (an HS256 token keyed with an RSA public key) are
+//! refused before any signature check. jsonwebtoken then verifies the signature only; the
+//! claims are checked here, with their JSON types: `exp` (required) and `nbf` (optional) are
+//! numbers, tolerating `leeway_secs` of skew; `sub` (required) is a string and a valid user id;
+//! `aud` and `iss`, when configured, are required and must match.
+//!
+//! Every rejection has a stable machine-readable [`AuthError::reason`], sent to the client in
+//! `Error.reason` and counted in `switchboard_auth_failures_total{reason}`.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use base64::Engine as _;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
+use serde_json::Value;
+use switchboard_protocol::{ErrorCode, ServerFrame, server_frame};
 
-use crate::config::{AuthConfig, JwtAlgorithm};
+use crate::config::{AuthConfig, JwtAlgorithm, KeyConfig};
 
 /// Name of the generated secret in the data directory.
 pub const SECRET_FILE: &str = "jwt.secret";
@@ -28,12 +38,22 @@ pub enum AuthError {
     /// The token is before `nbf` minus leeway.
     #[error("token not yet valid")]
     NotYetValid,
-    /// The signature does not verify with the configured key and algorithm.
-    #[error("invalid token signature or algorithm")]
+    /// The signature does not verify with the key.
+    #[error("invalid token signature")]
     BadSignature,
+    /// The header's `alg` is not the key's algorithm (including `none`).
+    #[error("token algorithm {0:?} is not accepted")]
+    BadAlgorithm(String),
+    /// The header's `kid` names no configured key (empty: the token has no `kid` and only
+    /// named keys are configured).
+    #[error("{}", if .0.is_empty() { "token has no key id (kid) and no unnamed key is configured".to_owned() } else { format!("unknown key id (kid) {:?}", .0) })]
+    UnknownKid(String),
     /// A required claim is missing.
     #[error("token is missing the `{0}` claim")]
     MissingClaim(String),
+    /// A claim has the wrong JSON type or an impossible value.
+    #[error("token claim `{0}` has an invalid type or value")]
+    InvalidClaim(String),
     /// `aud` does not match the configured audience.
     #[error("token audience is not accepted")]
     BadAudience,
@@ -43,9 +63,59 @@ pub enum AuthError {
     /// `sub` is not a valid user id.
     #[error("token subject is not a valid user id: {0}")]
     BadSubject(String),
-    /// Anything else: not a JWT, bad base64 or JSON, wrong claim types.
+    /// Anything else: not a JWT, bad base64 or JSON.
     #[error("malformed token: {0}")]
     Malformed(String),
+    /// A refreshed token names another user than the session's.
+    #[error("the new token is for another user")]
+    SubjectMismatch,
+}
+
+impl AuthError {
+    /// The stable machine-readable reason (`Error.reason` on the wire, the metric's label).
+    #[must_use]
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::BadSignature => "bad_signature",
+            Self::BadAlgorithm(_) => "bad_algorithm",
+            Self::UnknownKid(_) => "unknown_kid",
+            Self::MissingClaim(_) => "missing_claim",
+            Self::InvalidClaim(_) => "invalid_claim",
+            Self::BadAudience => "bad_audience",
+            Self::BadIssuer => "bad_issuer",
+            Self::BadSubject(_) => "bad_subject",
+            Self::Malformed(_) => "malformed",
+            Self::SubjectMismatch => "subject_mismatch",
+        }
+    }
+
+    /// The error code sent for it: `TOKEN_EXPIRED`, `FORBIDDEN` (another user's token on
+    /// refresh) or `UNAUTHENTICATED`.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Expired => ErrorCode::TokenExpired,
+            Self::SubjectMismatch => ErrorCode::Forbidden,
+            _ => ErrorCode::Unauthenticated,
+        }
+    }
+
+    /// Counts the failure in `switchboard_auth_failures_total{reason}`.
+    pub fn count(&self) {
+        metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => self.reason()).increment(1);
+    }
+
+    /// The `Error` reply for it, with `code` and `reason` set.
+    #[must_use]
+    pub fn to_frame(&self, request_id: u64) -> ServerFrame {
+        let mut frame = ServerFrame::error(request_id, self.code(), self.to_string());
+        if let Some(server_frame::Kind::Error(e)) = frame.kind.as_mut() {
+            self.reason().clone_into(&mut e.reason);
+        }
+        frame
+    }
 }
 
 /// A key setup error at start-up.
@@ -78,31 +148,113 @@ struct Claims {
     iat: Option<u64>,
 }
 
-/// Claims as read: optional here so that a missing one is reported by the validation
-/// (`MissingClaim`) instead of as malformed JSON.
-#[derive(Debug, Deserialize)]
-struct ReadClaims {
-    sub: Option<String>,
+/// An accepted token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// `sub`: the user id.
+    pub user: String,
+    /// `exp`, in seconds since the epoch.
+    pub expires_at: u64,
+}
+
+/// One verification key.
+#[derive(Clone)]
+struct Key {
+    algorithm: Algorithm,
+    /// The `alg` header value tokens for it must carry (exact spelling).
+    alg_name: &'static str,
+    key: DecodingKey,
+    /// Signature-only validation: claims are checked by [`Authenticator::check_claims`].
+    validation: Validation,
 }
 
 /// Verifies tokens; cheap to share across shards.
 #[derive(Clone)]
 pub struct Authenticator {
-    key: DecodingKey,
-    validation: Validation,
+    unnamed: Option<Key>,
+    named: HashMap<String, Key>,
+    leeway: u64,
+    audience: Option<String>,
+    issuer: Option<String>,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Authenticator").field("algorithms", &self.validation.algorithms).finish()
+        f.debug_struct("Authenticator")
+            .field("unnamed", &self.unnamed.as_ref().map(|k| k.algorithm))
+            .field("named", &self.named.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
-fn algorithm(a: JwtAlgorithm) -> Algorithm {
+fn algorithm(a: JwtAlgorithm) -> (Algorithm, &'static str) {
     match a {
-        JwtAlgorithm::Hs256 => Algorithm::HS256,
-        JwtAlgorithm::Rs256 => Algorithm::RS256,
-        JwtAlgorithm::EdDsa => Algorithm::EdDSA,
+        JwtAlgorithm::Hs256 => (Algorithm::HS256, "HS256"),
+        JwtAlgorithm::Rs256 => (Algorithm::RS256, "RS256"),
+        JwtAlgorithm::EdDsa => (Algorithm::EdDSA, "EdDSA"),
+    }
+}
+
+/// Reads a PEM public key for `alg`.
+fn public_key(alg: JwtAlgorithm, path: &Path) -> Result<DecodingKey, KeyError> {
+    let pem = std::fs::read(path).map_err(|source| KeyError::Io { path: path.into(), source })?;
+    let key = if alg == JwtAlgorithm::Rs256 {
+        DecodingKey::from_rsa_pem(&pem)
+    } else {
+        DecodingKey::from_ed_pem(&pem)
+    };
+    key.map_err(|e| KeyError::Invalid { path: path.into(), message: e.to_string() })
+}
+
+fn key(alg: JwtAlgorithm, key: DecodingKey) -> Key {
+    let (algorithm, alg_name) = algorithm(alg);
+    let mut validation = Validation::new(algorithm);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    Key { algorithm, alg_name, key, validation }
+}
+
+fn named_key(k: &KeyConfig) -> Result<Key, KeyError> {
+    let decoding = match k.algorithm {
+        JwtAlgorithm::Hs256 => match (&k.secret, &k.secret_file) {
+            (Some(s), _) => DecodingKey::from_secret(s.as_bytes()),
+            (None, Some(path)) => DecodingKey::from_secret(&read_secret(path)?),
+            (None, None) => {
+                return Err(KeyError::Invalid {
+                    path: PathBuf::new(),
+                    message: format!("key {:?} has no secret", k.kid),
+                });
+            }
+        },
+        JwtAlgorithm::Rs256 | JwtAlgorithm::EdDsa => {
+            let path = k.public_key_file.clone().unwrap_or_default();
+            public_key(k.algorithm, &path)?
+        }
+    };
+    Ok(key(k.algorithm, decoding))
+}
+
+/// A claim; `null` counts as absent.
+fn claim<'a>(claims: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a Value> {
+    claims.get(name).filter(|v| !v.is_null())
+}
+
+/// A NumericDate claim: a non-negative JSON number (fractions are truncated).
+fn numeric_date(
+    claims: &serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Option<u64>, AuthError> {
+    let Some(v) = claim(claims, name) else { return Ok(None) };
+    let invalid = || AuthError::InvalidClaim(name.to_owned());
+    if let Some(n) = v.as_u64() {
+        return Ok(Some(n));
+    }
+    match v.as_f64() {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        Some(f) if (0.0..1.8e19).contains(&f) => Ok(Some(f as u64)),
+        _ => Err(invalid()),
     }
 }
 
@@ -112,57 +264,169 @@ impl Authenticator {
     /// # Errors
     /// When a key file cannot be read or is invalid.
     pub fn from_config(cfg: &AuthConfig, data_dir: &Path) -> Result<Self, KeyError> {
-        let key = match cfg.algorithm {
-            JwtAlgorithm::Hs256 => DecodingKey::from_secret(&hs256_secret(cfg, data_dir)?),
-            JwtAlgorithm::Rs256 | JwtAlgorithm::EdDsa => {
-                let path = cfg.public_key_file.clone().unwrap_or_default();
-                let pem = std::fs::read(&path)
-                    .map_err(|source| KeyError::Io { path: path.clone(), source })?;
-                let key = if cfg.algorithm == JwtAlgorithm::Rs256 {
-                    DecodingKey::from_rsa_pem(&pem)
-                } else {
-                    DecodingKey::from_ed_pem(&pem)
-                };
-                key.map_err(|e| KeyError::Invalid { path, message: e.to_string() })?
-            }
+        let unnamed = if cfg.unnamed_key_in_use() {
+            let decoding = match cfg.algorithm {
+                JwtAlgorithm::Hs256 => DecodingKey::from_secret(&hs256_secret(cfg, data_dir)?),
+                JwtAlgorithm::Rs256 | JwtAlgorithm::EdDsa => {
+                    public_key(cfg.algorithm, &cfg.public_key_file.clone().unwrap_or_default())?
+                }
+            };
+            Some(key(cfg.algorithm, decoding))
+        } else {
+            None
         };
-        let mut validation = Validation::new(algorithm(cfg.algorithm));
-        validation.leeway = cfg.leeway_secs;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        match &cfg.audience {
-            Some(aud) => validation.set_audience(&[aud]),
-            None => validation.validate_aud = false,
+        let mut named = HashMap::new();
+        for k in &cfg.keys {
+            if named.insert(k.kid.clone(), named_key(k)?).is_some() {
+                return Err(KeyError::Invalid {
+                    path: PathBuf::new(),
+                    message: format!("key id {:?} is configured twice", k.kid),
+                });
+            }
         }
-        if let Some(iss) = &cfg.issuer {
-            validation.set_issuer(&[iss]);
-        }
-        Ok(Self { key, validation })
+        Ok(Self {
+            unnamed,
+            named,
+            leeway: cfg.leeway_secs,
+            audience: cfg.audience.clone(),
+            issuer: cfg.issuer.clone(),
+        })
     }
 
-    /// Verifies a token and returns its user id.
+    /// The configured leeway on `exp` and `nbf`, in seconds.
+    #[must_use]
+    pub fn leeway_secs(&self) -> u64 {
+        self.leeway
+    }
+
+    /// Verifies a token; failures are counted in the metrics.
     ///
     /// # Errors
     /// The reason the token is not accepted.
-    pub fn verify(&self, token: &str) -> Result<String, AuthError> {
-        let data = jsonwebtoken::decode::<ReadClaims>(token, &self.key, &self.validation).map_err(
-            |e| match e.kind() {
-                ErrorKind::ExpiredSignature => AuthError::Expired,
-                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                ErrorKind::InvalidSignature | ErrorKind::InvalidAlgorithm => {
-                    AuthError::BadSignature
-                }
-                ErrorKind::MissingRequiredClaim(c) => AuthError::MissingClaim(c.clone()),
-                ErrorKind::InvalidAudience => AuthError::BadAudience,
-                ErrorKind::InvalidIssuer => AuthError::BadIssuer,
-                _ => AuthError::Malformed(e.to_string()),
-            },
-        )?;
-        let sub = data.claims.sub.ok_or_else(|| AuthError::MissingClaim("sub".into()))?;
-        switchboard_protocol::validate::user_id(&sub)
-            .map_err(|e| AuthError::BadSubject(e.to_string()))?;
-        Ok(sub)
+    pub fn verify(&self, token: &str) -> Result<Verified, AuthError> {
+        let result = self.check(token);
+        if let Err(e) = &result {
+            e.count();
+        }
+        result
     }
+
+    fn check(&self, token: &str) -> Result<Verified, AuthError> {
+        let header = token.split('.').next().unwrap_or_default();
+        let header: Value = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header.trim_end_matches('='))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .ok_or_else(|| AuthError::Malformed("the header is not base64url JSON".into()))?;
+        let Value::Object(header) = header else {
+            return Err(AuthError::Malformed("the header is not a JSON object".into()));
+        };
+        let key = match header.get("kid") {
+            None => self.unnamed.as_ref().ok_or_else(|| AuthError::UnknownKid(String::new()))?,
+            Some(Value::String(kid)) => {
+                self.named.get(kid).ok_or_else(|| AuthError::UnknownKid(kid.clone()))?
+            }
+            Some(_) => return Err(AuthError::Malformed("`kid` is not a string".into())),
+        };
+        match header.get("alg") {
+            Some(Value::String(alg)) if alg == key.alg_name => {}
+            Some(Value::String(alg)) => return Err(AuthError::BadAlgorithm(alg.clone())),
+            Some(_) => return Err(AuthError::Malformed("`alg` is not a string".into())),
+            None => return Err(AuthError::Malformed("the header has no `alg`".into())),
+        }
+        let data =
+            jsonwebtoken::decode::<Value>(token, &key.key, &key.validation).map_err(|e| match e
+                .kind()
+            {
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    AuthError::BadAlgorithm(key.alg_name.to_owned())
+                }
+                _ => AuthError::Malformed(e.to_string()),
+            })?;
+        let Value::Object(claims) = data.claims else {
+            return Err(AuthError::Malformed("the claims are not a JSON object".into()));
+        };
+        self.check_claims(&claims, jsonwebtoken::get_current_timestamp())
+    }
+
+    /// Checks the claims of a token whose signature verified, at time `now` (seconds).
+    fn check_claims(
+        &self,
+        claims: &serde_json::Map<String, Value>,
+        now: u64,
+    ) -> Result<Verified, AuthError> {
+        let exp =
+            numeric_date(claims, "exp")?.ok_or_else(|| AuthError::MissingClaim("exp".into()))?;
+        let nbf = numeric_date(claims, "nbf")?;
+        numeric_date(claims, "iat")?;
+        let sub = match claim(claims, "sub") {
+            None => return Err(AuthError::MissingClaim("sub".into())),
+            Some(Value::String(s)) => s,
+            Some(_) => return Err(AuthError::InvalidClaim("sub".into())),
+        };
+        if exp.saturating_add(self.leeway) < now {
+            return Err(AuthError::Expired);
+        }
+        if nbf.is_some_and(|nbf| nbf > now.saturating_add(self.leeway)) {
+            return Err(AuthError::NotYetValid);
+        }
+        if let Some(want) = &self.issuer {
+            match claim(claims, "iss") {
+                None => return Err(AuthError::MissingClaim("iss".into())),
+                Some(Value::String(iss)) if iss == want => {}
+                Some(Value::String(_)) => return Err(AuthError::BadIssuer),
+                Some(_) => return Err(AuthError::InvalidClaim("iss".into())),
+            }
+        }
+        if let Some(want) = &self.audience {
+            let ok = match claim(claims, "aud") {
+                None => return Err(AuthError::MissingClaim("aud".into())),
+                Some(Value::String(aud)) => aud == want,
+                Some(Value::Array(auds)) => {
+                    if !auds.iter().all(Value::is_string) {
+                        return Err(AuthError::InvalidClaim("aud".into()));
+                    }
+                    auds.iter().any(|a| a.as_str() == Some(want))
+                }
+                Some(_) => return Err(AuthError::InvalidClaim("aud".into())),
+            };
+            if !ok {
+                return Err(AuthError::BadAudience);
+            }
+        }
+        switchboard_protocol::validate::user_id(sub)
+            .map_err(|e| AuthError::BadSubject(e.to_string()))?;
+        Ok(Verified { user: sub.clone(), expires_at: exp })
+    }
+}
+
+/// When a session authenticated with a token expiring at `expires_at` (seconds) must close:
+/// `exp` plus `leeway`, in ms since the epoch.
+#[must_use]
+pub fn session_deadline_ms(expires_at: u64, leeway_secs: u64) -> u64 {
+    expires_at.saturating_add(leeway_secs).saturating_mul(1000)
+}
+
+/// Time left before `deadline_ms` (ms since the epoch); zero once it passed.
+#[must_use]
+pub fn time_left(deadline_ms: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Duration::from_millis(deadline_ms.saturating_sub(now))
+}
+
+fn read_secret(path: &Path) -> Result<Vec<u8>, KeyError> {
+    let bytes = std::fs::read(path).map_err(|source| KeyError::Io { path: path.into(), source })?;
+    let trimmed = bytes.trim_ascii().to_vec();
+    if trimmed.len() < 16 {
+        return Err(KeyError::Invalid {
+            path: path.into(),
+            message: "secret shorter than 16 bytes".into(),
+        });
+    }
+    Ok(trimmed)
 }
 
 /// The HS256 secret: configured, from a file, or generated into the data directory.
@@ -234,6 +498,12 @@ pub fn mint(secret: &[u8], user: &str, ttl: Duration) -> Result<String, AuthErro
 mod tests {
     use super::*;
 
+    impl Authenticator {
+        fn verify_user(&self, token: &str) -> Result<String, AuthError> {
+            self.verify(token).map(|v| v.user)
+        }
+    }
+
     fn auth(secret: &str) -> Authenticator {
         let cfg = AuthConfig { secret: Some(secret.into()), ..AuthConfig::default() };
         Authenticator::from_config(&cfg, Path::new("/nonexistent")).unwrap()
@@ -244,13 +514,13 @@ mod tests {
     #[test]
     fn given_minted_token_should_verify_to_its_user() {
         let t = mint(SECRET.as_bytes(), "alice", Duration::from_secs(60)).unwrap();
-        assert_eq!(auth(SECRET).verify(&t), Ok("alice".to_owned()));
+        assert_eq!(auth(SECRET).verify_user(&t), Ok("alice".to_owned()));
     }
 
     #[test]
     fn given_token_signed_with_other_secret_should_reject_signature() {
         let t = mint(b"another-secret-0123456789", "alice", Duration::from_secs(60)).unwrap();
-        assert_eq!(auth(SECRET).verify(&t), Err(AuthError::BadSignature));
+        assert_eq!(auth(SECRET).verify_user(&t), Err(AuthError::BadSignature));
     }
 
     #[test]
@@ -263,7 +533,7 @@ mod tests {
             &EncodingKey::from_secret(SECRET.as_bytes()),
         )
         .unwrap();
-        assert_eq!(auth(SECRET).verify(&t), Err(AuthError::Expired));
+        assert_eq!(auth(SECRET).verify_user(&t), Err(AuthError::Expired));
     }
 
     #[test]
@@ -274,14 +544,14 @@ mod tests {
             &EncodingKey::from_secret(SECRET.as_bytes()),
         )
         .unwrap();
-        assert_eq!(auth(SECRET).verify(&t), Err(AuthError::MissingClaim("exp".into())));
+        assert_eq!(auth(SECRET).verify_user(&t), Err(AuthError::MissingClaim("exp".into())));
     }
 
     #[test]
     fn given_alg_none_token_should_reject() {
         // {"alg":"none","typ":"JWT"} . {"sub":"alice","exp":9999999999} . (empty)
         let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.";
-        assert!(auth(SECRET).verify(t).is_err());
+        assert!(auth(SECRET).verify_user(t).is_err());
     }
 
     #[test]
@@ -292,7 +562,7 @@ mod tests {
             &EncodingKey::from_secret(SECRET.as_bytes()),
         )
         .unwrap();
-        assert!(matches!(auth(SECRET).verify(&t), Err(AuthError::BadSubject(_))));
+        assert!(matches!(auth(SECRET).verify_user(&t), Err(AuthError::BadSubject(_))));
     }
 
     fn fixture(name: &str) -> std::path::PathBuf {
@@ -325,7 +595,7 @@ mod tests {
                 ..AuthConfig::default()
             };
             let a = Authenticator::from_config(&cfg, Path::new("/nonexistent")).unwrap();
-            assert_eq!(a.verify(&sign_with(alg, &enc, &claims())), Ok("alice".to_owned()));
+            assert_eq!(a.verify_user(&sign_with(alg, &enc, &claims())), Ok("alice".to_owned()));
         }
     }
 
@@ -339,7 +609,7 @@ mod tests {
             ..AuthConfig::default()
         };
         let a = Authenticator::from_config(&cfg, Path::new("/nonexistent")).unwrap();
-        assert_eq!(a.verify(&forged), Err(AuthError::BadSignature));
+        assert_eq!(a.verify_user(&forged), Err(AuthError::BadAlgorithm("HS256".into())));
     }
 
     #[test]
@@ -354,15 +624,15 @@ mod tests {
         let key = EncodingKey::from_secret(SECRET.as_bytes());
         let exp = jsonwebtoken::get_current_timestamp() + 60;
         let ok = serde_json::json!({"sub": "a", "exp": exp, "aud": "chat", "iss": "https://auth.example"});
-        assert_eq!(a.verify(&sign_with(Algorithm::HS256, &key, &ok)), Ok("a".to_owned()));
+        assert_eq!(a.verify_user(&sign_with(Algorithm::HS256, &key, &ok)), Ok("a".to_owned()));
         let bad_aud = serde_json::json!({"sub": "a", "exp": exp, "aud": "other", "iss": "https://auth.example"});
         assert_eq!(
-            a.verify(&sign_with(Algorithm::HS256, &key, &bad_aud)),
+            a.verify_user(&sign_with(Algorithm::HS256, &key, &bad_aud)),
             Err(AuthError::BadAudience)
         );
         let bad_iss = serde_json::json!({"sub": "a", "exp": exp, "aud": "chat", "iss": "evil"});
         assert_eq!(
-            a.verify(&sign_with(Algorithm::HS256, &key, &bad_iss)),
+            a.verify_user(&sign_with(Algorithm::HS256, &key, &bad_iss)),
             Err(AuthError::BadIssuer)
         );
     }
@@ -376,7 +646,113 @@ mod tests {
             &key,
             &serde_json::json!({"sub": "alice", "exp": now - 10}),
         );
-        assert_eq!(auth(SECRET).verify(&t), Ok("alice".to_owned()));
+        assert_eq!(auth(SECRET).verify_user(&t), Ok("alice".to_owned()));
+    }
+
+    #[test]
+    fn given_claims_with_wrong_json_types_should_reject_invalid_claim() {
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let exp = jsonwebtoken::get_current_timestamp() + 60;
+        for (claims, name) in [
+            (serde_json::json!({"sub": "alice", "exp": exp.to_string()}), "exp"),
+            (serde_json::json!({"sub": "alice", "exp": exp, "nbf": "0"}), "nbf"),
+            (serde_json::json!({"sub": "alice", "exp": exp, "iat": true}), "iat"),
+            (serde_json::json!({"sub": "alice", "exp": -5}), "exp"),
+            (serde_json::json!({"sub": 7, "exp": exp}), "sub"),
+        ] {
+            let t = sign_with(Algorithm::HS256, &key, &claims);
+            assert_eq!(auth(SECRET).verify_user(&t), Err(AuthError::InvalidClaim(name.into())));
+        }
+        // A fractional NumericDate is a number.
+        let t = sign_with(Algorithm::HS256, &key, &serde_json::json!({"sub": "a", "exp": 1e10}));
+        assert_eq!(auth(SECRET).verify_user(&t), Ok("a".into()));
+    }
+
+    #[test]
+    fn given_alg_none_in_any_letter_case_should_reject_bad_algorithm() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let claims = URL_SAFE_NO_PAD.encode(r#"{"sub":"alice","exp":9999999999}"#);
+        for alg in ["none", "None", "NONE", "nOnE", "HS512"] {
+            let header = URL_SAFE_NO_PAD.encode(format!(r#"{{"alg":"{alg}"}}"#));
+            let t = format!("{header}.{claims}.");
+            assert_eq!(auth(SECRET).verify(&t), Err(AuthError::BadAlgorithm(alg.into())));
+            assert_eq!(AuthError::BadAlgorithm(alg.into()).reason(), "bad_algorithm");
+        }
+    }
+
+    fn with_kid(kid: &str, secret: &str) -> String {
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(&header, &claims(), &EncodingKey::from_secret(secret.as_bytes()))
+            .unwrap()
+    }
+
+    #[test]
+    fn given_named_keys_should_verify_by_kid_and_reject_unknown_kids() {
+        const OLD: &str = "the-old-rotated-secret-0";
+        const NEW: &str = "the-new-rotated-secret-1";
+        let named = |kid: &str, secret: &str| crate::config::KeyConfig {
+            kid: kid.into(),
+            algorithm: JwtAlgorithm::Hs256,
+            secret: Some(secret.into()),
+            secret_file: None,
+            public_key_file: None,
+        };
+        let cfg = AuthConfig {
+            keys: vec![named("old", OLD), named("new", NEW)],
+            ..AuthConfig::default()
+        };
+        let a = Authenticator::from_config(&cfg, Path::new("/nonexistent")).unwrap();
+        assert_eq!(a.verify_user(&with_kid("old", OLD)), Ok("alice".into()));
+        assert_eq!(a.verify_user(&with_kid("new", NEW)), Ok("alice".into()));
+        assert_eq!(a.verify_user(&with_kid("new", OLD)), Err(AuthError::BadSignature));
+        assert_eq!(
+            a.verify_user(&with_kid("gone", OLD)),
+            Err(AuthError::UnknownKid("gone".into()))
+        );
+        // Only named keys: a token without kid has no key.
+        let t = mint(OLD.as_bytes(), "alice", Duration::from_secs(60)).unwrap();
+        assert_eq!(a.verify_user(&t), Err(AuthError::UnknownKid(String::new())));
+        // A single unnamed key: tokens carrying any kid are refused.
+        assert_eq!(
+            auth(SECRET).verify_user(&with_kid("old", SECRET)),
+            Err(AuthError::UnknownKid("old".into()))
+        );
+    }
+
+    #[test]
+    fn given_configured_audience_or_issuer_should_require_the_claim() {
+        let cfg = AuthConfig {
+            secret: Some(SECRET.into()),
+            audience: Some("chat".into()),
+            issuer: Some("iss".into()),
+            ..AuthConfig::default()
+        };
+        let a = Authenticator::from_config(&cfg, Path::new("/nonexistent")).unwrap();
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let exp = jsonwebtoken::get_current_timestamp() + 60;
+        let no_aud = serde_json::json!({"sub": "a", "exp": exp, "iss": "iss"});
+        assert_eq!(
+            a.verify_user(&sign_with(Algorithm::HS256, &key, &no_aud)),
+            Err(AuthError::MissingClaim("aud".into()))
+        );
+        let aud_list =
+            serde_json::json!({"sub": "a", "exp": exp, "iss": "iss", "aud": ["x", "chat"]});
+        assert_eq!(a.verify_user(&sign_with(Algorithm::HS256, &key, &aud_list)), Ok("a".into()));
+        let no_iss = serde_json::json!({"sub": "a", "exp": exp, "aud": "chat"});
+        assert_eq!(
+            a.verify_user(&sign_with(Algorithm::HS256, &key, &no_iss)),
+            Err(AuthError::MissingClaim("iss".into()))
+        );
+    }
+
+    #[test]
+    fn given_verified_token_should_report_its_exp() {
+        let exp = jsonwebtoken::get_current_timestamp() + 60;
+        let key = EncodingKey::from_secret(SECRET.as_bytes());
+        let t = sign_with(Algorithm::HS256, &key, &serde_json::json!({"sub": "a", "exp": exp}));
+        assert_eq!(auth(SECRET).verify(&t), Ok(Verified { user: "a".into(), expires_at: exp }));
+        assert_eq!(session_deadline_ms(exp, 30), (exp + 30) * 1000);
     }
 
     #[test]

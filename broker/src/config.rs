@@ -36,7 +36,7 @@ pub enum ConfigError {
     #[error("invalid value for `{key}`: {message}")]
     Invalid {
         /// The key, as written in the TOML file.
-        key: &'static str,
+        key: std::borrow::Cow<'static, str>,
         /// What is wrong.
         message: String,
     },
@@ -377,8 +377,100 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// When set, tokens must carry this `iss`.
     pub issuer: Option<String>,
-    /// Clock skew tolerated on `exp` and `nbf`, in seconds. Default 30.
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds. Default 30. A session is closed
+    /// once its token's `exp` plus this passes.
     pub leeway_secs: u64,
+    /// Named keys (`[[auth.keys]]`), for key rotation: a token whose header carries a `kid`
+    /// is verified with the key of that id only. The key above (`algorithm`, `secret`, ...)
+    /// is unnamed: it verifies tokens without a `kid`. With named keys configured, the
+    /// unnamed key is used only when its material is set explicitly (`secret`,
+    /// `secret_file` or `public_key_file`); the generated secret is then not used.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<KeyConfig>,
+}
+
+/// One `[[auth.keys]]` entry: a verification key with an id (`kid`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// The key id tokens name in their header's `kid`.
+    pub kid: String,
+    /// `HS256` (default), `RS256` or `EdDSA`.
+    #[serde(default = "hs256")]
+    pub algorithm: JwtAlgorithm,
+    /// HS256 shared secret (at least 16 bytes).
+    pub secret: Option<String>,
+    /// File holding the HS256 secret.
+    pub secret_file: Option<PathBuf>,
+    /// PEM public key file for RS256 or EdDSA.
+    pub public_key_file: Option<PathBuf>,
+}
+
+fn hs256() -> JwtAlgorithm {
+    JwtAlgorithm::Hs256
+}
+
+impl AuthConfig {
+    /// Whether the unnamed key verifies tokens: always without named keys; with named keys,
+    /// only when its material is configured explicitly.
+    #[must_use]
+    pub fn unnamed_key_in_use(&self) -> bool {
+        self.keys.is_empty()
+            || self.secret.is_some()
+            || self.secret_file.is_some()
+            || self.public_key_file.is_some()
+    }
+
+    fn validate_keys(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for k in &self.keys {
+            let name = |field: &str| format!("auth.keys[kid = {:?}].{field}", k.kid);
+            if k.kid.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "auth.keys.kid".into(),
+                    message: "must not be empty".into(),
+                });
+            }
+            if !seen.insert(k.kid.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: name("kid").into(),
+                    message: "is configured twice".into(),
+                });
+            }
+            let err = |field: &str, message: &str| ConfigError::Invalid {
+                key: name(field).into(),
+                message: message.into(),
+            };
+            match k.algorithm {
+                JwtAlgorithm::Hs256 => {
+                    if k.public_key_file.is_some() {
+                        return Err(err("public_key_file", "is for RS256 and EdDSA keys"));
+                    }
+                    match (&k.secret, &k.secret_file) {
+                        (None, None) => {
+                            return Err(err("secret", "or secret_file is required for HS256"));
+                        }
+                        (Some(_), Some(_)) => {
+                            return Err(err("secret", "and secret_file are exclusive"));
+                        }
+                        (Some(s), None) if s.len() < 16 => {
+                            return Err(err("secret", "must be at least 16 bytes"));
+                        }
+                        _ => {}
+                    }
+                }
+                JwtAlgorithm::Rs256 | JwtAlgorithm::EdDsa => {
+                    if k.secret.is_some() || k.secret_file.is_some() {
+                        return Err(err("secret", "is for HS256 keys"));
+                    }
+                    if k.public_key_file.is_none() {
+                        return Err(err("public_key_file", "is required for RS256 and EdDSA"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for AuthConfig {
@@ -391,6 +483,7 @@ impl Default for AuthConfig {
             audience: None,
             issuer: None,
             leeway_secs: 30,
+            keys: Vec::new(),
         }
     }
 }
@@ -646,6 +739,7 @@ impl Config {
         if self.auth.algorithm != JwtAlgorithm::Hs256
             || self.auth.secret.is_some()
             || self.auth.secret_file.is_some()
+            || !self.auth.keys.is_empty()
         {
             return Err("a JWT key is configured");
         }
@@ -667,7 +761,7 @@ impl Config {
     /// The first invalid value found.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid { key, message: message.into() }
+            ConfigError::Invalid { key: key.into(), message: message.into() }
         }
         let l = &self.limits;
         let s = &self.server;
@@ -819,6 +913,7 @@ impl Config {
                 }
             }
         }
+        self.auth.validate_keys()?;
         Ok(())
     }
 
@@ -917,7 +1012,16 @@ algorithm = "HS256"
 # public_key_file = "/etc/switchboard/jwt.pub.pem"
 # audience = "my-app"
 # issuer = "https://auth.example.com"
+# Clock skew tolerated on exp and nbf; a session is closed once its token's exp plus this
+# passes (unless the client sent RefreshToken).
 leeway_secs = {leeway}
+# Named keys, for key rotation: a token whose header has a `kid` is verified with that key
+# only (an unknown kid is rejected); tokens without a kid use the key above. With named keys,
+# the key above is used only if its secret, secret_file or public_key_file is set.
+# [[auth.keys]]
+# kid = "2026-01"
+# algorithm = "RS256"               # HS256 (secret or secret_file), RS256 or EdDSA
+# public_key_file = "/etc/switchboard/jwt-2026-01.pub.pem"
 
 [presence]
 # A user whose only session drops and comes back within this time does not flap offline.
@@ -1124,6 +1228,54 @@ mod tests {
         let mut c = Config::default();
         c.auth.algorithm = JwtAlgorithm::Rs256;
         assert!(c.validate().unwrap_err().to_string().contains("auth.public_key_file"));
+    }
+
+    fn key(kid: &str, algorithm: JwtAlgorithm) -> KeyConfig {
+        KeyConfig {
+            kid: kid.into(),
+            algorithm,
+            secret: None,
+            secret_file: None,
+            public_key_file: None,
+        }
+    }
+
+    #[test]
+    fn given_bad_named_keys_should_reject_them_naming_the_key() {
+        let mut c = Config::default();
+        let good =
+            KeyConfig { secret: Some("0123456789abcdef".into()), ..key("a", JwtAlgorithm::Hs256) };
+        c.auth.keys = vec![good.clone()];
+        c.validate().expect("one good named key");
+        for (keys, names) in [
+            (vec![good.clone(), good.clone()], "auth.keys[kid = \"a\"].kid"),
+            (vec![key("b", JwtAlgorithm::Hs256)], "auth.keys[kid = \"b\"].secret"),
+            (vec![key("c", JwtAlgorithm::Rs256)], "auth.keys[kid = \"c\"].public_key_file"),
+            (
+                vec![KeyConfig { secret: Some("short".into()), ..key("d", JwtAlgorithm::Hs256) }],
+                "auth.keys[kid = \"d\"].secret",
+            ),
+            (vec![key("", JwtAlgorithm::Hs256)], "auth.keys.kid"),
+        ] {
+            c.auth.keys = keys;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(names), "{err} should name {names}");
+        }
+    }
+
+    #[test]
+    fn given_named_keys_should_parse_round_trip_and_turn_dev_tokens_off() {
+        let text = "[auth]\nsecret = \"0123456789abcdef\"\n\n[[auth.keys]]\nkid = \"2026-01\"\n\
+                    algorithm = \"EdDSA\"\npublic_key_file = \"/k.pem\"\n";
+        let c = Config::from_toml(text).unwrap();
+        assert_eq!(c.auth.keys.len(), 1);
+        assert_eq!(c.auth.keys[0].algorithm, JwtAlgorithm::EdDsa);
+        assert_eq!(Config::from_toml(&toml::to_string(&c).unwrap()), Ok(c.clone()));
+        let mut only_named = Config::default();
+        only_named.auth.keys = c.auth.keys.clone();
+        assert!(!only_named.auth.unnamed_key_in_use());
+        assert!(only_named.dev_tokens().is_err());
+        assert!(c.auth.unnamed_key_in_use());
     }
 
     #[test]

@@ -36,6 +36,7 @@
 //! | `switchboard_replication_sync_seconds` | histogram | | one replication round's write and fsync |
 //! | `switchboard_replication_step_downs_total` | counter | | leaderships of this node ended by a newer epoch |
 //! | `switchboard_replication_dropped_total` | counter | `direction` | replication frames dropped on a full queue (`in`, `out`); leaders retransmit |
+//! | `switchboard_auth_failures_total` | counter | `reason` | tokens rejected in Hello or RefreshToken, by reason (`expired`, `bad_signature`, ...: docs/protocol.md) |
 //!
 //! Every metric, with the cluster's and what to alert on: `docs/operations.md`.
 
@@ -105,6 +106,8 @@ pub const PRESENCE_DROPPED: &str = "switchboard_presence_dropped_total";
 
 /// Admin API requests refused for a missing or wrong token.
 pub const ADMIN_UNAUTHORIZED: &str = "switchboard_admin_unauthorized_total";
+/// Tokens rejected (Hello and RefreshToken), by `reason` (`Error.reason` on the wire).
+pub const AUTH_FAILURES: &str = "switchboard_auth_failures_total";
 
 /// Authenticated sessions on this node.
 pub const SESSIONS: &str = "switchboard_sessions";

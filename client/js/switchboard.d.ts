@@ -23,7 +23,9 @@ export type ErrorCode =
   | 'ERROR_CODE_PROTOCOL_VERSION'
   | 'ERROR_CODE_ALREADY_EXISTS'
   | 'ERROR_CODE_LIMIT_EXCEEDED'
-  | 'ERROR_CODE_INTERNAL';
+  | 'ERROR_CODE_INTERNAL'
+  | 'ERROR_CODE_TOKEN_EXPIRED'
+  | 'ERROR_CODE_STORAGE_FULL';
 
 /**
  * Codes of failures detected by the client itself:
@@ -56,7 +58,9 @@ export type DisconnectReason =
   | 'DISCONNECT_REASON_FRAME_TOO_LARGE'
   | 'DISCONNECT_REASON_SERVER_ERROR'
   | 'DISCONNECT_REASON_RATE_LIMITED'
-  | 'DISCONNECT_REASON_CONNECTION_LIMIT';
+  | 'DISCONNECT_REASON_CONNECTION_LIMIT'
+  | 'DISCONNECT_REASON_TOKEN_EXPIRED'
+  | 'DISCONNECT_REASON_CLOSED_BY_ADMIN';
 
 export type FeedEventKind =
   | 'FEED_EVENT_KIND_UNSPECIFIED'
@@ -378,11 +382,21 @@ export type SwitchboardEventType = keyof SwitchboardEvents;
 
 /** A failed request or connection attempt. */
 export class SwitchboardError extends Error {
-  constructor(code: ErrorCode | ClientErrorCode, message: string, retryAfterMs?: number);
+  constructor(
+    code: ErrorCode | ClientErrorCode,
+    message: string,
+    retryAfterMs?: number,
+    reason?: string,
+  );
   readonly name: 'SwitchboardError';
   readonly code: ErrorCode | ClientErrorCode;
   /** For RATE_LIMITED and UNAVAILABLE: wait at least this long before retrying (else 0). */
   readonly retryAfterMs: number;
+  /**
+   * The broker's machine-readable `Error.reason` ('' when none), e.g. for a rejected token
+   * `expired`, `bad_signature`, `unknown_kid`, `subject_mismatch` (docs/protocol.md).
+   */
+  readonly reason: string;
 }
 
 export class Switchboard {
@@ -450,6 +464,13 @@ export class Switchboard {
   /** Subscribes (renewed after every reconnect) and returns the users' presence now. */
   subscribePresence(users: Iterable<string>): Promise<Presence[]>;
   unsubscribePresence(users: Iterable<string>): Promise<void>;
+  /**
+   * Replaces the session's token before it expires; resolves with the new token's expiry (ms
+   * since the epoch). Another user's token is refused (`ERROR_CODE_FORBIDDEN`, reason
+   * `subject_mismatch`); a session whose token expires is closed with
+   * `DISCONNECT_REASON_TOKEN_EXPIRED`. With a static `token`, reconnects use the new one.
+   */
+  refreshToken(token: string): Promise<bigint>;
   /** Round trip in milliseconds. */
   ping(): Promise<number>;
   /** Closes for good; unanswered requests and sends reject with CLOSED. */

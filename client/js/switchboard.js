@@ -55,17 +55,19 @@ export class SwitchboardError extends Error {
    * @param {string} code
    * @param {string} message
    * @param {number} [retryAfterMs]
+   * @param {string} [reason] the broker's machine-readable `Error.reason` (e.g. `expired`)
    */
-  constructor(code, message, retryAfterMs = 0) {
+  constructor(code, message, retryAfterMs = 0, reason = '') {
     super(message || code);
     this.name = 'SwitchboardError';
     this.code = code;
     this.retryAfterMs = retryAfterMs;
+    this.reason = reason;
   }
 
-  /** @param {{code: string, message: string, retryAfterMs: bigint}} e a decoded `Error` frame */
+  /** @param {{code: string, message: string, retryAfterMs: bigint, reason: string}} e a decoded `Error` frame */
   static fromWire(e) {
-    return new SwitchboardError(e.code, e.message, Number(e.retryAfterMs));
+    return new SwitchboardError(e.code, e.message, Number(e.retryAfterMs), e.reason ?? '');
   }
 }
 
@@ -80,10 +82,11 @@ const protocolError = (what) => new SwitchboardError('PROTOCOL', `protocol viola
 const ENUMS = {
   ErrorCode: ['ERROR_CODE_', ['UNSPECIFIED', 'BAD_REQUEST', 'UNAUTHENTICATED', 'FORBIDDEN',
     'NOT_FOUND', 'UNSUPPORTED', 'RATE_LIMITED', 'UNAVAILABLE', 'NOT_LEADER', 'TOO_LARGE',
-    'PROTOCOL_VERSION', 'ALREADY_EXISTS', 'LIMIT_EXCEEDED', 'INTERNAL']],
+    'PROTOCOL_VERSION', 'ALREADY_EXISTS', 'LIMIT_EXCEEDED', 'INTERNAL', 'TOKEN_EXPIRED',
+    'STORAGE_FULL']],
   DisconnectReason: ['DISCONNECT_REASON_', ['UNSPECIFIED', 'SHUTDOWN', 'SLOW_CONSUMER',
     'PROTOCOL_ERROR', 'AUTH_FAILED', 'HELLO_TIMEOUT', 'IDLE_TIMEOUT', 'FRAME_TOO_LARGE',
-    'SERVER_ERROR', 'RATE_LIMITED', 'CONNECTION_LIMIT']],
+    'SERVER_ERROR', 'RATE_LIMITED', 'CONNECTION_LIMIT', 'TOKEN_EXPIRED', 'CLOSED_BY_ADMIN']],
   FeedEventKind: ['FEED_EVENT_KIND_', ['UNSPECIFIED', 'ADDED', 'REMOVED']],
   ConversationKind: ['CONVERSATION_KIND_', ['UNSPECIFIED', 'DIRECT', 'GROUP']],
   HistoryVisibility: ['HISTORY_VISIBILITY_', ['UNSPECIFIED', 'SHARED', 'JOINED']],
@@ -109,14 +112,17 @@ const opt = (type) => ({ opt: type });
 const SCHEMA = {
   Welcome: { userId: STR, sessionId: STR, serverTimeMs: U64, heartbeatIntervalMs: U32,
     idleTimeoutMs: U32, limits: opt(msg('Limits')), capabilities: list(STR),
-    feedPosition: U64, resumed: opt(msg('SyncPage')), protocolVersion: U32 },
+    feedPosition: U64, resumed: opt(msg('SyncPage')), protocolVersion: U32,
+    tokenExpiresAtMs: U64 },
   Limits: { maxFrameBytes: U32, maxBodyBytes: U32, maxHistoryLimit: U32, maxSyncLimit: U32,
     maxInflight: U32, maxGroupMembers: U32, maxMembersPerRequest: U32, maxIdBytes: U32,
     maxConversationIdBytes: U32, maxPresenceUsers: U32, maxPresenceSubscriptions: U32,
     sendRatePerSec: U32, sendBurst: U32 },
   Ack: {},
+  RefreshTokenOk: { expiresAtMs: U64 },
   Pong: { serverTimeMs: U64 },
-  Error: { code: enm('ErrorCode'), message: STR, retryAfterMs: U64, leaderHint: STR },
+  Error: { code: enm('ErrorCode'), message: STR, retryAfterMs: U64, leaderHint: STR,
+    reason: STR },
   Disconnect: { reason: enm('DisconnectReason'), message: STR, retryAfterMs: U64 },
   Content: { contentType: STR, text: opt(STR), data: opt(BYTES) },
   SendAck: { conversationId: STR, seq: U64, timestampMs: U64, clientMsgId: STR,
@@ -166,7 +172,7 @@ const SERVER_KINDS = {
   sendAck: 'SendAck', history: 'HistoryPage', sync: 'SyncPage', conversation: 'Conversation',
   membership: 'MembershipResult', conversations: 'ConversationList', members: 'MemberList',
   receipt: 'Receipt', presences: 'PresenceList', receipts: 'ReceiptList', ack: 'Ack',
-  message: 'Message', feedEvent: 'FeedEvent', presence: 'Presence', typing: 'TypingEvent',
+  refreshTokenOk: 'RefreshTokenOk', message: 'Message', feedEvent: 'FeedEvent', presence: 'Presence', typing: 'TypingEvent',
   receiptEvent: 'Receipt',
 };
 
@@ -177,6 +183,7 @@ const EXPECTED_REPLY = {
   listConversations: 'conversations', listMembers: 'members', markRead: 'receipt',
   markDelivered: 'receipt', getReceipts: 'receipts', presenceQuery: 'presences',
   presenceSubscribe: 'presences', typing: 'ack', presenceUnsubscribe: 'ack',
+  refreshToken: 'refreshTokenOk',
 };
 
 /** A 64-bit value (bigint, number or decimal string) as a BigInt. */
@@ -1122,6 +1129,25 @@ export class Switchboard {
   }
 
   /**
+   * Replaces the session's token before it expires (`RefreshToken`). The broker verifies it
+   * like the first and requires the same user; until it accepts, the session keeps its old
+   * token, and a session whose token expires is closed (`disconnected` with reason
+   * `DISCONNECT_REASON_TOKEN_EXPIRED`). With a static `options.token`, an accepted token is
+   * also the one reconnects use from then on.
+   * Rejects with `ERROR_CODE_UNAUTHENTICATED` or `ERROR_CODE_TOKEN_EXPIRED` for a rejected token
+   * and `ERROR_CODE_FORBIDDEN` for another user's, each with its `reason` (`expired`,
+   * `bad_signature`, `subject_mismatch`, ...).
+   * @param {string} token
+   * @returns {Promise<bigint>} the new token's expiry, ms since the epoch
+   */
+  async refreshToken(token) {
+    if (typeof token !== 'string' || token === '') throw new TypeError('token must be a non-empty string');
+    const ok = await this.#request('refreshToken', { token });
+    if (!this.#opts.tokenProvider) this.#opts.token = token;
+    return ok.expiresAtMs;
+  }
+
+  /**
    * Pings the broker.
    * @returns {Promise<number>} the round trip in milliseconds
    */
@@ -1747,7 +1773,8 @@ function checkWelcome({ requestId, kind, body }, helloId, expectedUser, staticTo
   if (kind === 'error') {
     const error = SwitchboardError.fromWire(body);
     const permanent = error.code === 'ERROR_CODE_PROTOCOL_VERSION'
-      || (error.code === 'ERROR_CODE_UNAUTHENTICATED' && staticToken);
+      || ((error.code === 'ERROR_CODE_UNAUTHENTICATED' || error.code === 'ERROR_CODE_TOKEN_EXPIRED')
+        && staticToken);
     return { ok: false, error, permanent, retryAfterMs: error.retryAfterMs };
   }
   if (kind === 'disconnect') {

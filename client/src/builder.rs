@@ -40,8 +40,9 @@ pub(crate) type TokenProvider =
 /// Where Hello's token comes from.
 #[derive(Clone)]
 pub(crate) enum TokenSource {
-    /// The same token every time: a rejection on reconnect is permanent.
-    Static(String),
+    /// The same token every time (until [`Client::refresh_token`](crate::Client::refresh_token)
+    /// replaces it): a rejection on reconnect is permanent.
+    Static(Arc<std::sync::Mutex<String>>),
     /// Asked before every attempt: a rejection is retried with a fresh token.
     Provider(TokenProvider),
 }
@@ -49,7 +50,9 @@ pub(crate) enum TokenSource {
 impl TokenSource {
     pub(crate) async fn token(&self) -> Result<String> {
         match self {
-            TokenSource::Static(t) => Ok(t.clone()),
+            TokenSource::Static(t) => {
+                Ok(t.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+            }
             TokenSource::Provider(p) => p().await.map_err(Error::TokenProvider),
         }
     }
@@ -114,7 +117,7 @@ impl ClientBuilder {
         Self {
             addr,
             more_addrs: Vec::new(),
-            token: TokenSource::Static(String::new()),
+            token: TokenSource::Static(Arc::default()),
             resume: SyncPosition::default(),
             reconnect: ReconnectPolicy::default(),
             client_name: format!("switchboard-rs/{}", env!("CARGO_PKG_VERSION")),
@@ -129,7 +132,7 @@ impl ClientBuilder {
     /// A static token (a JWT whose `sub` is the user id). If the broker rejects it on a
     /// reconnect, the client stops with [`Event::Closed`](crate::Event::Closed).
     pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.token = TokenSource::Static(token.into());
+        self.token = TokenSource::Static(Arc::new(std::sync::Mutex::new(token.into())));
         self
     }
 
@@ -239,6 +242,10 @@ impl ClientBuilder {
         let mut addrs = vec![self.addr];
         addrs.extend(self.more_addrs);
         let connector = self.connector.unwrap_or_else(|| tcp_connector(addrs, per_addr));
+        let static_token = match &self.token {
+            TokenSource::Static(t) => Some(Arc::clone(t)),
+            TokenSource::Provider(_) => None,
+        };
         let cfg = Arc::new(Config {
             connector,
             token: self.token,
@@ -275,6 +282,7 @@ impl ClientBuilder {
             max_presence_users,
             user_id,
             send_rate_limit_retries: self.send_rate_limit_retries,
+            static_token,
         });
         Ok((client, EventStream::new(event_rx)))
     }

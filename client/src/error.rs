@@ -18,6 +18,9 @@ pub enum Error {
         message: String,
         /// For `RATE_LIMITED` and `UNAVAILABLE`: wait at least this long before retrying.
         retry_after_ms: u64,
+        /// The broker's machine-readable refinement of `code` (e.g. `expired`,
+        /// `bad_signature` for a rejected token); empty when it gave none.
+        reason: String,
     },
     /// The connection dropped while the request was in flight, or the client was disconnected
     /// when a non-send request was issued. The request may or may not have taken effect.
@@ -51,6 +54,17 @@ impl Error {
             code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unspecified),
             message: e.message,
             retry_after_ms: e.retry_after_ms,
+            reason: e.reason,
+        }
+    }
+
+    /// The broker's machine-readable reason (`Error.reason`), when this is a
+    /// [`Error::Server`] that carries one.
+    #[must_use]
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Error::Server { reason, .. } if !reason.is_empty() => Some(reason),
+            _ => None,
         }
     }
 

@@ -99,7 +99,7 @@ async fn await_welcome(
             let retry_after = Duration::from_millis(e.retry_after_ms);
             let error = Error::from_wire(e);
             let permanent = match error.code() {
-                Some(ErrorCode::Unauthenticated) => static_token,
+                Some(ErrorCode::Unauthenticated | ErrorCode::TokenExpired) => static_token,
                 Some(ErrorCode::ProtocolVersion) => true,
                 _ => false,
             };
@@ -116,6 +116,7 @@ async fn await_welcome(
                 code: if auth { ErrorCode::Unauthenticated } else { ErrorCode::Unavailable },
                 message: format!("disconnected during handshake ({reason:?}): {}", d.message),
                 retry_after_ms: d.retry_after_ms,
+                reason: String::new(),
             };
             let retry_after = Duration::from_millis(d.retry_after_ms);
             Err(if auth && static_token {

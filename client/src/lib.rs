@@ -146,6 +146,8 @@ pub(crate) struct Inner {
     pub(crate) max_presence_users: Arc<AtomicU32>,
     pub(crate) user_id: String,
     pub(crate) send_rate_limit_retries: u32,
+    /// The static token Hello uses (none with a token provider); a refresh replaces it.
+    pub(crate) static_token: Option<Arc<std::sync::Mutex<String>>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -429,6 +431,32 @@ impl Client {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Sync { reply })?;
         rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Replaces the session's token before it expires (`RefreshToken`) and returns the new
+    /// token's expiry (ms since the epoch). The broker verifies it like the first one and
+    /// requires the same user; until it accepts, the session keeps its old token, and a session
+    /// whose token expires is closed ([`Event::Disconnected`] with
+    /// [`DisconnectReason::TokenExpired`](switchboard_protocol::DisconnectReason::TokenExpired)).
+    /// With a static token ([`ClientBuilder::token`]), an accepted token is also the one
+    /// reconnects use from then on.
+    ///
+    /// # Errors
+    /// [`Error::Server`]: `UNAUTHENTICATED` or `TOKEN_EXPIRED` for a rejected token and
+    /// `FORBIDDEN` for another user's, each with its [`Error::reason`] (e.g. `expired`,
+    /// `bad_signature`, `subject_mismatch`); [`Error::ConnectionLost`], [`Error::Closed`].
+    pub async fn refresh_token(&self, token: impl Into<String>) -> Result<u64> {
+        let token = token.into();
+        let req = pb::RefreshToken { token: token.clone() };
+        match self.request(client_frame::Kind::RefreshToken(req)).await? {
+            server_frame::Kind::RefreshTokenOk(ok) => {
+                if let Some(t) = &self.inner.static_token {
+                    *t.lock().unwrap_or_else(PoisonError::into_inner) = token;
+                }
+                Ok(ok.expires_at_ms)
+            }
+            other => Err(unexpected(&other)),
+        }
     }
 
     /// Pings the broker and returns the round-trip time.

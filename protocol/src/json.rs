@@ -134,6 +134,27 @@ mod tests {
     }
 
     #[test]
+    fn given_refresh_token_json_should_parse_and_its_reply_encode_camel_case() {
+        let f = decode_client(r#"{"requestId":"9","refreshToken":{"token":"eyJ.x.y"}}"#).unwrap();
+        assert_eq!(f.request_id, 9);
+        assert!(
+            matches!(f.kind, Some(client_frame::Kind::RefreshToken(r)) if r.token == "eyJ.x.y")
+        );
+        let ok = crate::RefreshTokenOk { expires_at_ms: 1_700_000_000_000 };
+        let e = Encoded::of(&ServerFrame::reply(9, server_frame::Kind::RefreshTokenOk(ok)));
+        let json: serde_json::Value = serde_json::from_slice(&e.json().unwrap()).unwrap();
+        assert_eq!(json["refreshTokenOk"]["expiresAtMs"], "1700000000000");
+        let mut err = ServerFrame::error(9, crate::ErrorCode::TokenExpired, "token expired");
+        if let Some(server_frame::Kind::Error(e)) = err.kind.as_mut() {
+            e.reason = "expired".into();
+        }
+        let json: serde_json::Value =
+            serde_json::from_slice(&Encoded::of(&err).json().unwrap()).unwrap();
+        assert_eq!(json["error"]["code"], "ERROR_CODE_TOKEN_EXPIRED");
+        assert_eq!(json["error"]["reason"], "expired");
+    }
+
+    #[test]
     fn given_unknown_request_type_should_parse_without_kind() {
         let f = decode_client(r#"{"requestId":"3","somethingNew":{"x":1}}"#).unwrap();
         assert_eq!((f.request_id, f.kind), (3, None));

@@ -33,6 +33,7 @@ pub fn client_kind(kind: Option<&client_frame::Kind>) -> usize {
         Some(K::PresenceSubscribe(_)) => 17,
         Some(K::PresenceUnsubscribe(_)) => 18,
         Some(K::GetReceipts(_)) => 19,
+        Some(K::RefreshToken(_)) => 20,
     }
 }
 
@@ -58,6 +59,7 @@ pub fn client_kind_name(n: usize) -> &'static str {
         17 => "presence_subscribe",
         18 => "presence_unsubscribe",
         19 => "get_receipts",
+        20 => "refresh_token",
         _ => "unknown",
     }
 }
@@ -81,6 +83,7 @@ pub fn server_kind_name(n: usize) -> &'static str {
         14 => "presences",
         15 => "receipts",
         16 => "ack",
+        17 => "refresh_token_ok",
         20 => "message",
         21 => "feed_event",
         22 => "presence",
@@ -161,7 +164,7 @@ mod tests {
     fn given_every_client_kind_should_have_a_name() {
         let frame = ClientFrame::request(1, client_frame::Kind::Ping(crate::Ping::default()));
         assert_eq!(client_kind_name(client_kind(frame.kind.as_ref())), "ping");
-        for n in 2..=19 {
+        for n in 2..=20 {
             assert_ne!(client_kind_name(n), "unknown", "{n}");
         }
         assert_eq!(client_kind_name(client_kind(None)), "unknown");

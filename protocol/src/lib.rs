@@ -118,6 +118,7 @@ impl ServerFrame {
                 message: message.into(),
                 retry_after_ms: 0,
                 leader_hint: String::new(),
+                reason: String::new(),
             }),
         )
     }

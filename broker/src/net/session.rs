@@ -18,6 +18,9 @@ use crate::shard::local::{LocalSession, close_session};
 use crate::shard::outbound::Outbound;
 use crate::shard::{SessionRef, Shard};
 
+/// A token this close to its deadline when the read timer fires counts as expired.
+const TOKEN_SLACK: Duration = Duration::from_millis(100);
+
 /// What the transport should do after a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -82,15 +85,28 @@ impl Session {
         &self.span
     }
 
-    /// How long the transport may wait for the next frame.
+    /// How long the transport may wait for the next frame (also at most until the session's
+    /// token runs out, so one timer serves both).
     #[must_use]
     pub fn read_timeout(&self) -> Duration {
         let s = &self.shard.config.server;
-        Duration::from_millis(if self.active.borrow().is_some() {
-            s.idle_timeout_ms
-        } else {
-            s.hello_timeout_ms
-        })
+        match &*self.active.borrow() {
+            Some(a) => Duration::from_millis(s.idle_timeout_ms).min(token_time_left(a)),
+            None => Duration::from_millis(s.hello_timeout_ms),
+        }
+    }
+
+    /// Closes the session with `TOKEN_EXPIRED` if its token runs out within `slack`.
+    fn token_expired(&self, slack: Duration) -> bool {
+        let expired = self.active.borrow().as_ref().is_some_and(|a| token_time_left(a) <= slack);
+        if expired {
+            tracing::info!("token expired; closing the session");
+            self.close(
+                DisconnectReason::TokenExpired,
+                "the session's token expired; reconnect with a fresh token",
+            );
+        }
+        expired
     }
 
     /// Waits, before reading another frame, until the session has a free in-flight slot.
@@ -108,6 +124,7 @@ impl Session {
     pub async fn on_frame(&self, frame: ClientFrame) -> Flow {
         let active = self.active.borrow().clone();
         match active {
+            Some(_) if self.token_expired(Duration::ZERO) => Flow::Close,
             Some(session) => {
                 let me = SessionRef { shard: self.shard.id, id: session.id };
                 handler::dispatch(&self.shard, &session, me, frame);
@@ -156,6 +173,11 @@ impl Session {
 
     /// No frame arrived within [`Self::read_timeout`].
     pub fn on_read_timeout(&self) -> Flow {
+        // The timer may fire a little before the wall clock reaches the deadline (the two
+        // clocks differ slightly): a token this close to its end counts as expired.
+        if self.token_expired(TOKEN_SLACK) {
+            return Flow::Close;
+        }
         if self.active.borrow().is_some() {
             self.close(
                 DisconnectReason::IdleTimeout,
@@ -216,5 +238,13 @@ impl Session {
         if let Some(session) = self.active.borrow_mut().take() {
             close_session(&self.shard, session.id);
         }
+    }
+}
+
+/// Time left on the session's token (`Duration::MAX` without a deadline).
+fn token_time_left(session: &LocalSession) -> Duration {
+    match session.token_deadline_ms.get() {
+        0 => Duration::MAX,
+        deadline => crate::auth::time_left(deadline),
     }
 }

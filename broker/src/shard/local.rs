@@ -54,6 +54,9 @@ pub struct LocalSession {
     inflight: Cell<usize>,
     inflight_changed: Notify,
     cancel: CancellationToken,
+    /// When the session's token runs out (its `exp` plus leeway, ms since the epoch; 0: no
+    /// deadline). Set by Hello, moved by RefreshToken, enforced by the transport's reader.
+    pub token_deadline_ms: Cell<u64>,
 }
 
 impl LocalSession {
@@ -76,6 +79,7 @@ impl LocalSession {
             inflight: Cell::new(0),
             inflight_changed: Notify::new(),
             cancel,
+            token_deadline_ms: Cell::new(0),
         }
     }
 

@@ -197,6 +197,36 @@ describe('Switchboard over a scripted broker', () => {
     await client.close();
   });
 
+  test('given an accepted refreshToken should resolve with the new expiry and reconnect with the new token', async () => {
+    const { net, peer, client, rec } = await connect();
+    const refreshing = client.refreshToken('tok2');
+    const frame = await peer.recv();
+    assert.deepEqual(frame.refreshToken, { token: 'tok2' });
+    peer.reply(frame.requestId, 'refreshTokenOk', { expiresAtMs: '1700000000000' });
+    assert.equal(await refreshing, 1700000000000n);
+    peer.push('disconnect', { reason: 'DISCONNECT_REASON_TOKEN_EXPIRED', message: 'expired' });
+    peer.close();
+    const again = await net.accept();
+    const hello = await again.accept();
+    assert.equal(hello.hello.token, 'tok2', 'reconnects use the refreshed token');
+    await rec.until((r) => r.of('connected').length === 2, 1000, 'reconnected');
+    assert.equal(rec.of('disconnected')[0].reason, 'DISCONNECT_REASON_TOKEN_EXPIRED');
+    await client.close();
+  });
+
+  test('given a refused refreshToken should reject with the code and reason and keep the old token', async () => {
+    const { net, peer, client, rec } = await connect();
+    const refreshing = client.refreshToken('bobs-token');
+    const frame = await peer.recv();
+    peer.reply(frame.requestId, 'error', { code: 'ERROR_CODE_FORBIDDEN', message: 'another user', reason: 'subject_mismatch' });
+    await assert.rejects(refreshing, { code: 'ERROR_CODE_FORBIDDEN', reason: 'subject_mismatch' });
+    peer.close();
+    const again = await net.accept();
+    assert.equal((await again.accept()).hello.token, 'tok');
+    await rec.until((r) => r.of('connected').length === 2, 1000, 'reconnected');
+    await client.close();
+  });
+
   test('given a rate-limited typing update should reject it without retrying', async () => {
     const { peer, client } = await connect();
     const typing = client.typing('c', true);

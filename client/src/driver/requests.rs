@@ -17,6 +17,7 @@ pub(super) enum Expect {
     Receipts,
     Presences,
     Ack,
+    RefreshTokenOk,
     Any,
 }
 
@@ -34,6 +35,7 @@ impl Expect {
             K::GetReceipts(_) => Expect::Receipts,
             K::PresenceQuery(_) | K::PresenceSubscribe(_) => Expect::Presences,
             K::Typing(_) | K::PresenceUnsubscribe(_) => Expect::Ack,
+            K::RefreshToken(_) => Expect::RefreshTokenOk,
             K::Hello(_) | K::Send(_) | K::Sync(_) => Expect::Any,
         }
     }
@@ -52,6 +54,7 @@ impl Expect {
                 | (Expect::Receipts, K::Receipts(_))
                 | (Expect::Presences, K::Presences(_))
                 | (Expect::Ack, K::Ack(_))
+                | (Expect::RefreshTokenOk, K::RefreshTokenOk(_))
                 | (Expect::Any, _)
         )
     }

@@ -366,6 +366,69 @@ async fn given_static_token_rejected_on_reconnect_should_close_and_fail_waiting_
 }
 
 #[tokio::test(start_paused = true)]
+async fn given_accepted_refresh_should_return_the_expiry_and_reconnect_with_the_new_token() {
+    let net = Net::new();
+    let mut peer = net.offer();
+    let (client, mut events) = connect(net.builder(), &mut peer, 0).await;
+    let c = client.clone();
+    let refresh = tokio::spawn(async move { c.refresh_token("tok2").await });
+    let frame = peer.recv().await;
+    let Some(client_frame::Kind::RefreshToken(r)) = &frame.kind else { panic!("{frame:?}") };
+    assert_eq!(r.token, "tok2");
+    let ok = pb::RefreshTokenOk { expires_at_ms: 1_700_000_000_000 };
+    peer.reply(frame.request_id, server_frame::Kind::RefreshTokenOk(ok)).await;
+    assert_eq!(refresh.await.unwrap().unwrap(), 1_700_000_000_000);
+
+    // The session expires anyway (say, the application stopped refreshing): the reason is
+    // surfaced, and the reconnect uses the refreshed token.
+    let mut next = net.offer();
+    peer.push(ServerFrame::disconnect(DisconnectReason::TokenExpired, "expired", 0).kind.unwrap())
+        .await;
+    let Some(Event::Disconnected { reason, .. }) = events.next().await else { panic!() };
+    assert_eq!(reason, Some(DisconnectReason::TokenExpired));
+    let (_, hello) = next.accept(0, SyncPage::default()).await;
+    assert_eq!(hello.token, "tok2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn given_refused_refresh_should_fail_with_code_and_reason_and_keep_the_old_token() {
+    let net = Net::new();
+    let mut peer = net.offer();
+    let (client, mut events) = connect(net.builder(), &mut peer, 0).await;
+    let c = client.clone();
+    let refresh = tokio::spawn(async move { c.refresh_token("bobs").await });
+    let frame = peer.recv().await;
+    let mut refused = ServerFrame::error(frame.request_id, ErrorCode::Forbidden, "another user");
+    if let Some(server_frame::Kind::Error(e)) = refused.kind.as_mut() {
+        e.reason = "subject_mismatch".into();
+    }
+    peer.reply(frame.request_id, refused.kind.unwrap()).await;
+    let err = refresh.await.unwrap().unwrap_err();
+    assert_eq!((err.code(), err.reason()), (Some(ErrorCode::Forbidden), Some("subject_mismatch")));
+
+    let mut next = net.offer();
+    drop(peer);
+    assert!(matches!(events.next().await, Some(Event::Disconnected { .. })));
+    let (_, hello) = next.accept(0, SyncPage::default()).await;
+    assert_eq!(hello.token, "tok");
+}
+
+#[tokio::test(start_paused = true)]
+async fn given_static_token_expired_on_reconnect_should_close() {
+    let net = Net::new();
+    let mut peer = net.offer();
+    let (_client, mut events) = connect(net.builder(), &mut peer, 0).await;
+    let mut next = net.offer();
+    peer.push(ServerFrame::disconnect(DisconnectReason::TokenExpired, "expired", 0).kind.unwrap())
+        .await;
+    assert!(matches!(events.next().await, Some(Event::Disconnected { .. })));
+    let hello = next.recv().await;
+    let expired = ServerFrame::error(0, ErrorCode::TokenExpired, "token expired");
+    next.reply(hello.request_id, expired.kind.unwrap()).await;
+    assert_eq!(events.next().await, Some(Event::Closed));
+}
+
+#[tokio::test(start_paused = true)]
 async fn given_gap_in_pushes_should_sync_until_has_more_is_false() {
     let net = Net::new();
     let mut peer = net.offer();

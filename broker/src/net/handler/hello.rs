@@ -38,6 +38,7 @@ pub const CAPABILITIES: &[&str] = &[
     "typing",
     "presence",
     "rate-limits",
+    "token-refresh",
 ];
 
 /// Runs `read` on a blocking thread against the durable snapshot.
@@ -80,19 +81,22 @@ pub async fn handshake(
         );
         return None;
     }
-    let user: Arc<str> = match shard.auth.verify(&hello.token) {
-        Ok(user) => Arc::from(user),
+    let (user, token_deadline_ms): (Arc<str>, u64) = match shard.auth.verify(&hello.token) {
+        Ok(v) => (
+            Arc::from(v.user),
+            crate::auth::session_deadline_ms(v.expires_at, shard.auth.leeway_secs()),
+        ),
         Err(e) => {
             tracing::info!(peer = %session.peer, reason = %e, "authentication failed");
-            session.fail(
-                request_id,
-                ErrorCode::Unauthenticated,
-                &e.to_string(),
-                DisconnectReason::AuthFailed,
-            );
+            // An Error with the typed reason (TOKEN_EXPIRED for an expired token), then
+            // Disconnect AUTH_FAILED whatever the reason, as before.
+            session.out.push(switchboard_protocol::Encoded::of(&e.to_frame(request_id)));
+            session.close(DisconnectReason::AuthFailed, &e.to_string());
             return None;
         }
     };
+    let token_expires_at_ms =
+        token_deadline_ms.saturating_sub(shard.auth.leeway_secs().saturating_mul(1000));
     let resume = hello.resume;
     if let Some(Err(r)) = resume.as_ref().map(sync::check) {
         session.fail(request_id, r.code, &r.message, DisconnectReason::ProtocolError);
@@ -118,6 +122,7 @@ pub async fn handshake(
         session.out.clone(),
         session.cancel.clone(),
     ));
+    local.token_deadline_ms.set(token_deadline_ms);
     shard.local.borrow_mut().insert(local.clone());
     let (ack, registered) = oneshot::channel();
     shard.to_home(&user, HomeMsg::SessionUp { user: user.clone(), session: me, ack });
@@ -162,7 +167,7 @@ pub async fn handshake(
             }
             None => None,
         };
-        Ok(welcome(session, &user, me, feed_position, resumed))
+        Ok(Welcome { token_expires_at_ms, ..welcome(session, &user, me, feed_position, resumed) })
     }
     .await;
 
@@ -227,5 +232,6 @@ fn welcome(
         feed_position,
         resumed,
         protocol_version: PROTOCOL_VERSION,
+        token_expires_at_ms: 0,
     }
 }

@@ -8,6 +8,7 @@ pub mod history;
 pub mod list;
 pub mod presence;
 pub mod receipts;
+pub mod refresh;
 pub mod send;
 pub mod sync;
 pub mod typing;
@@ -263,6 +264,7 @@ pub fn dispatch(shard: &Rc<Shard>, session: &Rc<LocalSession>, me: SessionRef, f
         client_frame::Kind::PresenceQuery(req) => presence::query(&ctx, rid, req),
         client_frame::Kind::PresenceSubscribe(req) => presence::subscribe(&ctx, rid, req),
         client_frame::Kind::PresenceUnsubscribe(req) => presence::unsubscribe(&ctx, rid, req),
+        client_frame::Kind::RefreshToken(req) => refresh::handle(&ctx, rid, &req),
     }
 }
 

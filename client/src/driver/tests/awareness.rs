@@ -72,6 +72,7 @@ fn rate_limited(retry_after_ms: u64) -> server_frame::Kind {
         message: "slow down".into(),
         retry_after_ms,
         leader_hint: String::new(),
+        reason: String::new(),
     })
 }
 
