@@ -173,6 +173,9 @@ async fn given_a_journal_torn_past_its_last_fsync_should_recover_every_acknowled
     let (mut c, _) = broker.raw_as("alice").await;
     let conv = c.create_direct("bob").await;
     let acked = acked_sends(&mut c, &conv, "acked", 40).await;
+    // The sender's coalesced receipt is written within a second: let it land first, so the
+    // next fsync is the one of the large sends below.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     let journal = newest_journal(&broker.data_dir());
     let synced = written_end(&journal);
 
