@@ -228,6 +228,7 @@ fn strings(frame: &ClientFrame) -> Vec<&str> {
         Kind::PresenceSubscribe(p) => out.extend(p.users.iter().map(String::as_str)),
         Kind::PresenceUnsubscribe(p) => out.extend(p.users.iter().map(String::as_str)),
         Kind::GetReceipts(g) => out.extend([g.conversation_id.as_str(), g.after.as_str()]),
+        Kind::RefreshToken(r) => out.push(&r.token),
     }
     out
 }
