@@ -323,9 +323,13 @@ impl Authenticator {
         };
         let key = match header.get("kid") {
             None => self.unnamed.as_ref().ok_or_else(|| AuthError::UnknownKid(String::new()))?,
-            Some(Value::String(kid)) => {
-                self.named.get(kid).ok_or_else(|| AuthError::UnknownKid(kid.clone()))?
-            }
+            // Identity providers put a `kid` in every token: with no named keys configured, the
+            // one key verifies them all (the algorithm check below still applies).
+            Some(Value::String(kid)) => match (self.named.get(kid), &self.unnamed) {
+                (Some(key), _) => key,
+                (None, Some(key)) if self.named.is_empty() => key,
+                (None, _) => return Err(AuthError::UnknownKid(kid.clone())),
+            },
             Some(_) => return Err(AuthError::Malformed("`kid` is not a string".into())),
         };
         match header.get("alg") {
@@ -713,10 +717,12 @@ mod tests {
         // Only named keys: a token without kid has no key.
         let t = mint(OLD.as_bytes(), "alice", Duration::from_secs(60)).unwrap();
         assert_eq!(a.verify_user(&t), Err(AuthError::UnknownKid(String::new())));
-        // A single unnamed key: tokens carrying any kid are refused.
+        // A single unnamed key verifies tokens whatever their kid (providers always set one).
+        assert_eq!(auth(SECRET).verify_user(&with_kid("old", SECRET)), Ok("alice".into()));
         assert_eq!(
-            auth(SECRET).verify_user(&with_kid("old", SECRET)),
-            Err(AuthError::UnknownKid("old".into()))
+            auth(SECRET).verify_user(&with_kid("old", OLD)),
+            Err(AuthError::BadSignature),
+            "but only with its own key"
         );
     }
 

@@ -382,7 +382,8 @@ pub struct AuthConfig {
     pub leeway_secs: u64,
     /// Named keys (`[[auth.keys]]`), for key rotation: a token whose header carries a `kid`
     /// is verified with the key of that id only. The key above (`algorithm`, `secret`, ...)
-    /// is unnamed: it verifies tokens without a `kid`. With named keys configured, the
+    /// is unnamed: it verifies tokens without a `kid`, and with no named keys configured every
+    /// token, whatever its `kid`. With named keys configured, the
     /// unnamed key is used only when its material is set explicitly (`secret`,
     /// `secret_file` or `public_key_file`); the generated secret is then not used.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -765,8 +766,11 @@ impl Config {
         }
         let l = &self.limits;
         let s = &self.server;
-        if self.storage.max_journal_mb < 64 {
-            return Err(invalid("storage.max_journal_mb", "must be at least 64"));
+        if !(64..=1 << 30).contains(&self.storage.max_journal_mb) {
+            return Err(invalid("storage.max_journal_mb", "must be between 64 and 2^30"));
+        }
+        if self.storage.min_free_mb > 1 << 30 {
+            return Err(invalid("storage.min_free_mb", "must be at most 2^30"));
         }
         if self.server.shards > crate::shard::MAX_SHARDS {
             return Err(invalid(
@@ -1016,8 +1020,9 @@ algorithm = "HS256"
 # passes (unless the client sent RefreshToken).
 leeway_secs = {leeway}
 # Named keys, for key rotation: a token whose header has a `kid` is verified with that key
-# only (an unknown kid is rejected); tokens without a kid use the key above. With named keys,
-# the key above is used only if its secret, secret_file or public_key_file is set.
+# only (an unknown kid is rejected); tokens without a kid use the key above. Without named
+# keys, the key above verifies every token whatever its kid. With named keys, the key above
+# is used only if its secret, secret_file or public_key_file is set.
 # [[auth.keys]]
 # kid = "2026-01"
 # algorithm = "RS256"               # HS256 (secret or secret_file), RS256 or EdDSA

@@ -285,6 +285,7 @@ pub fn run_with(
         // Free space against storage.min_free_mb, often enough that a burst of writes cannot
         // run the disk from the floor to empty between two looks.
         let mut space = tokio::time::interval(Duration::from_secs(1));
+        let mut checking: Option<tokio::task::JoinHandle<()>> = None;
         let exit = loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break Exit::Clean,
@@ -296,15 +297,25 @@ pub fn run_with(
                     if let Some(m) = &metrics {
                         m.run_upkeep();
                     }
-                    if let Some(used) = storage.disk_space() {
-                        #[allow(clippy::cast_precision_loss)]
-                        metrics::gauge!(crate::metrics::STORAGE_BYTES).set(used as f64);
-                    }
+                    // Off this thread: it also answers signals and the storage failure.
+                    let s = storage.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Some(used) = s.disk_space() {
+                            #[allow(clippy::cast_precision_loss)]
+                            metrics::gauge!(crate::metrics::STORAGE_BYTES).set(used as f64);
+                        }
+                    });
                 }
                 _ = space.tick() => {
-                    if let Some(free) = storage.check_space() {
-                        #[allow(clippy::cast_precision_loss)]
-                        metrics::gauge!(crate::metrics::STORAGE_FREE_BYTES).set(free as f64);
+                    // statvfs can hang on a sick mount: never on this thread, and one at a time.
+                    if checking.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                        let s = storage.clone();
+                        checking = Some(tokio::task::spawn_blocking(move || {
+                            if let Some(free) = s.check_space() {
+                                #[allow(clippy::cast_precision_loss)]
+                                metrics::gauge!(crate::metrics::STORAGE_FREE_BYTES).set(free as f64);
+                            }
+                        }));
                     }
                 }
             }

@@ -201,6 +201,8 @@ impl Broker {
             ])
             .args(self.gossip.map(|g| format!("--cluster-listen={g}")))
             .args(&self.opts.args)
+            // The test broker's failpoint routes (admin API) answer only with this.
+            .env("SWITCHBOARD_TEST_FAILPOINTS", "1")
             .envs(self.opts.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "SWITCHBOARD_LOG",

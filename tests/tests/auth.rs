@@ -283,7 +283,7 @@ fn disconnect_reason(frames: &[ServerFrame]) -> Option<i32> {
 async fn given_token_expiring_when_not_refreshed_should_disconnect_with_token_expired_at_exp() {
     let broker = no_leeway_broker();
     let mut ok = Bystanders::new(&broker, |u| broker.token(u)).await;
-    let (token, exp) = expiring("carol", 3);
+    let (token, exp) = expiring("carol", 6);
     // One session idle, one busy pinging: both end at exp.
     let mut idle = broker.raw().await;
     let welcome = idle.hello(&token).await;
@@ -319,7 +319,7 @@ async fn given_token_expiring_when_not_refreshed_should_disconnect_with_token_ex
 #[tokio::test]
 async fn given_refresh_before_expiry_should_stay_open_past_the_original_exp_and_still_send() {
     let broker = no_leeway_broker();
-    let (token, exp) = expiring("dave", 3);
+    let (token, exp) = expiring("dave", 6);
     let mut c = broker.raw().await;
     c.hello(&token).await;
     let conv = c.create_direct("erin").await;
@@ -347,7 +347,7 @@ async fn given_refresh_before_expiry_should_stay_open_past_the_original_exp_and_
 #[tokio::test]
 async fn given_refresh_with_another_users_token_should_refuse_and_expire_on_the_old_deadline() {
     let broker = no_leeway_broker();
-    let (token, exp) = expiring("frank", 3);
+    let (token, exp) = expiring("frank", 6);
     let mut c = broker.raw().await;
     c.hello(&token).await;
     let (grace, _) = expiring("grace", 3600);
@@ -416,10 +416,10 @@ async fn given_rust_client_when_refreshing_should_return_the_new_expiry_and_surf
             .connect()
     };
     // A refresh that is accepted returns the new token's exp.
-    let (refreshed, _) = connect(expiring("ivan", 3).0).await.expect("connects");
+    let (refreshed, _) = connect(expiring("ivan", 6).0).await.expect("connects");
     let (fresh, fresh_exp) = expiring("ivan", 3600);
     assert_eq!(refreshed.refresh_token(fresh).await.expect("refresh"), fresh_exp * 1000);
-    let (client, mut events) = connect(expiring("ivan", 3).0).await.expect("connects");
+    let (client, mut events) = connect(expiring("ivan", 6).0).await.expect("connects");
     let (other, _) = expiring("judy", 3600);
     let err = client.refresh_token(other).await.unwrap_err();
     assert_eq!((err.code(), err.reason()), (Some(ErrorCode::Forbidden), Some("subject_mismatch")));

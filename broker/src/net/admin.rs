@@ -6,8 +6,8 @@
 //! |---|---|
 //! | `GET /admin/stats` | this node: version, uptime, connections, sessions and mailbox depth per shard, storage (size, free space, full, durability) |
 //! | `GET /admin/users/{user}/sessions` | the user's sessions on every live node: node, shard, id, transport, address, client, connected at, conversations received, bytes queued |
-//! | `POST /admin/users/{user}/disconnect` | closes the user's sessions (every node; `?session=<shard>.<id>&node=<n>` for one) with `Disconnect{closed_by_admin}`; answers how many |
-//! | `GET /admin/conversations/{id}` | kind, name, creator, created at, members, newest seq and its time, partition (and in a cluster its leader); answered by the node serving the conversation |
+//! | `POST /admin/users/{user}/disconnect` | closes the user's sessions (every node; `?session=<shard>.<id>` for one, with `&node=<n>` in a cluster) with `Disconnect{closed_by_admin}`; answers how many |
+//! | `GET /admin/conversations/{id}` | kind, name, creator, created at, members, newest seq and its time, partition, epoch, and `node`: the node that answered (in a cluster, the one serving the conversation) |
 //! | `POST /admin/conversations/{id}/members/{user}/remove` | removes a member from a group as an operator (no membership check): a `MembersRemoved` entry with an empty sender; the member's live deliveries stop at once |
 //! | `POST /admin/cluster/nodes/{id}/remove` | removes node `id` from the cluster for good: its copies move to the other nodes, then it leaves the Raft group (202 with its state; 404 unknown node; 409 when fewer nodes than `cluster.replication` would remain) |
 //!
@@ -220,6 +220,25 @@ impl Relay<'_> {
     }
 }
 
+impl Relay<'_> {
+    /// Sends the request to every other live node (only `only` when given) at once; their
+    /// answers, by node.
+    async fn to_all(
+        &self,
+        shard: &Shard,
+        method: &Method,
+        only: Option<crate::cluster::NodeId>,
+    ) -> Vec<(crate::cluster::NodeId, Option<(StatusCode, serde_json::Value)>)> {
+        let nodes: Vec<_> =
+            other_nodes(shard).into_iter().filter(|(n, _)| only.is_none_or(|o| o == *n)).collect();
+        let answers = futures::future::join_all(
+            nodes.iter().map(|(_, http)| self.send(shard, *http, method)),
+        )
+        .await;
+        nodes.into_iter().map(|(n, _)| n).zip(answers).collect()
+    }
+}
+
 /// The other live nodes' ids and HTTP addresses (none when clustering is off).
 fn other_nodes(shard: &Shard) -> Vec<(crate::cluster::NodeId, std::net::SocketAddr)> {
     let Some(c) = &shard.cluster else { return Vec::new() };
@@ -425,8 +444,8 @@ async fn sessions(shard: &Shard, user: &str, relay: &Relay<'_>) -> Response<Body
     let mut others = serde_json::Map::new();
     let mut unreachable = Vec::new();
     if !relay.query.local() {
-        for (node, http) in other_nodes(shard) {
-            match relay.send(shard, http, &Method::GET).await {
+        for (node, answer) in relay.to_all(shard, &Method::GET, None).await {
+            match answer {
                 Some((StatusCode::OK, body)) => {
                     others.insert(node.to_string(), body["sessions"].clone());
                 }
@@ -469,6 +488,16 @@ async fn disconnect(shard: &Shard, user: &str, relay: &Relay<'_>) -> Response<Bo
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "node ids are numbers"),
     };
     let me = node_id(shard);
+    if shard.cluster.is_some() && one.is_some() && node.is_none() {
+        // Session ids are per node: the same `<shard>.<id>` names other sessions elsewhere.
+        return error(StatusCode::BAD_REQUEST, "in a cluster, name the session's node: node=<n>");
+    }
+    if let Some(n) = node
+        && n != me
+        && !other_nodes(shard).iter().any(|(id, _)| *id == n)
+    {
+        return error(StatusCode::NOT_FOUND, "no such live node");
+    }
     let mut closed = 0;
     if node.is_none_or(|n| n == me) {
         let who: Arc<str> = Arc::from(user);
@@ -494,11 +523,8 @@ async fn disconnect(shard: &Shard, user: &str, relay: &Relay<'_>) -> Response<Bo
     }
     let mut unreachable = Vec::new();
     if !relay.query.local() {
-        for (other, http) in other_nodes(shard) {
-            if node.is_some_and(|n| n != other) {
-                continue;
-            }
-            match relay.send(shard, http, &Method::POST).await {
+        for (other, answer) in relay.to_all(shard, &Method::POST, node).await {
+            match answer {
                 Some((StatusCode::OK, body)) => {
                     closed +=
                         usize::try_from(body["disconnected"].as_u64().unwrap_or(0)).unwrap_or(0);
@@ -692,11 +718,19 @@ async fn force_remove(
     }
 }
 
+/// The environment variable (value `1`) that enables the failpoint routes of a test build.
+#[cfg(feature = "failpoints")]
+pub const FAILPOINTS_API_ENV: &str = "SWITCHBOARD_TEST_FAILPOINTS";
+
 /// `PUT /admin/failpoints/{name}` (body: the actions, e.g. `pause` or `return`) and `DELETE`
 /// (lifts it): test builds only (the `failpoints` feature), behind the admin token.
 #[cfg(feature = "failpoints")]
 async fn failpoint(req: Request<Incoming>, name: &str) -> Response<Body> {
     use http_body_util::BodyExt as _;
+    // A second guard besides the build feature: the test harness opts in per process.
+    if std::env::var_os(FAILPOINTS_API_ENV).is_none_or(|v| v != "1") {
+        return error(StatusCode::NOT_FOUND, "failpoints are not enabled in this process");
+    }
     let name = name.to_owned();
     if req.method() == Method::DELETE {
         fail::remove(&name);

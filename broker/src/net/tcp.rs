@@ -163,9 +163,13 @@ async fn write_loop(mut wr: OwnedWriteHalf, out: Rc<Outbound>, shard: Rc<Shard>)
                     shard.stats.frame_out(Transport::Tcp, frame.kind(), frame.len());
                 }
             }
-            Ok(Err(_)) | Err(_) => {
-                metrics::counter!(crate::metrics::SLOW_CONSUMERS, "reason" => "write_timeout")
-                    .increment(1);
+            written @ (Ok(Err(_)) | Err(_)) => {
+                // A write that made no progress in time is a slow consumer; a broken socket
+                // is just gone.
+                if written.is_err() {
+                    metrics::counter!(crate::metrics::SLOW_CONSUMERS, "reason" => "write_timeout")
+                        .increment(1);
+                }
                 // The peer stopped reading (or the socket broke): nothing more can reach it,
                 // so the Disconnect queued here is for the record; closing the queue stops the
                 // reader too.

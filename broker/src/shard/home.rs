@@ -797,7 +797,9 @@ impl Home {
             for user in lapsed {
                 if self.records.get(&user).is_none_or(|r| r.online) {
                     tracing::warn!(%user, "presence lease lapsed; marking offline");
-                    self.sessions.remove(&user);
+                    if self.sessions.remove(&user).is_some() {
+                        metrics::gauge!(crate::metrics::ONLINE_USERS).decrement(1.0);
+                    }
                     self.go_offline(&user, now_ms(), out);
                 }
             }

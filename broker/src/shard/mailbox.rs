@@ -148,6 +148,13 @@ pub enum OwnerOp {
 }
 
 impl OwnerOp {
+    /// Whether it adds to the store (refused below the free-space floor): a message, a
+    /// conversation, members.
+    #[must_use]
+    pub fn grows(&self) -> bool {
+        matches!(self, Self::Send(_) | Self::Create { .. } | Self::AddMembers(_))
+    }
+
     /// The request as a client frame kind, and the conversation (resolved, for a create), for
     /// forwarding to another node.
     #[must_use]

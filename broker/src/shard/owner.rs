@@ -714,6 +714,13 @@ impl Owner {
                         return;
                     }
                     Err(e)
+                } else if op.grows() && self.storage.is_full() {
+                    // Checked here too, not only where the client connected: in a cluster the
+                    // leader's disk is the one this write lands on.
+                    Err(OpError::new(
+                        ErrorCode::StorageFull,
+                        "the broker's disk is nearly full; writes are refused until space is freed",
+                    ))
                 } else {
                     match op {
                         OwnerOp::Send(req) => self.send(from, &user, request_id, req, out),
