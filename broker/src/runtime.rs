@@ -311,6 +311,9 @@ pub fn run_with(
                     if checking.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
                         let s = storage.clone();
                         checking = Some(tokio::task::spawn_blocking(move || {
+                            if let Err(e) = s.record_fsynced() {
+                                tracing::warn!(error = %e, "cannot record the fsynced commit");
+                            }
                             if let Some(free) = s.check_space() {
                                 #[allow(clippy::cast_precision_loss)]
                                 metrics::gauge!(crate::metrics::STORAGE_FREE_BYTES).set(free as f64);
@@ -373,6 +376,9 @@ pub fn run_with(
         Ok::<_, std::io::Error>(exit)
     })?;
     writer.shutdown();
+    if let Err(e) = storage.record_fsynced() {
+        tracing::warn!(error = %e, "cannot record the fsynced commit");
+    }
     for tx in &txs {
         // Blocking: a shard whose mailbox is full still gets told to leave.
         let _ = tx.blocking_send(ShardMsg::Exit);

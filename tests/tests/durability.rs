@@ -249,3 +249,27 @@ async fn given_a_flipped_bit_in_fsynced_journal_data_should_refuse_to_serve_and_
     let log = broker.log();
     assert!(log.to_lowercase().contains("checksum"), "{log}");
 }
+
+#[tokio::test]
+async fn given_a_journal_that_lost_fsynced_writes_should_refuse_to_start_and_say_so() {
+    let mut broker = durable_broker();
+    let (mut c, _) = broker.raw_as("alice").await;
+    let conv = c.create_direct("bob").await;
+    acked_sends(&mut c, &conv, "acked", 40).await;
+    // The newest fsynced commit is recorded every second.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let journal = newest_journal(&broker.data_dir());
+    let synced = written_end(&journal);
+    broker.kill();
+
+    // The journal loses the second half of what was fsynced (a damaged entry header reads
+    // like the end of the journal to recovery, which cuts it there): a cut, without a trace.
+    let file = std::fs::OpenOptions::new().write(true).open(&journal).expect("open journal");
+    file.set_len((synced / 2) as u64).expect("truncate");
+    drop(file);
+
+    let started = broker.try_restart();
+    assert!(started.is_err(), "served a store that lost acknowledged messages");
+    let log = broker.log();
+    assert!(log.contains("lost acknowledged writes"), "{log}");
+}

@@ -109,6 +109,19 @@ pub enum StorageError {
     /// An earlier write failed; the store accepts no more writes.
     #[error("storage is poisoned by an earlier write failure")]
     Poisoned,
+    /// Recovery found the store behind what had been fsynced: the journal lost acknowledged
+    /// writes (damaged, or cut by a disk that lied about a flush).
+    #[error(
+        "the store lost acknowledged writes: recovery reached commit {recovered}, but commit \
+         {fsynced} had been fsynced (the journal or its disk is damaged); restore the data \
+         directory from a backup, or in a cluster remove this node's data and let it catch up"
+    )]
+    LostWrites {
+        /// The last commit round the recovered store holds.
+        recovered: u64,
+        /// The last commit round recorded as fsynced.
+        fsynced: u64,
+    },
     /// The data directory was written by an incompatible version.
     #[error("data directory has format version {found}, this broker supports {FORMAT_VERSION}")]
     FormatVersion {
@@ -218,7 +231,16 @@ pub struct Storage {
     full: AtomicBool,
     /// Why writes stopped (fail-stop), once they did.
     failure: std::sync::Mutex<Option<String>>,
+    /// The last commit round the store held when it was opened.
+    recovered_commit: u64,
+    /// The newest commit round recorded in `FSYNCED_FILE`.
+    fsynced_recorded: AtomicU64,
 }
+
+/// Meta key of the last commit round's number (written with every round).
+pub(crate) const LAST_COMMIT_KEY: &str = "last_commit";
+/// File in the data directory holding the newest commit round known fsynced (`sync` mode).
+pub const FSYNCED_FILE: &str = "fsynced-commit";
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -259,6 +281,20 @@ impl Storage {
             push: open("push")?,
             meta: open("meta")?,
         };
+        // Every commit round records its number in the same atomic batch; `FSYNCED_FILE`
+        // records, every second, the newest one that was fsynced. A store that recovers to an
+        // earlier round lost acknowledged writes: say so instead of serving what is left.
+        let recovered = match ks.meta.get(LAST_COMMIT_KEY)? {
+            Some(v) => keys::trailing_u64(&v).ok_or_else(|| corrupt("meta", LAST_COMMIT_KEY))?,
+            None => 0,
+        };
+        let fsynced = std::fs::read_to_string(cfg.data_dir.join(FSYNCED_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if recovered < fsynced {
+            return Err(StorageError::LostWrites { recovered, fsynced });
+        }
         match ks.meta.get("format_version")? {
             None => {
                 ks.meta.insert("format_version", FORMAT_VERSION.to_be_bytes().to_vec())?;
@@ -279,7 +315,9 @@ impl Storage {
             ks,
             durability: cfg.durability,
             durable,
-            durable_commit: AtomicU64::new(0),
+            durable_commit: AtomicU64::new(recovered),
+            recovered_commit: recovered,
+            fsynced_recorded: AtomicU64::new(fsynced),
             poisoned: AtomicBool::new(false),
             fatal: tokio::sync::Notify::new(),
             data_dir: cfg.data_dir.clone(),
@@ -349,6 +387,38 @@ impl Storage {
     #[must_use]
     pub fn durable_watermark(&self) -> u64 {
         self.durable_commit.load(Ordering::Acquire)
+    }
+
+    /// The last commit round the store held when it was opened (the writer continues from it).
+    #[must_use]
+    pub fn recovered_commit(&self) -> u64 {
+        self.recovered_commit
+    }
+
+    /// In `sync` mode, records the newest fsynced commit round in `FSYNCED_FILE` (written to
+    /// a temporary file, fsynced, renamed over the old one, directory fsynced) when it moved.
+    /// Called every second and at shutdown; a crash between two calls leaves an older record,
+    /// which the next open checks the recovered store against.
+    ///
+    /// # Errors
+    /// When the file cannot be written.
+    pub fn record_fsynced(&self) -> std::io::Result<()> {
+        use std::io::Write as _;
+        if self.durability != Durability::Sync {
+            return Ok(());
+        }
+        let n = self.durable_watermark();
+        if n <= self.fsynced_recorded.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let tmp = self.data_dir.join(format!("{FSYNCED_FILE}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        writeln!(f, "{n}")?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.data_dir.join(FSYNCED_FILE))?;
+        std::fs::File::open(&self.data_dir)?.sync_all()?;
+        self.fsynced_recorded.store(n, Ordering::Release);
+        Ok(())
     }
 
     /// Whether a write failure stopped the store.

@@ -153,10 +153,11 @@ struct Writer {
 
 impl Writer {
     fn new(storage: Arc<Storage>) -> Self {
+        let commit_no = storage.recovered_commit();
         Self {
             storage,
             feed_heads: HashMap::new(),
-            commit_no: 0,
+            commit_no,
             last_sync: Instant::now(),
             unsynced: false,
             round_seconds: metrics::histogram!(crate::metrics::STORAGE_ROUND_SECONDS),
@@ -358,6 +359,8 @@ impl Writer {
             }
             all_seqs.push(seqs);
         }
+        // The round's number, in the same atomic batch: recovery can tell how far it got.
+        fb.insert(&ks.meta, super::LAST_COMMIT_KEY, (self.commit_no + 1).to_be_bytes().to_vec());
         fb.commit()?;
         Ok(all_seqs)
     }
@@ -509,5 +512,51 @@ mod tests {
         join.join().unwrap();
         assert!(before.conversation("c").unwrap().is_none(), "old snapshot is stable");
         assert!(storage.reader().conversation("c").unwrap().is_some());
+    }
+
+    #[test]
+    fn given_a_recorded_fsynced_commit_ahead_of_the_store_should_refuse_to_open_as_lost_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = {
+            let storage = open(dir.path(), Durability::Sync);
+            let (writer, join) = spawn(storage.clone()).unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let sink: CommitSink = Arc::new(move |c| {
+                let _ = tx.send(c);
+            });
+            for token in 1..=3 {
+                let ops = vec![WriteOp::Put(Ks::Users, vec![token], vec![1])];
+                let _ = writer.submit(WriteBatch {
+                    token: token.into(),
+                    ops,
+                    sink: sink.clone(),
+                    fsync: true,
+                });
+                assert!(rx.recv().unwrap().result.is_ok());
+            }
+            storage.record_fsynced().unwrap();
+            writer.shutdown();
+            join.join().unwrap();
+            storage.durable_watermark()
+        };
+        assert!(n >= 3);
+        // Reopened as it was: the writer goes on from the recovered round.
+        let storage = open(dir.path(), Durability::Sync);
+        assert_eq!(storage.recovered_commit(), n);
+        drop(storage);
+        // A record ahead of what recovery finds: acknowledged writes were lost.
+        std::fs::write(dir.path().join(crate::storage::FSYNCED_FILE), format!("{}\n", n + 1))
+            .unwrap();
+        let err = Storage::open(&StorageConfig {
+            data_dir: dir.path().to_owned(),
+            durability: Durability::Sync,
+            cache_mb: 8,
+            ..StorageConfig::default()
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, StorageError::LostWrites { recovered, fsynced } if recovered == n && fsynced == n + 1),
+            "{err}"
+        );
     }
 }
