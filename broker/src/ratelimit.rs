@@ -7,6 +7,7 @@
 //! | typing   | user    | `limits.typing_rate_per_sec`, `limits.typing_burst` |
 //! | receipts | user    | `limits.receipt_rate_per_sec`, `limits.receipt_burst` |
 //! | connect  | peer IP | `limits.connect_rate_per_ip`, `limits.connect_burst_per_ip` |
+//! | refresh  | user    | fixed: a burst of 10 `RefreshToken`s, then one per second |
 //!
 //! Open connections are capped too ([`Slots`]): in all (`limits.max_connections`) and per
 //! peer address (`limits.max_connections_per_ip`), checked when a connection is accepted,
@@ -71,6 +72,8 @@ pub struct Limiters {
     pub receipts: Keyed<Arc<str>>,
     /// New connections per IP address.
     pub connect: Keyed<IpAddr>,
+    /// `RefreshToken` requests per user (each costs a signature check).
+    pub refresh: Keyed<Arc<str>>,
     /// Open connections, in all and per IP address.
     pub slots: Arc<Slots>,
 }
@@ -179,6 +182,7 @@ impl Limiters {
             typing: Keyed::new(l.typing_rate_per_sec, l.typing_burst),
             receipts: Keyed::new(l.receipt_rate_per_sec, l.receipt_burst),
             connect: Keyed::new(l.connect_rate_per_ip, l.connect_burst_per_ip),
+            refresh: Keyed::new(1, 10),
             slots: Arc::new(Slots::new(l.max_connections, l.max_connections_per_ip)),
         }
     }
@@ -189,6 +193,7 @@ impl Limiters {
         self.typing.forget_idle();
         self.receipts.forget_idle();
         self.connect.forget_idle();
+        self.refresh.forget_idle();
     }
 }
 

@@ -434,3 +434,28 @@ async fn given_rust_client_when_refreshing_should_return_the_new_expiry_and_surf
     };
     assert_eq!(reason, Some(DisconnectReason::TokenExpired));
 }
+
+#[tokio::test]
+async fn given_refreshes_beyond_their_rate_should_refuse_with_retry_after_and_keep_the_session() {
+    let broker = no_leeway_broker();
+    let (token, _) = expiring("kim", 3600);
+    let mut c = broker.raw().await;
+    c.hello(&token).await;
+    let mut refused = None;
+    for _ in 0..20 {
+        let (fresh, _) = expiring("kim", 3600);
+        match refresh(&mut c, &fresh).await {
+            server_frame::Kind::RefreshTokenOk(_) => {}
+            server_frame::Kind::Error(e) => {
+                refused = Some(e);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let e = refused.expect("a refresh beyond the burst is refused");
+    assert_eq!(e.code, ErrorCode::RateLimited as i32, "{e:?}");
+    assert!(e.retry_after_ms > 0);
+    let pong = c.request(client_frame::Kind::Ping(Default::default())).await;
+    assert!(matches!(pong, server_frame::Kind::Pong(_)), "the session goes on");
+}

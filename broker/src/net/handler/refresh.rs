@@ -11,6 +11,12 @@ use crate::auth::{AuthError, session_deadline_ms};
 
 /// Handles `RefreshToken`.
 pub fn handle(ctx: &Ctx<'_>, request_id: u64, req: &RefreshToken) {
+    // Each refresh costs a signature check on this shard's thread: a few per minute is all a
+    // client needs.
+    if let Err(wait) = ctx.shard.limiters.refresh.check(&ctx.session.user) {
+        ctx.session.send(&crate::shard::rate_limited_frame(request_id, "refresh", wait));
+        return;
+    }
     let auth = &ctx.shard.auth;
     let verified = auth.verify(&req.token).and_then(|v| {
         if *v.user == *ctx.session.user {
