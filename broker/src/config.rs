@@ -201,7 +201,8 @@ pub struct LimitsConfig {
     pub connect_burst_per_ip: u32,
     /// Concurrent sessions per user. Default 20.
     pub max_connections_per_user: usize,
-    /// Open client connections (TCP and WebSocket, before or after Hello) in all; 0 = no cap.
+    /// Open client connections (TCP, and HTTP including WebSockets, before or after Hello) in
+    /// all; 0 = no cap.
     /// Default 100000. Keep it below the process's open-file limit.
     pub max_connections: usize,
     /// Open client connections from one IP address; 0 = no cap (the default: clients behind

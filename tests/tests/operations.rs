@@ -78,7 +78,7 @@ async fn given_traffic_over_tcp_and_websocket_should_expose_every_operational_me
     bob.request(hello(&broker.token("bob"))).await;
     // Sends until one is over the rate (the burst of five, plus what refilled meanwhile: one
     // per second).
-    let mut acked = 0;
+    let mut acked: u32 = 0;
     loop {
         match alice.request(send(&conv, &format!("m{acked}"))).await {
             server_frame::Kind::SendAck(_) => acked += 1,
@@ -92,12 +92,25 @@ async fn given_traffic_over_tcp_and_websocket_should_expose_every_operational_me
     assert!(acked >= 5, "the burst was allowed: {acked}");
     assert_eq!(text(&bob.next_message().await), Some("m0"));
 
-    // Counters reach the registry on the shards' next flush tick (every second).
+    // Counters reach the registry on each shard's next flush tick (every second), gauges of
+    // the store every second or five: wait until every series is there.
+    let sends = f64::from(acked + 1);
     let body = until("metrics after the traffic", || async {
         let (_, body) = http_get(broker.http, "/metrics").await;
         let ready = sample(&body, "switchboard_frames_in_total", &["tcp", "type=\"send\""])
-            .is_some_and(|n| n >= 6.0)
-            && sample(&body, "switchboard_frames_out_total", &["ws", "type=\"message\""]).is_some();
+            .is_some_and(|n| n >= sends)
+            && sample(&body, "switchboard_messages_stored_total", &[])
+                .is_some_and(|n| n >= f64::from(acked))
+            && [
+                ("switchboard_frames_out_total", &["ws", "type=\"message\""][..]),
+                ("switchboard_frames_out_total", &["tcp", "type=\"send_ack\""][..]),
+                ("switchboard_bytes_in_total", &["ws", "type=\"hello\""][..]),
+                ("switchboard_mailbox_depth", &["shard=\"0\""][..]),
+                ("switchboard_mailbox_depth", &["shard=\"2\""][..]),
+                ("switchboard_storage_free_bytes", &[][..]),
+            ]
+            .iter()
+            .all(|(m, l)| sample(&body, m, l).is_some());
         ready.then_some(body)
     })
     .await;
@@ -108,13 +121,12 @@ async fn given_traffic_over_tcp_and_websocket_should_expose_every_operational_me
     assert_eq!(has("switchboard_online_users", &[]), 2.0);
     assert_eq!(has("switchboard_connections", &["transport=\"tcp\""]), 1.0);
     assert_eq!(has("switchboard_connections", &["transport=\"ws\""]), 1.0);
-    assert!(has("switchboard_bytes_in_total", &["tcp", "type=\"send\""]) > 6.0 * 10.0);
+    assert!(has("switchboard_bytes_in_total", &["tcp", "type=\"send\""]) > sends * 10.0);
     assert!(has("switchboard_bytes_in_total", &["ws", "type=\"hello\""]) > 0.0);
-    assert!(has("switchboard_frames_out_total", &["tcp", "type=\"send_ack\""]) >= 5.0);
+    assert!(has("switchboard_frames_out_total", &["tcp", "type=\"send_ack\""]) >= f64::from(acked));
     assert!(has("switchboard_bytes_out_total", &["ws", "type=\"message\""]) > 0.0);
     assert_eq!(has("switchboard_rate_limited_total", &["limit=\"send\""]), 1.0);
-    assert!(has("switchboard_messages_stored_total", &[]) >= 5.0);
-    assert!(has("switchboard_send_ack_seconds_count", &[]) >= 5.0);
+    assert!(has("switchboard_send_ack_seconds_count", &[]) >= f64::from(acked));
     assert!(has("switchboard_storage_fsync_seconds_count", &[]) >= 1.0, "sync mode fsyncs");
     assert!(has("switchboard_storage_batch_ops_count", &[]) >= 1.0);
     assert!(has("switchboard_storage_batch_ops_bucket", &["le=\"1\""]) >= 0.0);
@@ -323,7 +335,15 @@ async fn given_connection_caps_should_refuse_connections_beyond_them_on_tcp_and_
     assert!(matches!(pong, server_frame::Kind::Pong(_)));
     let pong = b1.request(client_frame::Kind::Ping(switchboard_protocol::Ping {})).await;
     assert!(matches!(pong, server_frame::Kind::Pong(_)));
-    let (_, body) = http_get(broker.http, "/metrics").await;
+    // Plain HTTP counts too: this address is at its cap, so even /metrics is refused.
+    let (status, _) = http_get(broker.http, "/metrics").await;
+    assert_eq!(status, 503, "an HTTP connection beyond the per-address cap");
+    drop((again, a2));
+    let body = until("/metrics once a slot is free", || async {
+        let (status, body) = http_get(broker.http, "/metrics").await;
+        (status == 200).then_some(body)
+    })
+    .await;
     assert!(
         sample(&body, "switchboard_connections_refused_total", &["max_connections_per_ip"])
             .is_some_and(|n| n >= 2.0),

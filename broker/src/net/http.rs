@@ -55,7 +55,16 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: tokio::net::TcpListener) {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::task::spawn_local(serve_connection(shard.clone(), stream, peer));
+                    // Every HTTP connection holds a connection slot (a WebSocket keeps its
+                    // connection's), taken before anything is read from it.
+                    match shard.limiters.slots.acquire(peer.ip()) {
+                        Ok(slot) => {
+                            tokio::task::spawn_local(serve_connection(shard.clone(), stream, peer, slot));
+                        }
+                        Err(refusal) => {
+                            tokio::task::spawn_local(refuse_over_cap(stream, refusal));
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "http accept failed");
@@ -66,11 +75,40 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: tokio::net::TcpListener) {
     }
 }
 
-async fn serve_connection(shard: Rc<Shard>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+/// Answers a connection over a connection cap with `503` and `Retry-After`, then closes it.
+async fn refuse_over_cap(
+    mut stream: tokio::net::TcpStream,
+    refusal: crate::ratelimit::SlotRefusal,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "limit" => refusal.limit()).increment(1);
+    let body = format!("too many connections ({})\n", refusal.limit());
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// A connection's slot, handed over to its WebSocket when it upgrades.
+type SlotCell = Rc<std::cell::RefCell<Option<crate::ratelimit::Slot>>>;
+
+async fn serve_connection(
+    shard: Rc<Shard>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    slot: crate::ratelimit::Slot,
+) {
+    let slot: SlotCell = Rc::new(std::cell::RefCell::new(Some(slot)));
     let service_shard = shard.clone();
     let service = hyper::service::service_fn(move |req| {
         let shard = service_shard.clone();
-        async move { Ok::<_, Infallible>(route(&shard, peer, req).await) }
+        let slot = slot.clone();
+        async move { Ok::<_, Infallible>(route(&shard, peer, req, &slot).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -88,10 +126,15 @@ async fn serve_connection(shard: Rc<Shard>, stream: tokio::net::TcpStream, peer:
     }
 }
 
-async fn route(shard: &Rc<Shard>, peer: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+async fn route(
+    shard: &Rc<Shard>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    slot: &SlotCell,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/ws") => upgrade(shard, peer, req),
+        (&Method::GET, "/ws") => upgrade(shard, peer, req, slot),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
             if let Some(why) = shard.storage.failure() {
@@ -203,7 +246,12 @@ fn origin_allowed(shard: &Shard, req: &Request<Incoming>) -> bool {
             || origin.eq_ignore_ascii_case(&format!("https://{host}")))
 }
 
-fn upgrade(shard: &Rc<Shard>, peer: SocketAddr, mut req: Request<Incoming>) -> Response<Body> {
+fn upgrade(
+    shard: &Rc<Shard>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    slot: &SlotCell,
+) -> Response<Body> {
     if !header_has(&req, header::UPGRADE, "websocket")
         || !header_has(&req, header::CONNECTION, "upgrade")
     {
@@ -234,22 +282,6 @@ fn upgrade(shard: &Rc<Shard>, peer: SocketAddr, mut req: Request<Incoming>) -> R
             "Sec-WebSocket-Protocol must offer switchboard.v1.proto or switchboard.v1.json\n",
         );
     };
-    let slot = match shard.limiters.slots.acquire(peer.ip()) {
-        Ok(slot) => slot,
-        Err(refusal) => {
-            metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "limit" => refusal.limit())
-                .increment(1);
-            let body = match refusal {
-                crate::ratelimit::SlotRefusal::Total => "too many connections (max_connections)\n",
-                crate::ratelimit::SlotRefusal::PerIp => {
-                    "too many connections from this address (max_connections_per_ip)\n"
-                }
-            };
-            let mut r = text(StatusCode::SERVICE_UNAVAILABLE, body);
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return r;
-        }
-    };
     if let Err(wait) = shard.limiters.connect.check(&peer.ip()) {
         metrics::counter!(crate::metrics::RATE_LIMITED, "limit" => "connection").increment(1);
         let mut r = text(StatusCode::TOO_MANY_REQUESTS, "too many new connections\n");
@@ -261,6 +293,8 @@ fn upgrade(shard: &Rc<Shard>, peer: SocketAddr, mut req: Request<Incoming>) -> R
     }
     let upgrading = hyper::upgrade::on(&mut req);
     let shard = shard.clone();
+    // The WebSocket keeps the HTTP connection's slot for as long as it lives.
+    let slot = slot.borrow_mut().take();
     tokio::task::spawn_local(async move {
         let _slot = slot;
         match upgrading.await {
