@@ -315,11 +315,11 @@ impl Transport {
 #[derive(Debug, Default)]
 pub struct ShardStats {
     /// Client frames and their bytes, by transport and kind number.
-    frames_in: [[Cell<u64>; KINDS]; 2],
-    bytes_in: [[Cell<u64>; KINDS]; 2],
+    frames_in: ByKind,
+    bytes_in: ByKind,
     /// Server frames and their bytes, by transport and kind number.
-    frames_out: [[Cell<u64>; KINDS]; 2],
-    bytes_out: [[Cell<u64>; KINDS]; 2],
+    frames_out: ByKind,
+    bytes_out: ByKind,
     /// User messages made durable.
     pub messages_stored: Cell<u64>,
     /// Message pushes queued to sessions.
@@ -330,29 +330,30 @@ fn bump(c: &Cell<u64>, n: u64) {
     c.set(c.get() + n);
 }
 
-fn cell(cells: &[[Cell<u64>; KINDS]; 2], t: Transport, kind: usize) -> Option<&Cell<u64>> {
+type ByKind = [[Cell<u64>; KINDS]; 2];
+
+fn cell(cells: &ByKind, t: Transport, kind: usize) -> Option<&Cell<u64>> {
     cells.get(t as usize).and_then(|k| k.get(kind))
+}
+
+/// Counts one frame of `kind` over `t`, and its `n` bytes.
+fn count(frames: &ByKind, bytes: &ByKind, t: Transport, kind: usize, n: usize) {
+    if let (Some(f), Some(b)) = (cell(frames, t, kind), cell(bytes, t, kind)) {
+        bump(f, 1);
+        bump(b, n as u64);
+    }
 }
 
 impl ShardStats {
     /// Counts a decoded client frame of `kind` ([`switchboard_protocol::kinds`]) that took
     /// `bytes` on the wire.
     pub fn frame_in(&self, t: Transport, kind: usize, bytes: usize) {
-        if let (Some(f), Some(b)) = (cell(&self.frames_in, t, kind), cell(&self.bytes_in, t, kind))
-        {
-            bump(f, 1);
-            bump(b, bytes as u64);
-        }
+        count(&self.frames_in, &self.bytes_in, t, kind, bytes);
     }
 
     /// Counts a written server frame of `kind` that took `bytes` on the wire.
     pub fn frame_out(&self, t: Transport, kind: usize, bytes: usize) {
-        if let (Some(f), Some(b)) =
-            (cell(&self.frames_out, t, kind), cell(&self.bytes_out, t, kind))
-        {
-            bump(f, 1);
-            bump(b, bytes as u64);
-        }
+        count(&self.frames_out, &self.bytes_out, t, kind, bytes);
     }
 
     /// Adds everything counted since the last call to the registry.

@@ -96,6 +96,14 @@ impl SlotRefusal {
             Self::PerIp => "max_connections_per_ip",
         }
     }
+
+    /// Counts the refusal and says why, for the refused client.
+    #[must_use]
+    pub fn refused(self) -> String {
+        metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "limit" => self.limit())
+            .increment(1);
+        format!("too many connections ({})", self.limit())
+    }
 }
 
 /// Open-connection counters shared by every shard and transport.

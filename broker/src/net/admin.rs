@@ -391,7 +391,7 @@ async fn ask_shards<T>(shard: &Shard, ask: impl Fn(oneshot::Sender<T>) -> AdminM
     let mut waiting = Vec::with_capacity(shard.count);
     for target in 0..shard.count {
         let (tx, rx) = oneshot::channel();
-        shard.send_to(target, ShardMsg::Admin(ask(tx)));
+        shard.send(target, ShardMsg::Admin(ask(tx)));
         waiting.push(rx);
     }
     let gathered = tokio::time::timeout(Duration::from_secs(5), futures::future::join_all(waiting));
@@ -504,7 +504,7 @@ async fn disconnect(shard: &Shard, user: &str, relay: &Relay<'_>) -> Response<Bo
         closed += match one {
             Some((target, id)) if target < shard.count => {
                 let (tx, rx) = oneshot::channel();
-                shard.send_to(
+                shard.send(
                     target,
                     ShardMsg::Admin(AdminMsg::Disconnect { user: who, id: Some(id), reply: tx }),
                 );

@@ -76,22 +76,13 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: tokio::net::TcpListener) {
 }
 
 /// Answers a connection over a connection cap with `503` and `Retry-After`, then closes it.
-async fn refuse_over_cap(
-    mut stream: tokio::net::TcpStream,
-    refusal: crate::ratelimit::SlotRefusal,
-) {
-    use tokio::io::AsyncWriteExt as _;
-    metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "limit" => refusal.limit()).increment(1);
-    let body = format!("too many connections ({})\n", refusal.limit());
+async fn refuse_over_cap(stream: tokio::net::TcpStream, refusal: crate::ratelimit::SlotRefusal) {
+    let body = format!("{}\n", refusal.refused());
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(response.as_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await;
+    super::write_and_close(stream, response.as_bytes()).await;
 }
 
 /// A connection's slot, handed over to its WebSocket when it upgrades.

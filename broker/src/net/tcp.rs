@@ -71,10 +71,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
 
 /// Tells a connection over a connection cap why it is refused (`LIMIT_EXCEEDED`, then
 /// `Disconnect{connection_limit}` with a retry hint) and closes it.
-async fn refuse_over_cap(mut stream: TcpStream, refusal: crate::ratelimit::SlotRefusal) {
+async fn refuse_over_cap(stream: TcpStream, refusal: crate::ratelimit::SlotRefusal) {
     use switchboard_protocol::{DisconnectReason, ErrorCode, ServerFrame, encode_frame};
-    metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "limit" => refusal.limit()).increment(1);
-    let message = format!("too many connections ({})", refusal.limit());
+    let message = refusal.refused();
     let mut bytes =
         encode_frame(&ServerFrame::error(0, ErrorCode::LimitExceeded, &message)).to_vec();
     bytes.extend_from_slice(&encode_frame(&ServerFrame::disconnect(
@@ -82,11 +81,7 @@ async fn refuse_over_cap(mut stream: TcpStream, refusal: crate::ratelimit::SlotR
         &message,
         crate::shard::UNAVAILABLE_RETRY_MS,
     )));
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        stream.write_all(&bytes).await?;
-        stream.shutdown().await
-    })
-    .await;
+    super::write_and_close(stream, &bytes).await;
 }
 
 async fn read_loop(session: &Session, rd: OwnedReadHalf) {

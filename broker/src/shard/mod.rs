@@ -442,16 +442,12 @@ impl Shard {
         }
     }
 
-    fn send(&self, target: usize, msg: ShardMsg) {
+    /// Sends a message to shard `target`'s mailbox (this shard's own too: it is then handled
+    /// by the mailbox loop, not in place).
+    pub(crate) fn send(&self, target: usize, msg: ShardMsg) {
         if let Some(peer) = self.peers.get(target) {
             peer.send(msg);
         }
-    }
-
-    /// Sends a message to shard `target`'s mailbox (this shard's own too: it is handled by
-    /// the mailbox loop, not in place).
-    pub(crate) fn send_to(&self, target: usize, msg: ShardMsg) {
-        self.send(target, msg);
     }
 
     /// Messages waiting in this shard's mailbox.

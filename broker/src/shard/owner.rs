@@ -722,6 +722,12 @@ impl Owner {
                         "the broker's disk is nearly full; writes are refused until space is freed",
                     ))
                 } else {
+                    // An operator's removal (admin API) skips the group-admin check.
+                    let how = if matches!(op, OwnerOp::ForceRemove(_)) {
+                        Removal::ByOperator
+                    } else {
+                        Removal::ByAdmin
+                    };
                     match op {
                         OwnerOp::Send(req) => self.send(from, &user, request_id, req, out),
                         OwnerOp::Create { conversation_id, request } => {
@@ -730,7 +736,7 @@ impl Owner {
                         OwnerOp::AddMembers(req) => {
                             self.add_members(from, &user, request_id, req, out)
                         }
-                        OwnerOp::RemoveMembers(req) => {
+                        OwnerOp::RemoveMembers(req) | OwnerOp::ForceRemove(req) => {
                             let users: Vec<Arc<str>> =
                                 req.users.iter().map(|u| Arc::from(u.as_str())).collect();
                             self.remove(
@@ -739,20 +745,7 @@ impl Owner {
                                 request_id,
                                 &req.conversation_id,
                                 users,
-                                Removal::ByAdmin,
-                                out,
-                            )
-                        }
-                        OwnerOp::ForceRemove(req) => {
-                            let users: Vec<Arc<str>> =
-                                req.users.iter().map(|u| Arc::from(u.as_str())).collect();
-                            self.remove(
-                                from,
-                                &user,
-                                request_id,
-                                &req.conversation_id,
-                                users,
-                                Removal::ByOperator,
+                                how,
                                 out,
                             )
                         }
