@@ -311,7 +311,7 @@ pub fn run_with(
                     if checking.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
                         let s = storage.clone();
                         checking = Some(tokio::task::spawn_blocking(move || {
-                            if let Err(e) = s.record_fsynced() {
+                            if let Err(e) = s.sync_fsynced_record() {
                                 tracing::warn!(error = %e, "cannot record the fsynced commit");
                             }
                             if let Some(free) = s.check_space() {
@@ -376,7 +376,7 @@ pub fn run_with(
         Ok::<_, std::io::Error>(exit)
     })?;
     writer.shutdown();
-    if let Err(e) = storage.record_fsynced() {
+    if let Err(e) = storage.sync_fsynced_record() {
         tracing::warn!(error = %e, "cannot record the fsynced commit");
     }
     for tx in &txs {

@@ -251,25 +251,33 @@ async fn given_a_flipped_bit_in_fsynced_journal_data_should_refuse_to_serve_and_
 }
 
 #[tokio::test]
-async fn given_a_journal_that_lost_fsynced_writes_should_refuse_to_start_and_say_so() {
+async fn given_a_journal_cut_inside_its_last_acknowledged_write_should_refuse_to_start_and_say_so()
+{
     let mut broker = durable_broker();
     let (mut c, _) = broker.raw_as("alice").await;
     let conv = c.create_direct("bob").await;
-    acked_sends(&mut c, &conv, "acked", 40).await;
-    // The newest fsynced commit is recorded every second.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    acked_sends(&mut c, &conv, "acked", 10).await;
+    let marker = "the-last-acknowledged-message";
+    let id = c.next_id();
+    c.send(send(id, &conv, marker)).await;
+    assert!(matches!(c.reply_to(id).await, server_frame::Kind::SendAck(_)));
+    // Killed at once: the fsynced commit is on record before its ack leaves.
     let journal = newest_journal(&broker.data_dir());
-    let synced = written_end(&journal);
     broker.kill();
 
-    // The journal loses the second half of what was fsynced (a damaged entry header reads
-    // like the end of the journal to recovery, which cuts it there): a cut, without a trace.
+    // The journal loses the acknowledged message's write (a damaged entry header reads like
+    // the end of the journal to recovery, which cuts it there): a cut, without a trace.
+    let bytes = std::fs::read(&journal).expect("journal");
+    let at = bytes
+        .windows(marker.len())
+        .rposition(|w| w == marker.as_bytes())
+        .expect("the message's text is in the journal");
     let file = std::fs::OpenOptions::new().write(true).open(&journal).expect("open journal");
-    file.set_len((synced / 2) as u64).expect("truncate");
+    file.set_len(at as u64).expect("truncate");
     drop(file);
 
     let started = broker.try_restart();
-    assert!(started.is_err(), "served a store that lost acknowledged messages");
+    assert!(started.is_err(), "served a store that lost an acknowledged message");
     let log = broker.log();
     assert!(log.contains("lost acknowledged writes"), "{log}");
 }

@@ -233,8 +233,14 @@ pub struct Storage {
     failure: std::sync::Mutex<Option<String>>,
     /// The last commit round the store held when it was opened.
     recovered_commit: u64,
-    /// The newest commit round recorded in `FSYNCED_FILE`.
+    /// `FSYNCED_FILE`, open for overwriting in place (`sync` mode only).
+    fsynced_file: Option<std::fs::File>,
+    /// The newest commit round written to `FSYNCED_FILE` (reached the OS).
+    fsynced_written: AtomicU64,
+    /// The newest commit round whose record in `FSYNCED_FILE` was itself fsynced.
     fsynced_recorded: AtomicU64,
+    /// A record write failed (warned once).
+    fsynced_write_failed: AtomicBool,
 }
 
 /// Meta key of the last commit round's number (written with every round).
@@ -282,8 +288,9 @@ impl Storage {
             meta: open("meta")?,
         };
         // Every commit round records its number in the same atomic batch; `FSYNCED_FILE`
-        // records, every second, the newest one that was fsynced. A store that recovers to an
-        // earlier round lost acknowledged writes: say so instead of serving what is left.
+        // records the newest one that was fsynced, before its acks go out. A store that
+        // recovers to an earlier round lost acknowledged writes: say so instead of serving
+        // what is left.
         let recovered = match ks.meta.get(LAST_COMMIT_KEY)? {
             Some(v) => keys::trailing_u64(&v).ok_or_else(|| corrupt("meta", LAST_COMMIT_KEY))?,
             None => 0,
@@ -308,6 +315,13 @@ impl Storage {
                 }
             }
         }
+        let fsynced_file = match cfg.durability {
+            Durability::Sync => Some(
+                open_fsynced_file(&cfg.data_dir)
+                    .map_err(|e| StorageError::from(fjall::Error::from(e)))?,
+            ),
+            _ => None,
+        };
         lower_background_priority();
         let durable = RwLock::new(db.snapshot());
         Ok(Arc::new(Self {
@@ -317,7 +331,10 @@ impl Storage {
             durable,
             durable_commit: AtomicU64::new(recovered),
             recovered_commit: recovered,
+            fsynced_file,
+            fsynced_written: AtomicU64::new(fsynced),
             fsynced_recorded: AtomicU64::new(fsynced),
+            fsynced_write_failed: AtomicBool::new(false),
             poisoned: AtomicBool::new(false),
             fatal: tokio::sync::Notify::new(),
             data_dir: cfg.data_dir.clone(),
@@ -395,28 +412,36 @@ impl Storage {
         self.recovered_commit
     }
 
-    /// In `sync` mode, records the newest fsynced commit round in `FSYNCED_FILE` (written to
-    /// a temporary file, fsynced, renamed over the old one, directory fsynced) when it moved.
-    /// Called every second and at shutdown; a crash between two calls leaves an older record,
-    /// which the next open checks the recovered store against.
+    /// Records commit round `n`, just fsynced, in `FSYNCED_FILE` (`sync` mode): one in-place
+    /// overwrite of a single sector, which reaches the OS before the round's acks go out, so
+    /// the record survives a process crash at once and a power cut once `sync_fsynced_record`
+    /// ran (every second). The record never runs ahead of the journal: it is written after
+    /// the round's fsync returned.
+    pub(crate) fn record_fsynced(&self, n: u64) {
+        use std::os::unix::fs::FileExt as _;
+        let Some(file) = &self.fsynced_file else { return };
+        match file.write_all_at(fsynced_record(n).as_bytes(), 0) {
+            Ok(()) => self.fsynced_written.store(n, Ordering::Release),
+            Err(e) => {
+                if !self.fsynced_write_failed.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(error = %e, "cannot record the fsynced commit");
+                }
+            }
+        }
+    }
+
+    /// Fsyncs `FSYNCED_FILE` when its record moved. Called every second and at shutdown; a
+    /// power cut between two calls leaves an older record, never a newer one than the journal.
     ///
     /// # Errors
-    /// When the file cannot be written.
-    pub fn record_fsynced(&self) -> std::io::Result<()> {
-        use std::io::Write as _;
-        if self.durability != Durability::Sync {
-            return Ok(());
-        }
-        let n = self.durable_watermark();
+    /// When the file cannot be synced.
+    pub fn sync_fsynced_record(&self) -> std::io::Result<()> {
+        let Some(file) = &self.fsynced_file else { return Ok(()) };
+        let n = self.fsynced_written.load(Ordering::Acquire);
         if n <= self.fsynced_recorded.load(Ordering::Acquire) {
             return Ok(());
         }
-        let tmp = self.data_dir.join(format!("{FSYNCED_FILE}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        writeln!(f, "{n}")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.data_dir.join(FSYNCED_FILE))?;
-        std::fs::File::open(&self.data_dir)?.sync_all()?;
+        file.sync_data()?;
         self.fsynced_recorded.store(n, Ordering::Release);
         Ok(())
     }
@@ -922,6 +947,31 @@ pub fn database(
         builder = builder.max_journaling_size(bytes.max(64 << 20));
     }
     builder.open()
+}
+
+/// The record of commit round `n`: fixed width, so each overwrite covers the last.
+fn fsynced_record(n: u64) -> String {
+    format!("{n:020}\n")
+}
+
+/// Opens (creating, and making its directory entry durable) `FSYNCED_FILE` for in-place
+/// overwrites.
+fn open_fsynced_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::FileExt as _;
+    let path = dir.join(FSYNCED_FILE);
+    let existed = path.exists();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    if !existed {
+        file.write_all_at(fsynced_record(0).as_bytes(), 0)?;
+        file.sync_all()?;
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(file)
 }
 
 fn lower_background_priority() {

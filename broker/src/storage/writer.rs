@@ -304,6 +304,10 @@ impl Writer {
                         .durable_commit
                         .store(self.commit_no, std::sync::atomic::Ordering::Release);
                 }
+                if fsync {
+                    // Before the acks: a journal that later loses this round is caught.
+                    self.storage.record_fsynced(self.commit_no);
+                }
                 self.storage.publish_snapshot();
                 for (batch, seqs) in round.into_iter().zip(seqs) {
                     (batch.sink)(Committed {
@@ -534,7 +538,11 @@ mod tests {
                 });
                 assert!(rx.recv().unwrap().result.is_ok());
             }
-            storage.record_fsynced().unwrap();
+            // Every acknowledged fsync round is on record before its ack.
+            let recorded =
+                std::fs::read_to_string(dir.path().join(crate::storage::FSYNCED_FILE)).unwrap();
+            assert_eq!(recorded.trim().parse::<u64>().unwrap(), storage.durable_watermark());
+            storage.sync_fsynced_record().unwrap();
             writer.shutdown();
             join.join().unwrap();
             storage.durable_watermark()
