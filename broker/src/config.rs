@@ -147,6 +147,10 @@ pub struct StorageConfig {
     /// can go: it bounds the replay after a crash (recovery time) and the journal's disk use.
     /// At least 64. Default 512.
     pub max_journal_mb: u64,
+    /// Memtable size (MiB) per keyspace: writes gather in memory up to it before they are
+    /// flushed to a table file. The store has nine keyspaces, so memtables can hold up to nine
+    /// times this. 1 to 1024. Default 64.
+    pub memtable_mb: u64,
 }
 
 impl Default for StorageConfig {
@@ -157,6 +161,7 @@ impl Default for StorageConfig {
             cache_mb: 64,
             min_free_mb: 256,
             max_journal_mb: 512,
+            memtable_mb: 64,
         }
     }
 }
@@ -770,6 +775,9 @@ impl Config {
         if !(64..=1 << 30).contains(&self.storage.max_journal_mb) {
             return Err(invalid("storage.max_journal_mb", "must be between 64 and 2^30"));
         }
+        if !(1..=1024).contains(&self.storage.memtable_mb) {
+            return Err(invalid("storage.memtable_mb", "must be between 1 and 1024"));
+        }
         if self.storage.min_free_mb > 1 << 30 {
             return Err(invalid("storage.min_free_mb", "must be at most 2^30"));
         }
@@ -975,6 +983,8 @@ min_free_mb = {min_free}
 # Journal size (MiB, at least 64) that makes the store flush memtables and drop old journal
 # files: bounds crash-recovery replay time and the journal's disk use.
 max_journal_mb = {max_journal}
+# Memtable size (MiB) per keyspace (nine keyspaces): memory for writes not yet in table files.
+memtable_mb = {memtable}
 
 [limits]
 max_frame_bytes = {frame}
@@ -1095,6 +1105,7 @@ anti_entropy_interval_ms = {anti_entropy}
             cache = d.storage.cache_mb,
             min_free = d.storage.min_free_mb,
             max_journal = d.storage.max_journal_mb,
+            memtable = d.storage.memtable_mb,
             frame = l.max_frame_bytes,
             body = l.max_body_bytes,
             inflight = l.max_inflight,

@@ -127,6 +127,8 @@ pub const PUSH_WEBHOOK: &str = "switchboard_push_webhook_total";
 pub const STORAGE_BYTES: &str = "switchboard_storage_bytes";
 /// Bytes free for unprivileged users on the data directory's file system.
 pub const STORAGE_FREE_BYTES: &str = "switchboard_storage_free_bytes";
+/// Reads that found damaged stored data (checksum or decoding failures).
+pub const STORAGE_DAMAGE: &str = "switchboard_storage_damage_total";
 /// One fsync of the store's journal.
 pub const FSYNC_SECONDS: &str = "switchboard_storage_fsync_seconds";
 /// Write operations per storage-writer round (a group commit).
@@ -194,6 +196,10 @@ pub fn install() -> Option<PrometheusHandle> {
     metrics::describe_gauge!(
         STORAGE_FREE_BYTES,
         "Bytes available to the broker on the data directory's file system."
+    );
+    metrics::describe_counter!(
+        STORAGE_DAMAGE,
+        "Storage accesses that found damaged data (a block checksum or a record that does not decode); the data is not served."
     );
     metrics::describe_histogram!(FSYNC_SECONDS, "Seconds per fsync of the store's journal.");
     metrics::describe_histogram!(

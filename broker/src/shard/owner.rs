@@ -86,8 +86,8 @@ impl OpError {
     }
 
     fn storage(e: &StorageError) -> Self {
-        tracing::error!(error = %e, "storage error");
-        Self::new(ErrorCode::Unavailable, "storage unavailable")
+        let (code, message) = e.report();
+        Self::new(code, message)
     }
 }
 

@@ -136,6 +136,52 @@ impl From<fjall::Error> for StorageError {
     }
 }
 
+impl StorageError {
+    /// Whether stored data was found damaged (a block whose checksum fails, or a block or
+    /// record that does not decode): no retry can help, and the data is not served.
+    #[must_use]
+    pub fn is_damage(&self) -> bool {
+        use fjall::Error as F;
+        use fjall::LsmError as L;
+        match self {
+            Self::Corrupt { .. } => true,
+            Self::Engine(e) => matches!(
+                &**e,
+                F::Storage(
+                    L::ChecksumMismatch { .. }
+                        | L::Decompress(_)
+                        | L::InvalidTag(_)
+                        | L::InvalidTrailer
+                        | L::InvalidHeader(_)
+                        | L::Utf8(_)
+                ) | F::Decompress(_)
+                    | F::InvalidTrailer
+                    | F::InvalidTag(_)
+            ),
+            _ => false,
+        }
+    }
+
+    /// Logs a failed storage access for the operator (damage is counted in
+    /// `switchboard_storage_damage_total`) and returns what the client is told: `INTERNAL`
+    /// for damaged data (never served; retrying cannot help), `UNAVAILABLE` otherwise.
+    #[must_use]
+    pub fn report(&self) -> (switchboard_protocol::ErrorCode, &'static str) {
+        if self.is_damage() {
+            metrics::counter!(crate::metrics::STORAGE_DAMAGE).increment(1);
+            tracing::error!(
+                error = %self,
+                "damaged data in the store: not served; restore the data directory from a \
+                 backup, or in a cluster wipe this node's directory and let it catch up"
+            );
+            (switchboard_protocol::ErrorCode::Internal, "stored data is damaged")
+        } else {
+            tracing::error!(error = %self, "storage access failed");
+            (switchboard_protocol::ErrorCode::Unavailable, "storage unavailable")
+        }
+    }
+}
+
 /// Result alias for storage operations.
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
@@ -275,7 +321,10 @@ impl Storage {
             .map_err(|e| StorageError::from(fjall::Error::from(e)))?;
         let db =
             database(&cfg.data_dir.join("db"), cfg.cache_mb << 20, Some(cfg.max_journal_mb << 20))?;
-        let open = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let memtable = cfg.memtable_mb << 20;
+        let open = |name: &str| {
+            db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable))
+        };
         let ks = Keyspaces {
             messages: open("messages")?,
             dedupe: open("dedupe")?,

@@ -44,8 +44,8 @@ pub fn access(r: &Reader, conversation: &str, user: &str) -> Result<Access, Reje
 pub fn decode(entry: StoredEntry) -> Result<Message, Reject> {
     use prost::Message as _;
     Message::decode(entry.message).map_err(|e| {
-        tracing::error!(error = %e, "corrupt message record");
-        Reject::new(switchboard_protocol::ErrorCode::Internal, "corrupt record")
+        crate::storage::StorageError::Corrupt { keyspace: "messages", message: e.to_string() }
+            .into()
     })
 }
 

@@ -84,8 +84,8 @@ impl From<ValidationError> for Reject {
 
 impl From<StorageError> for Reject {
     fn from(e: StorageError) -> Self {
-        tracing::error!(error = %e, "read failed");
-        Self::new(ErrorCode::Unavailable, "storage unavailable")
+        let (code, message) = e.report();
+        Self::new(code, message)
     }
 }
 
