@@ -170,6 +170,9 @@ async fn given_an_admin_token_should_list_and_disconnect_a_users_sessions_and_re
     assert_eq!(status, 200, "{body}");
     let sessions = body["sessions"].as_array().expect("sessions").clone();
     assert_eq!(sessions.len(), 2, "{body}");
+    // Path segments are percent-decoded (as a URL builder writes `@` or `:`).
+    let (_, encoded) = admin(http, "GET", "/admin/users/car%6Fl/sessions", Some(ADMIN_TOKEN)).await;
+    assert_eq!(encoded["sessions"].as_array().map(Vec::len), Some(2), "{encoded}");
     let mut transports: Vec<&str> =
         sessions.iter().filter_map(|s| s["transport"].as_str()).collect();
     transports.sort_unstable();
@@ -227,8 +230,9 @@ async fn given_a_group_when_an_operator_removes_a_member_should_stop_their_deliv
     owner.send(&group, Content::text("before")).await.expect("send");
     assert_eq!(messages(&mut member_events, &group, 2).await.len(), 2);
 
+    let encoded = group.replace(':', "%3A");
     let (status, stats) =
-        admin(http, "GET", &format!("/admin/conversations/{group}"), Some(ADMIN_TOKEN)).await;
+        admin(http, "GET", &format!("/admin/conversations/{encoded}"), Some(ADMIN_TOKEN)).await;
     assert_eq!(status, 200, "{stats}");
     assert_eq!(stats["kind"], "group");
     assert_eq!(stats["members"], 2);

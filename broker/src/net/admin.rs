@@ -76,7 +76,12 @@ pub async fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> 
     let path = req.uri().path().to_owned();
     let query = Query::parse(req.uri().query());
     let auth = req.headers().get(header::AUTHORIZATION).cloned();
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // Segments are split first, then percent-decoded (`alice%40example.com`, `dm%3Aa%3Ab`).
+    let Some(decoded) = path.trim_matches('/').split('/').map(decode).collect::<Option<Vec<_>>>()
+    else {
+        return error(StatusCode::BAD_REQUEST, "a path segment is not UTF-8 once decoded");
+    };
+    let parts: Vec<&str> = decoded.iter().map(|s| &**s).collect();
     let relay = Relay { path: &path, query: &query, auth: auth.as_ref() };
     match (req.method(), parts.as_slice()) {
         (&Method::GET, ["admin", "stats"]) => reply(StatusCode::OK, &stats(shard).await),
@@ -151,7 +156,12 @@ async fn remove_node(shard: &Shard, node: crate::cluster::NodeId) -> Response<Bo
     }
 }
 
-/// The query string's pairs.
+/// A percent-decoded path segment or query part; `None` when not UTF-8 once decoded.
+fn decode(s: &str) -> Option<std::borrow::Cow<'_, str>> {
+    percent_encoding::percent_decode_str(s).decode_utf8().ok()
+}
+
+/// The query string's pairs, percent-decoded (pairs that do not decode are left out).
 #[derive(Debug, Default)]
 struct Query(HashMap<String, String>);
 
@@ -162,7 +172,7 @@ impl Query {
                 .split('&')
                 .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
                 .filter(|(k, _)| !k.is_empty())
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .filter_map(|(k, v)| Some((decode(k)?.into_owned(), decode(v)?.into_owned())))
                 .collect(),
         )
     }
@@ -176,6 +186,10 @@ impl Query {
         self.get("local") == Some("1")
     }
 }
+
+/// What a relayed query string escapes.
+const QUERY_ESCAPED: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'.').remove(b'-').remove(b'_');
 
 /// What a relay to other nodes repeats of the request.
 struct Relay<'a> {
@@ -198,7 +212,10 @@ impl Relay<'_> {
             .0
             .iter()
             .filter(|(k, _)| k.as_str() != "local")
-            .map(|(k, v)| format!("{k}={v}"))
+            .map(|(k, v)| {
+                let encode = |s| percent_encoding::utf8_percent_encode(s, QUERY_ESCAPED);
+                format!("{}={}", encode(k), encode(v))
+            })
             .collect();
         query.push("local=1".to_owned());
         let url = format!("http://{http}{}?{}", self.path, query.join("&"));
