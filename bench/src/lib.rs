@@ -285,7 +285,7 @@ impl FanOut {
             limiters,
             webhook: None,
             metrics: None,
-            dev_secret: None,
+            dev_minter: None,
             cluster: None,
         });
         let conversation: Arc<str> = Arc::from(CONVERSATION);

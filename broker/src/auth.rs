@@ -140,14 +140,6 @@ pub enum KeyError {
     },
 }
 
-/// Claims as minted by `switchboard token`.
-#[derive(Debug, Serialize)]
-struct Claims {
-    sub: String,
-    exp: u64,
-    iat: Option<u64>,
-}
-
 /// An accepted token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
@@ -485,17 +477,102 @@ fn generate_secret(path: &Path) -> Result<Vec<u8>, KeyError> {
     }
 }
 
-/// Mints an HS256 token for `user`, valid for `ttl`.
+/// Mints an HS256 token for `user`, valid for `ttl`, with no `kid`, `aud` or `iss`.
 ///
 /// # Errors
 /// When `user` is not a valid user id or signing fails.
 pub fn mint(secret: &[u8], user: &str, ttl: Duration) -> Result<String, AuthError> {
-    switchboard_protocol::validate::user_id(user)
-        .map_err(|e| AuthError::BadSubject(e.to_string()))?;
-    let now = jsonwebtoken::get_current_timestamp();
-    let claims = Claims { sub: user.to_owned(), exp: now + ttl.as_secs(), iat: Some(now) };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
-        .map_err(|e| AuthError::Malformed(e.to_string()))
+    Minter { secret: secret.to_vec(), kid: None, audience: None, issuer: None }.mint(user, ttl)
+}
+
+/// Mints HS256 tokens this broker's configuration accepts (`switchboard token`, `/dev/token`):
+/// signed with the unnamed secret or a named key's, carrying its `kid` and the configured
+/// `aud` and `iss`.
+#[derive(Debug, Clone)]
+pub struct Minter {
+    secret: Vec<u8>,
+    kid: Option<String>,
+    audience: Option<String>,
+    issuer: Option<String>,
+}
+
+#[derive(Serialize)]
+struct MintedClaims<'a> {
+    sub: &'a str,
+    exp: u64,
+    iat: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+}
+
+impl Minter {
+    /// The minter for the unnamed HS256 key (`kid: None`; generated into the data directory
+    /// when none is configured) or the named key `kid`.
+    ///
+    /// # Errors
+    /// When the key is not configured, is not HS256, or its secret cannot be read.
+    pub fn from_config(
+        cfg: &AuthConfig,
+        data_dir: &Path,
+        kid: Option<&str>,
+    ) -> Result<Self, KeyError> {
+        let invalid = |message: String| KeyError::Invalid { path: PathBuf::new(), message };
+        let secret = match kid {
+            None if cfg.algorithm != JwtAlgorithm::Hs256 => {
+                return Err(invalid(
+                    "the unnamed key is not HS256: only HS256 tokens can be minted here".into(),
+                ));
+            }
+            None => hs256_secret(cfg, data_dir)?,
+            Some(kid) => {
+                let k =
+                    cfg.keys.iter().find(|k| k.kid == kid).ok_or_else(|| {
+                        invalid(format!("no [[auth.keys]] entry has kid {kid:?}"))
+                    })?;
+                match (k.algorithm, &k.secret, &k.secret_file) {
+                    (JwtAlgorithm::Hs256, Some(s), _) => s.as_bytes().to_vec(),
+                    (JwtAlgorithm::Hs256, None, Some(path)) => read_secret(path)?,
+                    (JwtAlgorithm::Hs256, None, None) => {
+                        return Err(invalid(format!("key {kid:?} has no secret")));
+                    }
+                    _ => {
+                        return Err(invalid(format!(
+                            "key {kid:?} is not HS256: only HS256 tokens can be minted here"
+                        )));
+                    }
+                }
+            }
+        };
+        Ok(Self {
+            secret,
+            kid: kid.map(str::to_owned),
+            audience: cfg.audience.clone(),
+            issuer: cfg.issuer.clone(),
+        })
+    }
+
+    /// A token for `user`, valid for `ttl`.
+    ///
+    /// # Errors
+    /// When `user` is not a valid user id or signing fails.
+    pub fn mint(&self, user: &str, ttl: Duration) -> Result<String, AuthError> {
+        switchboard_protocol::validate::user_id(user)
+            .map_err(|e| AuthError::BadSubject(e.to_string()))?;
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = MintedClaims {
+            sub: user,
+            exp: now + ttl.as_secs(),
+            iat: now,
+            aud: self.audience.as_deref(),
+            iss: self.issuer.as_deref(),
+        };
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid.clone_from(&self.kid);
+        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(&self.secret))
+            .map_err(|e| AuthError::Malformed(e.to_string()))
+    }
 }
 
 #[cfg(test)]
@@ -530,7 +607,7 @@ mod tests {
     #[test]
     fn given_expired_token_beyond_leeway_should_reject_as_expired() {
         let now = jsonwebtoken::get_current_timestamp();
-        let claims = Claims { sub: "alice".into(), exp: now - 120, iat: None };
+        let claims = serde_json::json!({"sub": "alice", "exp": now - 120});
         let t = jsonwebtoken::encode(
             &Header::default(),
             &claims,

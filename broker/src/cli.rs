@@ -43,6 +43,10 @@ struct TokenArgs {
     /// Validity, e.g. 30s, 15m, 24h, 7d.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     ttl: Duration,
+    /// Sign with the named HS256 key of this id (`[[auth.keys]]`) and put it in the header;
+    /// without it, the unnamed key signs and the token has no `kid`.
+    #[arg(long)]
+    kid: Option<String>,
 }
 
 /// Options of the broker (valid before or after `run`).
@@ -219,11 +223,13 @@ pub fn execute(cli: Cli) -> ExitCode {
         }
         Some(Command::Token(t)) => {
             let result = args.load().map_err(|e| e.to_string()).and_then(|config| {
-                if config.auth.algorithm != JwtAlgorithm::Hs256 {
-                    return Err("`token` mints HS256 tokens; the broker is configured for another algorithm".into());
-                }
-                let secret = crate::auth::hs256_secret(&config.auth, &config.storage.data_dir).map_err(|e| e.to_string())?;
-                crate::auth::mint(&secret, &t.user, t.ttl).map_err(|e| e.to_string())
+                let minter = crate::auth::Minter::from_config(
+                    &config.auth,
+                    &config.storage.data_dir,
+                    t.kid.as_deref(),
+                )
+                .map_err(|e| e.to_string())?;
+                minter.mint(&t.user, t.ttl).map_err(|e| e.to_string())
             });
             match result {
                 Ok(token) => {

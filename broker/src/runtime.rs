@@ -230,12 +230,12 @@ pub fn run_with(
             replication: control.replication(),
             routing: routing.clone(),
         });
-    let dev_secret = match config.dev_tokens() {
+    let dev_minter = match config.dev_tokens() {
         Ok(()) => {
             tracing::info!(
                 "development tokens enabled at POST /dev/token (loopback listeners, generated secret)"
             );
-            Some(crate::auth::hs256_secret(&config.auth, &config.storage.data_dir)?)
+            Some(crate::auth::Minter::from_config(&config.auth, &config.storage.data_dir, None)?)
         }
         Err(why) => {
             tracing::info!(reason = why, "development tokens disabled");
@@ -261,7 +261,7 @@ pub fn run_with(
             limiters: limiters.clone(),
             webhook: webhook.clone(),
             metrics: metrics.clone(),
-            dev_secret: dev_secret.clone(),
+            dev_minter: dev_minter.clone(),
             cluster: cluster_view.clone(),
         };
         joins.push(

@@ -486,7 +486,9 @@ impl Drop for Broker {
 
 /// The broker binary: `$SB_BROKER_BIN`, or `switchboard-test-broker` next to the test
 /// executable's `deps/` directory (cargo builds it for this package's integration tests).
-fn broker_bin() -> PathBuf {
+/// The broker binary the tests run (`SB_BROKER_BIN`, or the test build next to the tests).
+#[must_use]
+pub fn broker_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("SB_BROKER_BIN") {
         return PathBuf::from(p);
     }

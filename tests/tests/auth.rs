@@ -76,27 +76,63 @@ fn unsigned(alg: &str, claims: &serde_json::Value) -> String {
 /// A broker that takes RS256 tokens (the fixture key) with an audience and issuer, plus the
 /// named keys `k2` (HS256) and `k3` (RS256, the same key pair).
 fn rs256_broker() -> Broker {
+    Broker::start_with(Options { jwt_secret: false, args: rs256_args(), ..Options::default() })
+}
+
+/// The configuration of [`rs256_broker`], as flags.
+fn rs256_args() -> Vec<String> {
     let public = fixture("rsa.pub.pem");
     let public = public.display();
-    Broker::start_with(Options {
-        jwt_secret: false,
-        args: vec![
-            "--set".into(),
-            "auth.algorithm=\"RS256\"".into(),
-            "--set".into(),
-            format!("auth.public_key_file=\"{public}\""),
-            "--set".into(),
-            format!("auth.audience=\"{AUDIENCE}\""),
-            "--set".into(),
-            format!("auth.issuer=\"{ISSUER}\""),
-            "--set".into(),
-            format!(
-                "auth.keys=[{{kid = \"k2\", secret = \"{K2_SECRET}\"}}, \
+    vec![
+        "--set".into(),
+        "auth.algorithm=\"RS256\"".into(),
+        "--set".into(),
+        format!("auth.public_key_file=\"{public}\""),
+        "--set".into(),
+        format!("auth.audience=\"{AUDIENCE}\""),
+        "--set".into(),
+        format!("auth.issuer=\"{ISSUER}\""),
+        "--set".into(),
+        format!(
+            "auth.keys=[{{kid = \"k2\", secret = \"{K2_SECRET}\"}}, \
                  {{kid = \"k3\", algorithm = \"RS256\", public_key_file = \"{public}\"}}]"
-            ),
-        ],
-        ..Options::default()
-    })
+        ),
+    ]
+}
+
+/// Runs `switchboard token --user <user>` with `args`: the token, or the error it printed.
+fn token_command(user: &str, args: &[String]) -> Result<String, String> {
+    let out = std::process::Command::new(switchboard_tests::broker_bin())
+        .args(["token", "--user", user])
+        .args(args)
+        .output()
+        .expect("run switchboard token");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+    if out.status.success() { Ok(text(&out.stdout)) } else { Err(text(&out.stderr)) }
+}
+
+#[tokio::test]
+async fn given_a_named_hs256_key_when_the_token_command_names_its_kid_should_mint_accepted_tokens()
+{
+    let broker = rs256_broker();
+    let mut args = rs256_args();
+    args.extend(["--kid".into(), "k2".into()]);
+    let token = token_command("mallory", &args).expect("minted");
+    // Signed with k2's secret, its kid in the header, the configured aud and iss in the claims.
+    let mut c = broker.raw().await;
+    assert_eq!(c.hello(&token).await.user_id, "mallory");
+
+    // Only HS256 keys can sign here: not the RS256 named key, not the RS256 unnamed key.
+    let mut rs = rs256_args();
+    rs.extend(["--kid".into(), "k3".into()]);
+    let refused = token_command("mallory", &rs).expect_err("an RS256 key cannot mint");
+    assert!(refused.contains("not HS256"), "{refused}");
+    let refused = token_command("mallory", &rs256_args()).expect_err("unnamed RS256 key");
+    assert!(refused.contains("not HS256"), "{refused}");
+    let mut unknown = rs256_args();
+    unknown.extend(["--kid".into(), "k9".into()]);
+    let refused = token_command("mallory", &unknown).expect_err("unknown kid");
+    assert!(refused.contains("k9"), "{refused}");
 }
 
 /// A broker on the test secret that closes sessions exactly at `exp` (leeway 0).

@@ -307,7 +307,7 @@ fn upgrade(
 
 /// `POST /dev/token` with `{"user": "alice"}`: a 24-hour token, when development tokens are on.
 async fn dev_token(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> {
-    let Some(secret) = shard.dev_secret.as_ref() else {
+    let Some(minter) = shard.dev_minter.as_ref() else {
         return text(StatusCode::NOT_FOUND, "development tokens are off\n");
     };
     let body = match Limited::new(req.into_body(), 1024).collect().await {
@@ -320,7 +320,7 @@ async fn dev_token(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> 
     let Some(user) = user else {
         return text(StatusCode::BAD_REQUEST, "expected {\"user\": \"<user id>\"}\n");
     };
-    match crate::auth::mint(secret, &user, Duration::from_secs(24 * 3600)) {
+    match minter.mint(&user, Duration::from_secs(24 * 3600)) {
         Ok(token) => respond(
             StatusCode::OK,
             "application/json",

@@ -174,8 +174,8 @@ pub struct ShardSetup {
     pub webhook: Option<Webhook>,
     /// The metrics recorder's handle, for `/metrics`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// The HS256 secret for `POST /dev/token`, when development tokens are on.
-    pub dev_secret: Option<Vec<u8>>,
+    /// Mints the tokens of `POST /dev/token`, when development tokens are on.
+    pub dev_minter: Option<crate::auth::Minter>,
     /// The cluster as gossip sees it, when clustering is on.
     pub cluster: Option<ClusterView>,
 }
@@ -220,8 +220,8 @@ pub struct Shard {
     pub limiters: Arc<Limiters>,
     /// The metrics recorder's handle, for `/metrics`.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// The HS256 secret for `POST /dev/token`, when development tokens are on.
-    pub dev_secret: Option<Vec<u8>>,
+    /// Mints the tokens of `POST /dev/token`, when development tokens are on.
+    pub dev_minter: Option<crate::auth::Minter>,
     /// The cluster as gossip sees it, when clustering is on.
     pub cluster: Option<ClusterView>,
     /// This shard's counters.
@@ -296,7 +296,7 @@ impl Shard {
             auth: setup.auth,
             limiters: setup.limiters,
             metrics: setup.metrics,
-            dev_secret: setup.dev_secret,
+            dev_minter: setup.dev_minter,
             cluster: setup.cluster,
             stats: crate::metrics::ShardStats::default(),
             webhook: setup.webhook,
