@@ -36,10 +36,12 @@ pub fn decode_server(text: &str) -> Result<ServerFrame, JsonError> {
 }
 
 /// The JSON form of a frame.
-#[must_use]
-pub fn encode<M: serde::Serialize>(frame: &M) -> String {
-    // Serializing generated message types cannot fail (no maps with non-string keys).
-    serde_json::to_string(frame).unwrap_or_default()
+///
+/// # Errors
+/// When the frame holds a value JSON cannot name: an enum number the schema does not define
+/// (the canonical mapping names enum values), as a binary frame from a newer peer may.
+pub fn encode<M: serde::Serialize>(frame: &M) -> Result<String, JsonError> {
+    Ok(serde_json::to_string(frame)?)
 }
 
 /// A server frame encoded once and shared by every recipient: the length-prefixed protobuf
@@ -79,7 +81,9 @@ impl Encoded {
         self.prefixed.slice(HEADER_LEN.min(self.prefixed.len())..)
     }
 
-    /// The JSON text, computed once per frame however many sessions send it.
+    /// The JSON text, computed once per frame however many sessions send it. A frame with no
+    /// JSON form (an enum number the schema does not name) is replaced by an `INTERNAL` error
+    /// for the same request, so a JSON client gets a typed answer, never an empty message.
     ///
     /// # Errors
     /// Only if the stored bytes are not a `ServerFrame` (a bug).
@@ -88,7 +92,16 @@ impl Encoded {
             return Ok(j.clone());
         }
         let frame = ServerFrame::decode(self.payload())?;
-        Ok(self.json.get_or_init(|| Bytes::from(encode(&frame))).clone())
+        let text = encode(&frame).unwrap_or_else(|e| {
+            let error = ServerFrame::error(
+                frame.request_id,
+                crate::ErrorCode::Internal,
+                format!("this frame has no JSON form: {e}"),
+            );
+            // An error frame holds only named enum values: it always has a JSON form.
+            encode(&error).unwrap_or_default()
+        });
+        Ok(self.json.get_or_init(|| Bytes::from(text)).clone())
     }
 
     /// The frame's kind number ([`crate::kinds`]), read from its first bytes.
@@ -177,9 +190,23 @@ mod tests {
         assert_eq!(json["message"]["content"]["data"], "AQID");
         assert!(json.get("requestId").is_none(), "defaults are omitted");
         let err = ServerFrame::error(5, crate::ErrorCode::RateLimited, "slow down");
-        let json: serde_json::Value = serde_json::from_str(&encode(&err)).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&encode(&err).unwrap()).unwrap();
         assert_eq!(json["error"]["code"], "ERROR_CODE_RATE_LIMITED");
-        assert_eq!(decode_server(&encode(&err)).unwrap(), err);
+        assert_eq!(decode_server(&encode(&err).unwrap()).unwrap(), err);
+    }
+
+    #[test]
+    fn given_a_frame_with_an_unnamed_enum_value_should_send_json_clients_a_typed_error_instead() {
+        let mut frame = ServerFrame::error(7, crate::ErrorCode::RateLimited, "slow down");
+        if let Some(server_frame::Kind::Error(e)) = frame.kind.as_mut() {
+            e.code = 999;
+        }
+        assert!(encode(&frame).is_err(), "JSON names enum values");
+        let text = Encoded::of(&frame).json().unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(json["requestId"], "7", "{json}");
+        assert_eq!(json["error"]["code"], "ERROR_CODE_INTERNAL", "{json}");
+        assert!(json["error"]["message"].as_str().unwrap().contains("no JSON form"), "{json}");
     }
 
     #[test]

@@ -977,7 +977,9 @@ impl WsConn {
         use tokio_tungstenite::tungstenite::Message;
         let msg = match self.proto {
             WsProto::Binary => Message::Binary(frame.encode_to_vec().into()),
-            WsProto::Json => Message::Text(switchboard_protocol::json::encode(frame).into()),
+            WsProto::Json => {
+                Message::Text(switchboard_protocol::json::encode(frame).expect("JSON form").into())
+            }
         };
         self.ws.send(msg).await.expect("ws send");
     }

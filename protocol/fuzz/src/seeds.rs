@@ -267,12 +267,12 @@ fn json_frame_seeds() -> Vec<Seed> {
     let encoded = |name, frame: &ClientFrame| Seed {
         target: "json_frame",
         name,
-        bytes: json::encode(frame).into_bytes(),
+        bytes: json::encode(frame).expect("JSON form").into_bytes(),
     };
     let server = |name, frame: &ServerFrame| Seed {
         target: "json_frame",
         name,
-        bytes: json::encode(frame).into_bytes(),
+        bytes: json::encode(frame).expect("JSON form").into_bytes(),
     };
     vec![
         encoded("hello_resume", &hello_resume()),
