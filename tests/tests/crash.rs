@@ -106,8 +106,10 @@ async fn given_sync_durability_when_killed_repeatedly_during_sends_should_keep_e
 {
     // SIGKILL every 0.5-3 s for a minute while writers pipeline acknowledged sends; one kill
     // in four lands while the broker is still starting (recovering its store). The journal is
-    // kept small (64 MiB before memtables flush) so recovery replays little.
-    const LOOP: Duration = Duration::from_secs(60);
+    // kept small (64 MiB before memtables flush) so recovery replays little. A soak runs
+    // longer: `SWITCHBOARD_SOAK_SECS=3600 cargo test -p switchboard-tests --test crash`.
+    let soak = std::env::var("SWITCHBOARD_SOAK_SECS").ok().and_then(|s| s.parse().ok());
+    let loop_for = Duration::from_secs(soak.unwrap_or(60));
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64)
@@ -126,7 +128,7 @@ async fn given_sync_durability_when_killed_repeatedly_during_sends_should_keep_e
     let acks: Acks = Arc::default();
     let started = tokio::time::Instant::now();
     let (mut kills, mut during_recovery, mut cycle) = (0usize, 0usize, 0u64);
-    while started.elapsed() < LOOP || kills < KILLS {
+    while started.elapsed() < loop_for || kills < KILLS {
         cycle += 1;
         if rng.next().is_multiple_of(4) {
             // A crash while starting: anywhere from before the store is open to just after
