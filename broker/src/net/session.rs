@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use switchboard_protocol::{
     ClientFrame, DisconnectReason, ErrorCode, FrameError, ServerFrame, client_frame,
 };
@@ -85,20 +87,28 @@ impl Session {
         &self.span
     }
 
-    /// How long the transport may wait for the next frame (also at most until the session's
-    /// token runs out, so one timer serves both).
+    /// Until when the transport may wait for the next frame, from `now`: the idle timeout
+    /// after Hello, but never past the session's token deadline (one timer serves both); the
+    /// handshake timeout before.
     #[must_use]
-    pub fn read_timeout(&self) -> Duration {
+    pub fn read_deadline(&self, now: Instant) -> Instant {
         let s = &self.shard.config.server;
         match &*self.active.borrow() {
-            Some(a) => Duration::from_millis(s.idle_timeout_ms).min(token_time_left(a)),
-            None => Duration::from_millis(s.hello_timeout_ms),
+            Some(a) => {
+                let idle = now + Duration::from_millis(s.idle_timeout_ms);
+                a.token_deadline().map_or(idle, |token| token.min(idle))
+            }
+            None => now + Duration::from_millis(s.hello_timeout_ms),
         }
     }
 
-    /// Closes the session with `TOKEN_EXPIRED` if its token runs out within `slack`.
-    fn token_expired(&self, slack: Duration) -> bool {
-        let expired = self.active.borrow().as_ref().is_some_and(|a| token_time_left(a) <= slack);
+    /// Closes the session with `TOKEN_EXPIRED` if its token ran out by `now`.
+    fn token_expired(&self, now: Instant) -> bool {
+        let expired = self
+            .active
+            .borrow()
+            .as_ref()
+            .is_some_and(|a| a.token_deadline().is_some_and(|deadline| deadline <= now));
         if expired {
             tracing::info!("token expired; closing the session");
             self.close(
@@ -120,11 +130,12 @@ impl Session {
         }
     }
 
-    /// Handles one decoded frame.
-    pub async fn on_frame(&self, frame: ClientFrame) -> Flow {
+    /// Handles one decoded frame; `now` is the reader's latest clock reading (the token's
+    /// deadline is checked against it, so a frame costs no clock read of its own).
+    pub async fn on_frame(&self, frame: ClientFrame, now: Instant) -> Flow {
         let active = self.active.borrow().clone();
         match active {
-            Some(_) if self.token_expired(Duration::ZERO) => Flow::Close,
+            Some(_) if self.token_expired(now) => Flow::Close,
             Some(session) => {
                 let me = SessionRef { shard: self.shard.id, id: session.id };
                 handler::dispatch(&self.shard, &session, me, frame);
@@ -171,11 +182,10 @@ impl Session {
         }
     }
 
-    /// No frame arrived within [`Self::read_timeout`].
+    /// No frame arrived by [`Self::read_deadline`].
     pub fn on_read_timeout(&self) -> Flow {
-        // The timer may fire a little before the wall clock reaches the deadline (the two
-        // clocks differ slightly): a token this close to its end counts as expired.
-        if self.token_expired(TOKEN_SLACK) {
+        // A token this close to its end when the timer fires counts as expired.
+        if self.token_expired(Instant::now() + TOKEN_SLACK) {
             return Flow::Close;
         }
         if self.active.borrow().is_some() {
@@ -238,13 +248,5 @@ impl Session {
         if let Some(session) = self.active.borrow_mut().take() {
             close_session(&self.shard, session.id);
         }
-    }
-}
-
-/// Time left on the session's token (`Duration::MAX` without a deadline).
-fn token_time_left(session: &LocalSession) -> Duration {
-    match session.token_deadline_ms.get() {
-        0 => Duration::MAX,
-        deadline => crate::auth::time_left(deadline),
     }
 }

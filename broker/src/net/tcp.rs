@@ -88,8 +88,11 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
     let mut codec = ServerCodec::new(session.shard.config.limits.max_frame_bytes);
     let mut buf = BytesMut::new();
     // Deadlines count whole frames, not bytes: a peer trickling bytes cannot hold a
-    // connection open (before Hello, the deadline is absolute).
-    let mut deadline = tokio::time::Instant::now() + session.read_timeout();
+    // connection open (before Hello, the deadline is absolute). `now` is read once per frame,
+    // after it was handled: the next frame's token check uses it (a frame arriving after
+    // the token ran out finds the read timer already fired, the deadline being part of it).
+    let mut now = tokio::time::Instant::now();
+    let mut deadline = session.read_deadline(now);
     loop {
         // Everything buffered first.
         loop {
@@ -102,11 +105,12 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
                         session.on_cancel();
                         return;
                     }
-                    if session.on_frame(frame).await == Flow::Close {
+                    if session.on_frame(frame, now).await == Flow::Close {
                         return;
                     }
                     session.ready_for_next().await;
-                    deadline = tokio::time::Instant::now() + session.read_timeout();
+                    now = tokio::time::Instant::now();
+                    deadline = session.read_deadline(now);
                 }
                 Ok(None) => break,
                 Err(e) => {

@@ -130,7 +130,8 @@ async fn read_loop<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut deadline = tokio::time::Instant::now() + session.read_timeout();
+    let mut now = tokio::time::Instant::now();
+    let mut deadline = session.read_deadline(now);
     loop {
         let next = tokio::select! {
             () = session.cancel.cancelled() => {
@@ -165,7 +166,8 @@ async fn read_loop<S>(
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
                 // Keepalive counts as activity; tungstenite answers pings itself.
-                deadline = tokio::time::Instant::now() + session.read_timeout();
+                now = tokio::time::Instant::now();
+                deadline = session.read_deadline(now);
                 continue;
             }
             Some(Ok(Message::Close(_))) => return,
@@ -179,11 +181,12 @@ async fn read_loop<S>(
                     session.on_cancel();
                     return;
                 }
-                if session.on_frame(frame).await == Flow::Close {
+                if session.on_frame(frame, now).await == Flow::Close {
                     return;
                 }
                 session.ready_for_next().await;
-                deadline = tokio::time::Instant::now() + session.read_timeout();
+                now = tokio::time::Instant::now();
+                deadline = session.read_deadline(now);
             }
             Err(why) => {
                 session.on_malformed(&format!("malformed frame: {why}"));

@@ -54,9 +54,10 @@ pub struct LocalSession {
     inflight: Cell<usize>,
     inflight_changed: Notify,
     cancel: CancellationToken,
-    /// When the session's token runs out (its `exp` plus leeway, ms since the epoch; 0: no
-    /// deadline). Set by Hello, moved by RefreshToken, enforced by the transport's reader.
-    pub token_deadline_ms: Cell<u64>,
+    /// When the session's token runs out (its `exp` plus leeway), on the monotonic clock;
+    /// `None`: no deadline. Set by Hello, moved by RefreshToken, enforced by the transport's
+    /// reader with the clock reading it takes per frame anyway.
+    token_deadline: Cell<Option<tokio::time::Instant>>,
 }
 
 impl LocalSession {
@@ -79,8 +80,24 @@ impl LocalSession {
             inflight: Cell::new(0),
             inflight_changed: Notify::new(),
             cancel,
-            token_deadline_ms: Cell::new(0),
+            token_deadline: Cell::new(None),
         }
+    }
+
+    /// Sets the token's deadline from `deadline_ms` (ms since the epoch; 0: none), reading the
+    /// wall clock once: from then on it is an instant on the monotonic clock.
+    pub fn set_token_deadline(&self, deadline_ms: u64) {
+        let at = match deadline_ms {
+            0 => None,
+            ms => tokio::time::Instant::now().checked_add(crate::auth::time_left(ms)),
+        };
+        self.token_deadline.set(at);
+    }
+
+    /// When the session's token runs out; `None`: never.
+    #[must_use]
+    pub fn token_deadline(&self) -> Option<tokio::time::Instant> {
+        self.token_deadline.get()
     }
 
     /// Queues an encoded reply or push.
@@ -586,4 +603,44 @@ pub(crate) fn close_session(shard: &Rc<Shard>, id: u64) {
 /// react to the shard's cancellation token).
 pub(crate) fn disconnect_all(shard: &Rc<Shard>) {
     shard.cancel.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn session() -> LocalSession {
+        let cancel = CancellationToken::new();
+        let meta = SessionMeta {
+            transport: crate::metrics::Transport::Tcp,
+            peer: std::net::SocketAddr::from(([127, 0, 0, 1], 1)),
+            client: String::new(),
+            connected_at_ms: 0,
+        };
+        let out = Rc::new(Outbound::new(1 << 20, cancel.clone()));
+        LocalSession::new(1, Arc::from("alice"), meta, out, cancel)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn given_a_token_deadline_should_hold_it_on_the_monotonic_clock() {
+        let s = session();
+        assert_eq!(s.token_deadline(), None, "no deadline before Hello");
+        let now_ms = crate::shard::owner::now_ms();
+        s.set_token_deadline(now_ms + 60_000);
+        let deadline = s.token_deadline().expect("a deadline");
+        let left = deadline - tokio::time::Instant::now();
+        assert!(left > Duration::from_secs(59) && left <= Duration::from_secs(60), "{left:?}");
+        // Paused time moves the monotonic clock only: the deadline stays put and is reached.
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(deadline <= tokio::time::Instant::now());
+        // Already past: due at once. No deadline: none. One beyond any clock: never (no panic).
+        s.set_token_deadline(now_ms - 1_000);
+        assert!(s.token_deadline().is_some_and(|d| d <= tokio::time::Instant::now()));
+        s.set_token_deadline(0);
+        assert_eq!(s.token_deadline(), None);
+        s.set_token_deadline(u64::MAX);
+        let _ = s.token_deadline();
+    }
 }

@@ -122,7 +122,7 @@ pub async fn handshake(
         session.out.clone(),
         session.cancel.clone(),
     ));
-    local.token_deadline_ms.set(token_deadline_ms);
+    local.set_token_deadline(token_deadline_ms);
     shard.local.borrow_mut().insert(local.clone());
     let (ack, registered) = oneshot::channel();
     shard.to_home(&user, HomeMsg::SessionUp { user: user.clone(), session: me, ack });

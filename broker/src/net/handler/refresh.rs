@@ -29,9 +29,7 @@ pub fn handle(ctx: &Ctx<'_>, request_id: u64, req: &RefreshToken) {
     });
     match verified {
         Ok(v) => {
-            ctx.session
-                .token_deadline_ms
-                .set(session_deadline_ms(v.expires_at, auth.leeway_secs()));
+            ctx.session.set_token_deadline(session_deadline_ms(v.expires_at, auth.leeway_secs()));
             tracing::debug!(exp = v.expires_at, "token refreshed");
             ctx.reply(
                 request_id,
