@@ -415,6 +415,29 @@ async fn given_thousands_of_slowloris_sockets_should_close_them_at_the_handshake
 }
 
 #[tokio::test]
+async fn given_a_websocket_that_only_pings_before_hello_should_be_closed_at_the_handshake_timeout()
+{
+    let broker = Broker::start_with(Options::with_args(&["--hello-timeout-ms", "2000"]));
+    let mut ws = WsConn::connect(broker.http, WsProto::Binary, None).await.expect("ws");
+    let started = tokio::time::Instant::now();
+    // Pings are activity only after Hello: before it the deadline stays absolute. Pinging
+    // until 1.8 s (stopping before the close, so no ping meets a closed socket), a deadline
+    // moved by pings would close at 3.6 s or later instead of 2 s.
+    for _ in 0..9 {
+        ws.send_raw(tokio_tungstenite::tungstenite::Message::Ping(vec![1].into())).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let frames = ws.until_closed().await;
+    let closed_after = started.elapsed();
+    assert!(closed_after < Duration::from_millis(3_200), "closed after {closed_after:?}");
+    assert_eq!(
+        disconnect_reason(&frames),
+        Some(DisconnectReason::HelloTimeout as i32),
+        "{frames:?}"
+    );
+}
+
+#[tokio::test]
 async fn given_free_space_below_the_floor_should_refuse_writes_as_storage_full_until_space_returns()
 {
     // Root can mount a small tmpfs whose free space the test controls.

@@ -119,19 +119,37 @@ impl Session {
         expired
     }
 
-    /// Waits, before reading another frame, until the session has a free in-flight slot.
-    pub async fn ready_for_next(&self) {
-        let active = self.active.borrow().clone();
-        if let Some(s) = active {
-            tokio::select! {
-                () = s.wait_for_slot(self.shard.config.limits.max_inflight) => {}
-                () = self.cancel.cancelled() => {}
-            }
+    /// Waits, before reading another frame, until the session has a free in-flight slot;
+    /// whether it had to wait (the reader's clock reading is stale then).
+    pub async fn ready_for_next(&self) -> bool {
+        let max = self.shard.config.limits.max_inflight;
+        let session = match &*self.active.borrow() {
+            Some(s) if !s.has_slot(max) => s.clone(),
+            _ => return false,
+        };
+        tokio::select! {
+            () = session.wait_for_slot(max) => {}
+            () = self.cancel.cancelled() => {}
         }
+        true
     }
 
-    /// Handles one decoded frame; `now` is the reader's latest clock reading (the token's
-    /// deadline is checked against it, so a frame costs no clock read of its own).
+    /// Whether the handshake completed.
+    #[must_use]
+    pub fn is_authenticated(&self) -> bool {
+        self.active.borrow().is_some()
+    }
+
+    /// After a frame: whether the reader must read the clock again before setting its next
+    /// deadline (it waited for a slot, or the frame was the handshake, which may take a while).
+    pub async fn after_frame(&self, was_authenticated: bool) -> bool {
+        let waited = self.ready_for_next().await;
+        waited || !was_authenticated
+    }
+
+    /// Handles one decoded frame; `now` is the reader's clock reading from when the frame had
+    /// arrived (the token's deadline is checked against it: a frame that arrived after the
+    /// token ran out is not executed, and a frame costs no clock read of its own).
     pub async fn on_frame(&self, frame: ClientFrame, now: Instant) -> Flow {
         let active = self.active.borrow().clone();
         match active {

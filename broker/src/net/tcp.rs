@@ -88,9 +88,10 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
     let mut codec = ServerCodec::new(session.shard.config.limits.max_frame_bytes);
     let mut buf = BytesMut::new();
     // Deadlines count whole frames, not bytes: a peer trickling bytes cannot hold a
-    // connection open (before Hello, the deadline is absolute). `now` is read once per frame,
-    // after it was handled: the next frame's token check uses it (a frame arriving after
-    // the token ran out finds the read timer already fired, the deadline being part of it).
+    // connection open (before Hello, the deadline is absolute). `now` is read when the socket
+    // turns readable, so it is no earlier than the arrival of every frame then buffered: their
+    // token checks use it, and the next deadline is set from it (read again only after a wait
+    // for an in-flight slot or after the handshake).
     let mut now = tokio::time::Instant::now();
     let mut deadline = session.read_deadline(now);
     loop {
@@ -105,11 +106,13 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
                         session.on_cancel();
                         return;
                     }
+                    let was_authenticated = session.is_authenticated();
                     if session.on_frame(frame, now).await == Flow::Close {
                         return;
                     }
-                    session.ready_for_next().await;
-                    now = tokio::time::Instant::now();
+                    if session.after_frame(was_authenticated).await {
+                        now = tokio::time::Instant::now();
+                    }
                     deadline = session.read_deadline(now);
                 }
                 Ok(None) => break,
@@ -135,6 +138,7 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
                 if readable.is_err() {
                     return;
                 }
+                now = tokio::time::Instant::now();
             }
         }
         buf.reserve(READ_CHUNK);

@@ -144,6 +144,8 @@ async fn read_loop<S>(
             }
             next = stream.next() => next,
         };
+        // No earlier than the message's arrival: its token check uses it.
+        now = tokio::time::Instant::now();
         let frame = match next {
             None => return,
             Some(Err(WsError::Capacity(e))) => {
@@ -165,9 +167,11 @@ async fn read_loop<S>(
                     .map_err(|e| e.to_string())
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
-                // Keepalive counts as activity; tungstenite answers pings itself.
-                now = tokio::time::Instant::now();
-                deadline = session.read_deadline(now);
+                // Keepalive counts as activity once authenticated (before Hello the deadline
+                // stays absolute); tungstenite answers pings itself.
+                if session.is_authenticated() {
+                    deadline = session.read_deadline(now);
+                }
                 continue;
             }
             Some(Ok(Message::Close(_))) => return,
@@ -181,11 +185,13 @@ async fn read_loop<S>(
                     session.on_cancel();
                     return;
                 }
+                let was_authenticated = session.is_authenticated();
                 if session.on_frame(frame, now).await == Flow::Close {
                     return;
                 }
-                session.ready_for_next().await;
-                now = tokio::time::Instant::now();
+                if session.after_frame(was_authenticated).await {
+                    now = tokio::time::Instant::now();
+                }
                 deadline = session.read_deadline(now);
             }
             Err(why) => {

@@ -123,6 +123,12 @@ impl LocalSession {
         }
     }
 
+    /// Whether fewer than `max` requests are outstanding (no wait before the next read).
+    #[must_use]
+    pub fn has_slot(&self, max: usize) -> bool {
+        self.inflight.get() < max
+    }
+
     /// Conversations it receives.
     #[must_use]
     pub fn conversation_count(&self) -> usize {
