@@ -138,6 +138,9 @@ pub enum KeyError {
         /// Why.
         message: String,
     },
+    /// The configuration has no key for what was asked.
+    #[error("{0}")]
+    NoKey(String),
 }
 
 /// An accepted token.
@@ -488,12 +491,23 @@ pub fn mint(secret: &[u8], user: &str, ttl: Duration) -> Result<String, AuthErro
 /// Mints HS256 tokens this broker's configuration accepts (`switchboard token`, `/dev/token`):
 /// signed with the unnamed secret or a named key's, carrying its `kid` and the configured
 /// `aud` and `iss`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Minter {
     secret: Vec<u8>,
     kid: Option<String>,
     audience: Option<String>,
     issuer: Option<String>,
+}
+
+impl std::fmt::Debug for Minter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret.
+        f.debug_struct("Minter")
+            .field("kid", &self.kid)
+            .field("audience", &self.audience)
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Serialize)]
@@ -518,8 +532,13 @@ impl Minter {
         data_dir: &Path,
         kid: Option<&str>,
     ) -> Result<Self, KeyError> {
-        let invalid = |message: String| KeyError::Invalid { path: PathBuf::new(), message };
+        let invalid = KeyError::NoKey;
         let secret = match kid {
+            None if !cfg.unnamed_key_in_use() => {
+                return Err(invalid(
+                    "only named keys ([[auth.keys]]) are configured: name one with --kid".into(),
+                ));
+            }
             None if cfg.algorithm != JwtAlgorithm::Hs256 => {
                 return Err(invalid(
                     "the unnamed key is not HS256: only HS256 tokens can be minted here".into(),
@@ -596,6 +615,29 @@ mod tests {
     fn given_minted_token_should_verify_to_its_user() {
         let t = mint(SECRET.as_bytes(), "alice", Duration::from_secs(60)).unwrap();
         assert_eq!(auth(SECRET).verify_user(&t), Ok("alice".to_owned()));
+    }
+
+    #[test]
+    fn given_only_named_keys_when_minting_should_need_a_kid_and_never_show_the_secret() {
+        let key = "a-named-key-secret-0123456789";
+        let cfg = AuthConfig {
+            keys: vec![KeyConfig {
+                kid: "k1".into(),
+                algorithm: JwtAlgorithm::Hs256,
+                secret: Some(key.into()),
+                secret_file: None,
+                public_key_file: None,
+            }],
+            ..AuthConfig::default()
+        };
+        let dir = Path::new("/nonexistent");
+        let err = Minter::from_config(&cfg, dir, None).unwrap_err();
+        assert!(err.to_string().contains("--kid"), "{err}");
+        let minter = Minter::from_config(&cfg, dir, Some("k1")).unwrap();
+        assert!(!format!("{minter:?}").contains(key));
+        let token = minter.mint("alice", Duration::from_secs(60)).unwrap();
+        let verified = Authenticator::from_config(&cfg, dir).unwrap().verify(&token).unwrap();
+        assert_eq!(verified.user, "alice");
     }
 
     #[test]

@@ -149,7 +149,9 @@ pub struct StorageConfig {
     pub max_journal_mb: u64,
     /// Memtable size (MiB) per keyspace: writes gather in memory up to it before they are
     /// flushed to a table file. The store has nine keyspaces, so memtables can hold up to nine
-    /// times this. 1 to 1024. Default 64.
+    /// times this. Takes effect when the data directory is created (fjall keeps the size a
+    /// keyspace was created with; the broker warns at start when they differ). 1 to 1024.
+    /// Default 64.
     pub memtable_mb: u64,
 }
 
@@ -984,6 +986,7 @@ min_free_mb = {min_free}
 # files: bounds crash-recovery replay time and the journal's disk use.
 max_journal_mb = {max_journal}
 # Memtable size (MiB) per keyspace (nine keyspaces): memory for writes not yet in table files.
+# Set when the data directory is created; later changes are ignored (with a warning).
 memtable_mb = {memtable}
 
 [limits]

@@ -173,11 +173,18 @@ async fn given_a_journal_torn_past_its_last_fsync_should_recover_every_acknowled
     let (mut c, _) = broker.raw_as("alice").await;
     let conv = c.create_direct("bob").await;
     let acked = acked_sends(&mut c, &conv, "acked", 40).await;
-    // The sender's coalesced receipt is written within a second: let it land first, so the
-    // next fsync is the one of the large sends below.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // The sender's coalesced receipt is written within a second or so: let it land first (the
+    // journal's end stays put for 1.2 s), so the next fsync is the one of the large sends below.
     let journal = newest_journal(&broker.data_dir());
-    let synced = written_end(&journal);
+    let settled = tokio::time::Instant::now() + Duration::from_secs(15);
+    let (mut synced, mut still) = (written_end(&journal), 0);
+    while still < 4 {
+        assert!(tokio::time::Instant::now() < settled, "the journal never stopped growing");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let end = written_end(&journal);
+        still = if end == synced { still + 1 } else { 0 };
+        synced = end;
+    }
 
     // With fsync blocked, large unacknowledged sends reach the file (past the journal's
     // buffer) but not the disk: the torn tail a power cut leaves.

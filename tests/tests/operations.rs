@@ -173,6 +173,11 @@ async fn given_an_admin_token_should_list_and_disconnect_a_users_sessions_and_re
     // Path segments are percent-decoded (as a URL builder writes `@` or `:`).
     let (_, encoded) = admin(http, "GET", "/admin/users/car%6Fl/sessions", Some(ADMIN_TOKEN)).await;
     assert_eq!(encoded["sessions"].as_array().map(Vec::len), Some(2), "{encoded}");
+    // A query value that does not decode is refused, not dropped (which would widen this
+    // disconnect to every session of the user).
+    let (status, _) =
+        admin(http, "POST", "/admin/users/carol/disconnect?session=%FF", Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 400);
     let mut transports: Vec<&str> =
         sessions.iter().filter_map(|s| s["transport"].as_str()).collect();
     transports.sort_unstable();

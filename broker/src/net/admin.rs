@@ -74,7 +74,9 @@ pub async fn route(shard: &Rc<Shard>, req: Request<Incoming>) -> Response<Body> 
         return r;
     }
     let path = req.uri().path().to_owned();
-    let query = Query::parse(req.uri().query());
+    let Some(query) = Query::parse(req.uri().query()) else {
+        return error(StatusCode::BAD_REQUEST, "a query part is not UTF-8 once decoded");
+    };
     let auth = req.headers().get(header::AUTHORIZATION).cloned();
     // Segments are split first, then percent-decoded (`alice%40example.com`, `dm%3Aa%3Ab`).
     let Some(decoded) = path.trim_matches('/').split('/').map(decode).collect::<Option<Vec<_>>>()
@@ -161,20 +163,21 @@ fn decode(s: &str) -> Option<std::borrow::Cow<'_, str>> {
     percent_encoding::percent_decode_str(s).decode_utf8().ok()
 }
 
-/// The query string's pairs, percent-decoded (pairs that do not decode are left out).
+/// The query string's pairs, percent-decoded.
 #[derive(Debug, Default)]
 struct Query(HashMap<String, String>);
 
 impl Query {
-    fn parse(q: Option<&str>) -> Self {
-        Self(
-            q.unwrap_or_default()
-                .split('&')
-                .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-                .filter(|(k, _)| !k.is_empty())
-                .filter_map(|(k, v)| Some((decode(k)?.into_owned(), decode(v)?.into_owned())))
-                .collect(),
-        )
+    /// `None` when a part is not UTF-8 once decoded (refused: dropping it could widen the
+    /// request, as a `disconnect` without its `session`).
+    fn parse(q: Option<&str>) -> Option<Self> {
+        q.unwrap_or_default()
+            .split('&')
+            .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+            .filter(|(k, _)| !k.is_empty())
+            .map(|(k, v)| Some((decode(k)?.into_owned(), decode(v)?.into_owned())))
+            .collect::<Option<HashMap<_, _>>>()
+            .map(Self)
     }
 
     fn get(&self, k: &str) -> Option<&str> {
@@ -631,8 +634,8 @@ async fn conversation(
         Ok(Ok(Some(found))) => found,
         Ok(Ok(None)) => return error(StatusCode::NOT_FOUND, "no such conversation"),
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "admin: conversation read failed");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "storage read failed");
+            let (_, message) = e.report();
+            return error(StatusCode::INTERNAL_SERVER_ERROR, message);
         }
         Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "read task failed"),
     };

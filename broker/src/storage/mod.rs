@@ -289,6 +289,8 @@ pub struct Storage {
     fsynced_write_failed: AtomicBool,
 }
 
+/// Meta key of the memtable size (MiB) the store's keyspaces were created with.
+const MEMTABLE_KEY: &str = "memtable_mb";
 /// Meta key of the last commit round's number (written with every round).
 pub(crate) const LAST_COMMIT_KEY: &str = "last_commit";
 /// File in the data directory holding the newest commit round known fsynced (`sync` mode).
@@ -354,6 +356,7 @@ impl Storage {
         match ks.meta.get("format_version")? {
             None => {
                 ks.meta.insert("format_version", FORMAT_VERSION.to_be_bytes().to_vec())?;
+                ks.meta.insert(MEMTABLE_KEY, cfg.memtable_mb.to_be_bytes().to_vec())?;
                 db.persist(fjall::PersistMode::SyncAll)?;
             }
             Some(v) => {
@@ -362,13 +365,26 @@ impl Storage {
                 if found != FORMAT_VERSION {
                     return Err(StorageError::FormatVersion { found });
                 }
+                // fjall keeps a keyspace's memtable size from its creation: say so when the
+                // configuration asks for another (stores from before the key: fjall's 64).
+                let created = ks.meta.get(MEMTABLE_KEY)?.and_then(|v| keys::trailing_u64(&v));
+                let created = created.unwrap_or(64);
+                if created != cfg.memtable_mb {
+                    tracing::warn!(
+                        configured = cfg.memtable_mb,
+                        in_effect = created,
+                        "storage.memtable_mb applies when a data directory is created; this \
+                         store keeps the size it was created with"
+                    );
+                }
             }
         }
         let fsynced_file = match cfg.durability {
-            Durability::Sync => Some(
-                open_fsynced_file(&cfg.data_dir)
-                    .map_err(|e| StorageError::from(fjall::Error::from(e)))?,
-            ),
+            Durability::Sync => Some(open_fsynced_file(&cfg.data_dir).map_err(|e| {
+                let path = cfg.data_dir.join(FSYNCED_FILE);
+                let e = std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+                StorageError::from(fjall::Error::from(e))
+            })?),
             _ => None,
         };
         lower_background_priority();
@@ -1003,23 +1019,21 @@ fn fsynced_record(n: u64) -> String {
     format!("{n:020}\n")
 }
 
-/// Opens (creating, and making its directory entry durable) `FSYNCED_FILE` for in-place
-/// overwrites.
+/// Opens (creating) `FSYNCED_FILE` for in-place overwrites, and makes it and its directory
+/// entry durable (every start: a first start may have died before doing so).
 fn open_fsynced_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::FileExt as _;
-    let path = dir.join(FSYNCED_FILE);
-    let existed = path.exists();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)?;
-    if !existed {
+        .open(dir.join(FSYNCED_FILE))?;
+    if file.metadata()?.len() == 0 {
         file.write_all_at(fsynced_record(0).as_bytes(), 0)?;
-        file.sync_all()?;
-        std::fs::File::open(dir)?.sync_all()?;
     }
+    file.sync_all()?;
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(file)
 }
 
