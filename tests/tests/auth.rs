@@ -349,6 +349,16 @@ async fn given_token_expiring_when_not_refreshed_should_disconnect_with_token_ex
     assert!(closed_at < (exp + 10) * 1000, "closed {} ms after exp", closed_at - exp * 1000);
     let busy_frames = busy.until_closed().await;
     assert_eq!(disconnect_reason(&busy_frames), Some(DisconnectReason::TokenExpired as i32));
+    // No ping that arrived after exp was answered (the broker's wall clock, some slack).
+    let late: Vec<u64> = busy_frames
+        .iter()
+        .filter_map(|f| match &f.kind {
+            Some(server_frame::Kind::Pong(p)) => Some(p.server_time_ms),
+            _ => None,
+        })
+        .filter(|at| *at > exp * 1000 + 50)
+        .collect();
+    assert!(late.is_empty(), "pings answered after exp: {late:?}");
     ok.still_chatting().await;
 }
 
