@@ -213,22 +213,22 @@ fn key(alg: JwtAlgorithm, key: DecodingKey) -> Key {
 
 fn named_key(k: &KeyConfig) -> Result<Key, KeyError> {
     let decoding = match k.algorithm {
-        JwtAlgorithm::Hs256 => match (&k.secret, &k.secret_file) {
-            (Some(s), _) => DecodingKey::from_secret(s.as_bytes()),
-            (None, Some(path)) => DecodingKey::from_secret(&read_secret(path)?),
-            (None, None) => {
-                return Err(KeyError::Invalid {
-                    path: PathBuf::new(),
-                    message: format!("key {:?} has no secret", k.kid),
-                });
-            }
-        },
+        JwtAlgorithm::Hs256 => DecodingKey::from_secret(&named_secret(k)?),
         JwtAlgorithm::Rs256 | JwtAlgorithm::EdDsa => {
             let path = k.public_key_file.clone().unwrap_or_default();
             public_key(k.algorithm, &path)?
         }
     };
     Ok(key(k.algorithm, decoding))
+}
+
+/// The HS256 secret of a named key: configured inline or in its file.
+fn named_secret(k: &KeyConfig) -> Result<Vec<u8>, KeyError> {
+    match (&k.secret, &k.secret_file) {
+        (Some(s), _) => Ok(s.as_bytes().to_vec()),
+        (None, Some(path)) => read_secret(path),
+        (None, None) => Err(KeyError::NoKey(format!("key {:?} has no secret", k.kid))),
+    }
 }
 
 /// A claim; `null` counts as absent.
@@ -550,18 +550,12 @@ impl Minter {
                     cfg.keys.iter().find(|k| k.kid == kid).ok_or_else(|| {
                         invalid(format!("no [[auth.keys]] entry has kid {kid:?}"))
                     })?;
-                match (k.algorithm, &k.secret, &k.secret_file) {
-                    (JwtAlgorithm::Hs256, Some(s), _) => s.as_bytes().to_vec(),
-                    (JwtAlgorithm::Hs256, None, Some(path)) => read_secret(path)?,
-                    (JwtAlgorithm::Hs256, None, None) => {
-                        return Err(invalid(format!("key {kid:?} has no secret")));
-                    }
-                    _ => {
-                        return Err(invalid(format!(
-                            "key {kid:?} is not HS256: only HS256 tokens can be minted here"
-                        )));
-                    }
+                if k.algorithm != JwtAlgorithm::Hs256 {
+                    return Err(invalid(format!(
+                        "key {kid:?} is not HS256: only HS256 tokens can be minted here"
+                    )));
                 }
+                named_secret(k)?
             }
         };
         Ok(Self {

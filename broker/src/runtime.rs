@@ -285,7 +285,9 @@ pub fn run_with(
         // Free space against storage.min_free_mb, often enough that a burst of writes cannot
         // run the disk from the floor to empty between two looks.
         let mut space = tokio::time::interval(Duration::from_secs(1));
-        let mut checking: Option<tokio::task::JoinHandle<()>> = None;
+        // File-system calls can hang on a sick mount: never on this thread (it also answers
+        // signals and the storage failure), and one of each kind at a time.
+        let (mut measuring, mut checking) = (None, None);
         let exit = loop {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break Exit::Clean,
@@ -297,9 +299,8 @@ pub fn run_with(
                     if let Some(m) = &metrics {
                         m.run_upkeep();
                     }
-                    // Off this thread: it also answers signals and the storage failure.
                     let s = storage.clone();
-                    tokio::task::spawn_blocking(move || {
+                    one_at_a_time(&mut measuring, move || {
                         if let Some(used) = s.disk_space() {
                             #[allow(clippy::cast_precision_loss)]
                             metrics::gauge!(crate::metrics::STORAGE_BYTES).set(used as f64);
@@ -307,19 +308,16 @@ pub fn run_with(
                     });
                 }
                 _ = space.tick() => {
-                    // statvfs can hang on a sick mount: never on this thread, and one at a time.
-                    if checking.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
-                        let s = storage.clone();
-                        checking = Some(tokio::task::spawn_blocking(move || {
-                            if let Err(e) = s.sync_fsynced_record() {
-                                tracing::warn!(error = %e, "cannot record the fsynced commit");
-                            }
-                            if let Some(free) = s.check_space() {
-                                #[allow(clippy::cast_precision_loss)]
-                                metrics::gauge!(crate::metrics::STORAGE_FREE_BYTES).set(free as f64);
-                            }
-                        }));
-                    }
+                    let s = storage.clone();
+                    one_at_a_time(&mut checking, move || {
+                        if let Err(e) = s.sync_fsynced_record() {
+                            tracing::warn!(error = %e, "cannot record the fsynced commit");
+                        }
+                        if let Some(free) = s.check_space() {
+                            #[allow(clippy::cast_precision_loss)]
+                            metrics::gauge!(crate::metrics::STORAGE_FREE_BYTES).set(free as f64);
+                        }
+                    });
                 }
             }
         };
@@ -426,4 +424,15 @@ fn shard_thread(
         tokio::task::spawn_local(shard.clone().run_ticks());
         shard.run(rx).await;
     });
+}
+
+/// Runs `f` on the blocking pool unless the previous run kept in `running` is still going (a
+/// call stuck on a sick mount is not joined by more of its kind).
+fn one_at_a_time(
+    running: &mut Option<tokio::task::JoinHandle<()>>,
+    f: impl FnOnce() + Send + 'static,
+) {
+    if running.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+        *running = Some(tokio::task::spawn_blocking(f));
+    }
 }

@@ -167,6 +167,28 @@ async fn acked_sends(c: &mut RawConn, conv: &str, prefix: &str, n: usize) -> Vec
     acked
 }
 
+/// Ten acknowledged sends, then one of `marker` (its key and text); the broker is killed as
+/// soon as that is acknowledged. The newest journal, its bytes and where `marker` last starts.
+async fn killed_after_marker(
+    broker: &mut Broker,
+    marker: &str,
+) -> (std::path::PathBuf, Vec<u8>, usize) {
+    let (mut c, _) = broker.raw_as("alice").await;
+    let conv = c.create_direct("bob").await;
+    acked_sends(&mut c, &conv, "acked", 10).await;
+    let id = c.next_id();
+    c.send(send(id, &conv, marker)).await;
+    assert!(matches!(c.reply_to(id).await, server_frame::Kind::SendAck(_)));
+    let journal = newest_journal(&broker.data_dir());
+    broker.kill();
+    let bytes = std::fs::read(&journal).expect("journal");
+    let at = bytes
+        .windows(marker.len())
+        .rposition(|w| w == marker.as_bytes())
+        .expect("the message's text is in the journal");
+    (journal, bytes, at)
+}
+
 #[tokio::test]
 async fn given_a_journal_torn_past_its_last_fsync_should_recover_every_acknowledged_message() {
     let mut broker = durable_broker();
@@ -230,22 +252,9 @@ async fn given_a_journal_torn_past_its_last_fsync_should_recover_every_acknowled
 #[tokio::test]
 async fn given_a_flipped_bit_in_fsynced_journal_data_should_refuse_to_serve_and_say_why() {
     let mut broker = durable_broker();
-    let (mut c, _) = broker.raw_as("alice").await;
-    let conv = c.create_direct("bob").await;
-    acked_sends(&mut c, &conv, "acked", 10).await;
-    let marker = "needle-in-the-journal";
-    let id = c.next_id();
-    c.send(send(id, &conv, marker)).await;
-    assert!(matches!(c.reply_to(id).await, server_frame::Kind::SendAck(_)));
-    let journal = newest_journal(&broker.data_dir());
-    broker.kill();
+    let (journal, mut bytes, at) = killed_after_marker(&mut broker, "needle-in-the-journal").await;
 
     // Flip one bit inside the acknowledged message's text.
-    let mut bytes = std::fs::read(&journal).expect("journal");
-    let at = bytes
-        .windows(marker.len())
-        .rposition(|w| w == marker.as_bytes())
-        .expect("the message's text is in the journal");
     bytes[at + 3] ^= 0x01;
     std::fs::write(&journal, &bytes).expect("write journal");
 
@@ -261,24 +270,11 @@ async fn given_a_flipped_bit_in_fsynced_journal_data_should_refuse_to_serve_and_
 async fn given_a_journal_cut_inside_its_last_acknowledged_write_should_refuse_to_start_and_say_so()
 {
     let mut broker = durable_broker();
-    let (mut c, _) = broker.raw_as("alice").await;
-    let conv = c.create_direct("bob").await;
-    acked_sends(&mut c, &conv, "acked", 10).await;
-    let marker = "the-last-acknowledged-message";
-    let id = c.next_id();
-    c.send(send(id, &conv, marker)).await;
-    assert!(matches!(c.reply_to(id).await, server_frame::Kind::SendAck(_)));
     // Killed at once: the fsynced commit is on record before its ack leaves.
-    let journal = newest_journal(&broker.data_dir());
-    broker.kill();
+    let (journal, _, at) = killed_after_marker(&mut broker, "the-last-acknowledged-message").await;
 
     // The journal loses the acknowledged message's write (a damaged entry header reads like
     // the end of the journal to recovery, which cuts it there): a cut, without a trace.
-    let bytes = std::fs::read(&journal).expect("journal");
-    let at = bytes
-        .windows(marker.len())
-        .rposition(|w| w == marker.as_bytes())
-        .expect("the message's text is in the journal");
     let file = std::fs::OpenOptions::new().write(true).open(&journal).expect("open journal");
     file.set_len(at as u64).expect("truncate");
     drop(file);

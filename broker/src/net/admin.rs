@@ -238,9 +238,7 @@ impl Relay<'_> {
         let body = response.bytes().await.ok()?;
         Some((status, serde_json::from_slice(&body).unwrap_or_default()))
     }
-}
 
-impl Relay<'_> {
     /// Sends the request to every other live node (only `only` when given) at once; their
     /// answers, by node.
     async fn to_all(

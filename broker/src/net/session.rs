@@ -119,9 +119,33 @@ impl Session {
         expired
     }
 
+    /// Takes one decoded frame of `len` bytes that arrived by `now`: counts it, handles it,
+    /// and waits for a free in-flight slot before the next read. Returns the clock reading to
+    /// set the next read deadline from (`now`, or a fresh one after a wait or the handshake,
+    /// which may take a while), or `None` when the connection closes.
+    pub async fn take_frame(
+        &self,
+        frame: ClientFrame,
+        len: usize,
+        now: Instant,
+    ) -> Option<Instant> {
+        let kind = switchboard_protocol::kinds::client_kind(frame.kind.as_ref());
+        self.shard.stats.frame_in(self.transport, kind, len);
+        if self.cancel.is_cancelled() {
+            self.on_cancel();
+            return None;
+        }
+        let was_authenticated = self.is_authenticated();
+        if self.on_frame(frame, now).await == Flow::Close {
+            return None;
+        }
+        let waited = self.ready_for_next().await;
+        Some(if waited || !was_authenticated { Instant::now() } else { now })
+    }
+
     /// Waits, before reading another frame, until the session has a free in-flight slot;
     /// whether it had to wait (the reader's clock reading is stale then).
-    pub async fn ready_for_next(&self) -> bool {
+    async fn ready_for_next(&self) -> bool {
         let max = self.shard.config.limits.max_inflight;
         let session = match &*self.active.borrow() {
             Some(s) if !s.has_slot(max) => s.clone(),
@@ -140,17 +164,10 @@ impl Session {
         self.active.borrow().is_some()
     }
 
-    /// After a frame: whether the reader must read the clock again before setting its next
-    /// deadline (it waited for a slot, or the frame was the handshake, which may take a while).
-    pub async fn after_frame(&self, was_authenticated: bool) -> bool {
-        let waited = self.ready_for_next().await;
-        waited || !was_authenticated
-    }
-
     /// Handles one decoded frame; `now` is the reader's clock reading from when the frame had
     /// arrived (the token's deadline is checked against it: a frame that arrived after the
     /// token ran out is not executed, and a frame costs no clock read of its own).
-    pub async fn on_frame(&self, frame: ClientFrame, now: Instant) -> Flow {
+    async fn on_frame(&self, frame: ClientFrame, now: Instant) -> Flow {
         let active = self.active.borrow().clone();
         match active {
             Some(_) if self.token_expired(now) => Flow::Close,
@@ -206,7 +223,7 @@ impl Session {
         if self.token_expired(Instant::now() + TOKEN_SLACK) {
             return Flow::Close;
         }
-        if self.active.borrow().is_some() {
+        if self.is_authenticated() {
             self.close(
                 DisconnectReason::IdleTimeout,
                 "no frame within the idle timeout; send Ping",

@@ -19,7 +19,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::Decoder;
 use tracing::Instrument;
 
-use super::session::{Flow, Session};
+use super::session::Session;
 use crate::metrics::Transport;
 use crate::shard::Shard;
 use crate::shard::outbound::Outbound;
@@ -100,19 +100,9 @@ async fn read_loop(session: &Session, rd: OwnedReadHalf) {
             let buffered = buf.len();
             match codec.decode(&mut buf) {
                 Ok(Some(frame)) => {
-                    let kind = switchboard_protocol::kinds::client_kind(frame.kind.as_ref());
-                    session.shard.stats.frame_in(Transport::Tcp, kind, buffered - buf.len());
-                    if session.cancel.is_cancelled() {
-                        session.on_cancel();
-                        return;
-                    }
-                    let was_authenticated = session.is_authenticated();
-                    if session.on_frame(frame, now).await == Flow::Close {
-                        return;
-                    }
-                    if session.after_frame(was_authenticated).await {
-                        now = tokio::time::Instant::now();
-                    }
+                    let len = buffered - buf.len();
+                    let Some(at) = session.take_frame(frame, len, now).await else { return };
+                    now = at;
                     deadline = session.read_deadline(now);
                 }
                 Ok(None) => break,

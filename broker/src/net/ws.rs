@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::{
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tracing::Instrument;
 
-use super::session::{Flow, Session};
+use super::session::Session;
 use crate::metrics::Transport;
 use crate::shard::Shard;
 use crate::shard::outbound::Outbound;
@@ -179,19 +179,8 @@ async fn read_loop<S>(
         };
         match frame {
             Ok((frame, len)) => {
-                let kind = switchboard_protocol::kinds::client_kind(frame.kind.as_ref());
-                session.shard.stats.frame_in(Transport::Ws, kind, len);
-                if session.cancel.is_cancelled() {
-                    session.on_cancel();
-                    return;
-                }
-                let was_authenticated = session.is_authenticated();
-                if session.on_frame(frame, now).await == Flow::Close {
-                    return;
-                }
-                if session.after_frame(was_authenticated).await {
-                    now = tokio::time::Instant::now();
-                }
+                let Some(at) = session.take_frame(frame, len, now).await else { return };
+                now = at;
                 deadline = session.read_deadline(now);
             }
             Err(why) => {

@@ -485,7 +485,7 @@ impl Storage {
     pub(crate) fn record_fsynced(&self, n: u64) {
         use std::os::unix::fs::FileExt as _;
         let Some(file) = &self.fsynced_file else { return };
-        match file.write_all_at(fsynced_record(n).as_bytes(), 0) {
+        match file.write_all_at(&fsynced_record(n), 0) {
             Ok(()) => self.fsynced_written.store(n, Ordering::Release),
             Err(e) => {
                 if !self.fsynced_write_failed.swap(true, Ordering::AcqRel) {
@@ -1014,9 +1014,14 @@ pub fn database(
     builder.open()
 }
 
-/// The record of commit round `n`: fixed width, so each overwrite covers the last.
-fn fsynced_record(n: u64) -> String {
-    format!("{n:020}\n")
+/// The record of commit round `n`: fixed width (20 digits and a newline), so each overwrite
+/// covers the last; built on the stack (one per fsync round).
+fn fsynced_record(n: u64) -> [u8; 21] {
+    use std::io::Write as _;
+    let mut record = [0; 21];
+    // Every u64 fits in 20 digits: the write cannot fall short.
+    let _ = writeln!(&mut record[..], "{n:020}");
+    record
 }
 
 /// Opens (creating) `FSYNCED_FILE` for in-place overwrites, and makes it and its directory
@@ -1030,7 +1035,7 @@ fn open_fsynced_file(dir: &std::path::Path) -> std::io::Result<std::fs::File> {
         .truncate(false)
         .open(dir.join(FSYNCED_FILE))?;
     if file.metadata()?.len() == 0 {
-        file.write_all_at(fsynced_record(0).as_bytes(), 0)?;
+        file.write_all_at(&fsynced_record(0), 0)?;
     }
     file.sync_all()?;
     std::fs::File::open(dir)?.sync_all()?;
@@ -1058,6 +1063,14 @@ fn lower_background_priority() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn given_a_commit_round_its_record_should_be_fixed_width_decimal() {
+        assert_eq!(&fsynced_record(42), b"00000000000000000042\n");
+        assert_eq!(&fsynced_record(u64::MAX), b"18446744073709551615\n");
+        let parsed = std::str::from_utf8(&fsynced_record(7)).unwrap().trim().parse::<u64>();
+        assert_eq!(parsed, Ok(7));
+    }
 
     #[test]
     fn given_writes_should_survive_the_replicated_payload_and_damage_should_be_an_error() {

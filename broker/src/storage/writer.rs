@@ -394,14 +394,17 @@ mod tests {
     use crate::config::StorageConfig;
     use std::sync::Mutex;
 
-    fn open(dir: &std::path::Path, durability: Durability) -> Arc<Storage> {
-        Storage::open(&StorageConfig {
+    fn config(dir: &std::path::Path, durability: Durability) -> StorageConfig {
+        StorageConfig {
             data_dir: dir.to_owned(),
             durability,
             cache_mb: 8,
             ..StorageConfig::default()
-        })
-        .unwrap()
+        }
+    }
+
+    fn open(dir: &std::path::Path, durability: Durability) -> Arc<Storage> {
+        Storage::open(&config(dir, durability)).unwrap()
     }
 
     fn collect() -> (CommitSink, Arc<Mutex<Vec<Committed>>>) {
@@ -555,13 +558,7 @@ mod tests {
         // A record ahead of what recovery finds: acknowledged writes were lost.
         std::fs::write(dir.path().join(crate::storage::FSYNCED_FILE), format!("{}\n", n + 1))
             .unwrap();
-        let err = Storage::open(&StorageConfig {
-            data_dir: dir.path().to_owned(),
-            durability: Durability::Sync,
-            cache_mb: 8,
-            ..StorageConfig::default()
-        })
-        .unwrap_err();
+        let err = Storage::open(&config(dir.path(), Durability::Sync)).unwrap_err();
         assert!(
             matches!(err, StorageError::LostWrites { recovered, fsynced } if recovered == n && fsynced == n + 1),
             "{err}"
